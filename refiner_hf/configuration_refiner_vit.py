@@ -1,0 +1,230 @@
+"""Refiner-ViT model configuration."""
+
+import copy
+
+from huggingface_hub.dataclasses import strict
+from transformers.configuration_utils import PreTrainedConfig
+
+
+BLOCK_TYPES = ("plain", "refined", "shared")
+STEM_TYPES = ("conv", "patch")
+
+# The released presets (Zhou et al., 2021). Every preset alternates a plain block (its own softmax attention) with a
+# shared block (which refines the previous plain block's map instead of computing one), has the convolutional stem
+# and the dense auxiliary head, and classifies ImageNet-1k.
+_BASE_PRESET = {
+    "image_size": 224,
+    "patch_size": 16,
+    "mlp_ratio": 3.0,
+    "qkv_bias": True,
+    "layer_norm_eps": 1e-6,
+    "stem_type": "conv",
+    "use_aux_head": True,
+    "num_labels": 1000,
+}
+PRESETS: dict[str, dict] = {
+    "refiner-vit-s": {**_BASE_PRESET, "hidden_size": 384, "num_attention_heads": 12, "num_hidden_layers": 16},
+    "refiner-vit-m": {**_BASE_PRESET, "hidden_size": 420, "num_attention_heads": 12, "num_hidden_layers": 32},
+    "refiner-vit-l": {**_BASE_PRESET, "hidden_size": 512, "num_attention_heads": 16, "num_hidden_layers": 32},
+}
+# Fine-tuned resolutions published in the paper.
+for _name, _size in (("refiner-vit-s", 384), ("refiner-vit-m", 384), ("refiner-vit-l", 384), ("refiner-vit-l", 448)):
+    PRESETS[f"{_name}-{_size}"] = {**PRESETS[_name], "image_size": _size}
+
+
+@strict
+class RefinerViTConfig(PreTrainedConfig):
+    r"""
+    Configuration of a Refiner-ViT model ([`RefinerViTModel`], [`RefinerViTForImageClassification`]).
+
+    The defaults give Refiner-ViT-S at 224 px. The released presets are available by name through
+    [`RefinerViTConfig.from_preset`] (`"refiner-vit-s"`, `"refiner-vit-m"`, `"refiner-vit-l"`, and resolution
+    variants such as `"refiner-vit-l-448"`).
+
+    Args:
+        image_size (`int`, *optional*, defaults to 224):
+            Side of the (square) training images; sets the size of the position embedding.
+        patch_size (`int`, *optional*, defaults to 16):
+            Side of the patch each token stands for. The convolutional stem reaches it with a stride-2 convolution and
+            a `patch_size // 2` projection, so it must be even there.
+        num_channels (`int`, *optional*, defaults to 3):
+            Number of input channels.
+        hidden_size (`int`, *optional*, defaults to 384):
+            Dimension of the tokens.
+        num_hidden_layers (`int`, *optional*, defaults to 16):
+            Number of transformer blocks.
+        num_attention_heads (`int`, *optional*, defaults to 12):
+            Number of attention heads; also the number of channels of the attention maps the refinement convolves.
+        mlp_ratio (`float`, *optional*, defaults to 3.0):
+            Ratio of the MLP's hidden size to `hidden_size`.
+        intermediate_size (`int`, *optional*):
+            The MLP's hidden size; `int(hidden_size * mlp_ratio)` when not given.
+        hidden_act (`str`, *optional*, defaults to `"gelu"`):
+            Activation of the MLP (exact GELU in the released models).
+        qkv_bias (`bool`, *optional*, defaults to `True`):
+            Whether the query/key/value projection has a bias.
+        layer_norm_eps (`float`, *optional*, defaults to 1e-6):
+            Epsilon of the LayerNorms.
+        hidden_dropout_prob (`float`, *optional*, defaults to 0.0):
+            Dropout after the embeddings, the attention projection and inside the MLP.
+        attention_probs_dropout_prob (`float`, *optional*, defaults to 0.0):
+            Dropout on the attention maps of plain and refined blocks.
+        drop_path_rate (`float`, *optional*, defaults to 0.0):
+            Stochastic depth; the rate rises linearly from 0 at the first block to this value at the last.
+        layer_scale_init_value (`float`, *optional*, defaults to 1e-5):
+            Initial value of the per-channel scale applied to the MLP output.
+        initializer_range (`float`, *optional*, defaults to 0.02):
+            Standard deviation of the truncated normal initialiser of linear layers and embeddings.
+        stem_type (`str`, *optional*, defaults to `"conv"`):
+            `"conv"`: the three-convolution stem of the released models; `"patch"`: a single strided convolution.
+        stem_hidden_sizes (`list[int]`, *optional*, defaults to `[32, 64, 128]`):
+            Channels of the three convolutions of the convolutional stem.
+        block_types (`list[str]`, *optional*):
+            One entry per block: `"plain"` (softmax attention, plus the previous block's map scaled by the attention
+            scale when there is one), `"refined"` (a plain block whose map is then refined by convolutions) or
+            `"shared"` (no query/key: refines the incoming map). Defaults to `["plain", "shared"]` repeated, the
+            released pattern.
+        refine_expansion (`int`, *optional*, defaults to 3):
+            Head expansion of the refinement in `"refined"` blocks.
+        shared_expansion (`int`, *optional*, defaults to 3):
+            Head expansion of the refinement in `"shared"` blocks.
+        refine_kernel_size (`int`, *optional*, defaults to 3):
+            Kernel size of the depthwise convolution of the refinement.
+        use_aux_head (`bool`, *optional*, defaults to `True`):
+            Whether the model has the dense auxiliary head that classifies every patch token.
+        aux_logits_weight (`float`, *optional*, defaults to 0.5):
+            At inference the prediction is `cls_logits + aux_logits_weight * max over tokens of aux_logits`.
+        aux_loss_weight (`float`, *optional*, defaults to 0.5):
+            Weight of the dense (per-token) loss of the auxiliary head in the training loss.
+        residual_scale (`float`, *optional*, defaults to 0.5):
+            The blocks' "adjust ratio" r: inputs of the norms are multiplied by r and the branch outputs divided by r.
+
+    Example:
+
+    ```python
+    >>> from refiner_hf import RefinerViTConfig, RefinerViTForImageClassification
+
+    >>> config = RefinerViTConfig.from_preset("refiner-vit-s")
+    >>> model = RefinerViTForImageClassification(config)
+    ```
+    """
+
+    model_type = "refiner-vit"
+
+    image_size: int = 224
+    patch_size: int = 16
+    num_channels: int = 3
+    hidden_size: int = 384
+    num_hidden_layers: int = 16
+    num_attention_heads: int = 12
+    mlp_ratio: float | int = 3.0
+    intermediate_size: int | None = None
+    hidden_act: str = "gelu"
+    qkv_bias: bool = True
+    layer_norm_eps: float = 1e-6
+    hidden_dropout_prob: float | int = 0.0
+    attention_probs_dropout_prob: float | int = 0.0
+    drop_path_rate: float | int = 0.0
+    layer_scale_init_value: float = 1e-5
+    initializer_range: float = 0.02
+    stem_type: str = "conv"
+    stem_hidden_sizes: list[int] | tuple[int, ...] = (32, 64, 128)
+    block_types: list[str] | tuple[str, ...] | None = None
+    refine_expansion: int = 3
+    shared_expansion: int = 3
+    refine_kernel_size: int = 3
+    use_aux_head: bool = True
+    aux_logits_weight: float | int = 0.5
+    aux_loss_weight: float | int = 0.5
+    residual_scale: float | int = 0.5
+
+    def __post_init__(self, **kwargs):
+        if self.block_types is None:
+            self.block_types = [("plain", "shared")[i % 2] for i in range(self.num_hidden_layers)]
+        self.block_types = list(self.block_types)
+        self.stem_hidden_sizes = list(self.stem_hidden_sizes)
+        if self.intermediate_size is None:
+            self.intermediate_size = int(self.hidden_size * self.mlp_ratio)
+        super().__post_init__(**kwargs)
+        self.check_architecture()
+
+    def check_architecture(self) -> None:
+        """Raises a `ValueError` naming the first inconsistent field. Also run when a model is built."""
+        positive = ("image_size", "patch_size", "num_channels", "hidden_size", "num_hidden_layers")
+        for name in positive + ("num_attention_heads", "intermediate_size", "refine_kernel_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"`{name}` must be a positive integer, got {getattr(self, name)}.")
+        if self.hidden_size % self.num_attention_heads != 0:
+            raise ValueError(
+                f"`hidden_size` ({self.hidden_size}) must be divisible by `num_attention_heads` "
+                f"({self.num_attention_heads})."
+            )
+        if len(self.block_types) != self.num_hidden_layers:
+            raise ValueError(
+                f"`block_types` has {len(self.block_types)} entries but `num_hidden_layers` is "
+                f"{self.num_hidden_layers}; give one block type per layer."
+            )
+        unknown = sorted({t for t in self.block_types if t not in BLOCK_TYPES})
+        if unknown:
+            raise ValueError(f"Unknown block type(s) {unknown} in `block_types`; expected one of {list(BLOCK_TYPES)}.")
+        if self.block_types and self.block_types[0] == "shared":
+            raise ValueError(
+                "The first block cannot be `shared`: a shared block refines the attention map of the block before it."
+            )
+        for name in ("refine_expansion", "shared_expansion"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"`{name}` must be at least 1, got {getattr(self, name)}.")
+        if self.stem_type not in STEM_TYPES:
+            raise ValueError(f"`stem_type` must be one of {list(STEM_TYPES)}, got {self.stem_type!r}.")
+        if self.stem_type == "conv":
+            if self.patch_size % 2 != 0:
+                raise ValueError(
+                    f"The convolutional stem needs an even `patch_size` (stride 2, then a patch_size // 2 "
+                    f"projection), got {self.patch_size}."
+                )
+            if len(self.stem_hidden_sizes) != 3 or min(self.stem_hidden_sizes) <= 0:
+                raise ValueError(
+                    f"`stem_hidden_sizes` must list three positive channel counts, got {self.stem_hidden_sizes}."
+                )
+        if self.image_size % self.patch_size != 0:
+            raise ValueError(
+                f"`image_size` ({self.image_size}) must be a multiple of `patch_size` ({self.patch_size})."
+            )
+        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "drop_path_rate"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"`{name}` must be in [0, 1), got {getattr(self, name)}.")
+        if self.residual_scale <= 0:
+            raise ValueError(f"`residual_scale` must be positive, got {self.residual_scale}.")
+
+    def validate_architecture(self) -> None:
+        """Part of the `@strict` validation run at construction and before saving."""
+        super().validate_architecture()
+        self.check_architecture()
+
+    @property
+    def num_patches(self) -> int:
+        """Number of patch tokens at `image_size`."""
+        return (self.image_size // self.patch_size) ** 2
+
+    @classmethod
+    def from_preset(cls, name: str, **kwargs) -> "RefinerViTConfig":
+        """
+        Builds the configuration of a released model by name.
+
+        Args:
+            name (`str`):
+                One of `RefinerViTConfig.preset_names()`, e.g. `"refiner-vit-s"` or `"refiner-vit-l-448"`.
+            kwargs:
+                Fields to override, e.g. `num_labels=10` or `drop_path_rate=0.2`.
+        """
+        if name not in PRESETS:
+            raise ValueError(f"Unknown Refiner-ViT preset {name!r}; available: {', '.join(PRESETS)}.")
+        return cls(**{**copy.deepcopy(PRESETS[name]), **kwargs})
+
+    @staticmethod
+    def preset_names() -> list[str]:
+        """The names accepted by [`RefinerViTConfig.from_preset`]."""
+        return list(PRESETS)
+
+
+__all__ = ["RefinerViTConfig"]

@@ -1,0 +1,345 @@
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Image processor class for Refiner-ViT (PIL backend)."""
+
+import base64
+import binascii
+import io
+import math
+import os
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import PIL.ImageOps
+from transformers.image_processing_backends import PilBackend
+from transformers.image_processing_utils import BatchFeature
+from transformers.image_utils import (
+    ChannelDimension,
+    ImageInput,
+    ImageType,
+    PILImageResampling,
+    SizeDict,
+    get_image_type,
+    infer_channel_dimension_format,
+    load_image,
+    make_flat_list_of_images,
+)
+from transformers.processing_utils import Unpack
+from transformers.utils import TensorType, is_torch_available
+
+from .image_processing_refiner_vit import RefinerViTImageProcessorKwargs
+
+
+if is_torch_available():
+    import torch
+
+
+# Kept identical in image_processing_refiner_vit.py: both files must stay importable on their own.
+def get_refiner_vit_resize_output_size(
+    height: int, width: int, size: SizeDict, crop_pct: float
+) -> tuple[int, int]:
+    """
+    Output `(height, width)` of timm's `transforms_imagenet_eval` resize (crop_mode="center") for an image of
+    `(height, width)`, a target `size` and `crop_pct`.
+    """
+    if size.shortest_edge:
+        target_height = target_width = size.shortest_edge
+    elif size.height and size.width:
+        target_height, target_width = size.height, size.width
+    else:
+        raise ValueError(f"`size` must contain 'shortest_edge' or 'height' and 'width', got {dict(size)}.")
+    scale_height, scale_width = math.floor(target_height / crop_pct), math.floor(target_width / crop_pct)
+    if scale_height == scale_width:
+        # torchvision `Resize(int)`: shorter side to the scale size, longer side truncated
+        if height <= width:
+            return scale_height, int(scale_height * width / height)
+        return int(scale_height * height / width), scale_height
+    # timm `ResizeKeepRatio(longest=0)`: smallest aspect-preserving resize covering the target, sides rounded
+    ratio = min(height / scale_height, width / scale_width)
+    return round(height / ratio), round(width / ratio)
+
+
+# Kept identical in image_processing_refiner_vit.py.
+def load_refiner_vit_image(source: str, timeout: float | None = None) -> PIL.Image.Image:
+    """Load a local file path, an http(s) URL or base64 image data into a fully decoded PIL image."""
+    if source.startswith(("http://", "https://")):
+        return load_image(source, timeout=timeout)
+    if os.path.isfile(source):
+        try:
+            image = PIL.Image.open(source)
+            # PIL decodes lazily; decoding now makes a truncated or corrupt file fail here, naming the file
+            image.load()
+        except (OSError, SyntaxError, ValueError) as error:
+            raise ValueError(f"Could not read image file {source!r}: {error}") from error
+        return PIL.ImageOps.exif_transpose(image)
+    payload = source.split(",", 1)[-1] if source.startswith("data:image/") else source
+    try:
+        image = PIL.Image.open(io.BytesIO(base64.b64decode(payload, validate=True)))
+        image.load()
+    except (binascii.Error, OSError, SyntaxError, ValueError) as error:
+        shown = source if len(source) <= 100 else source[:97] + "..."
+        raise ValueError(
+            f"Could not load an image from {shown!r}: no file exists at this path, and it is neither an http(s) URL "
+            "nor base64-encoded image data."
+        ) from error
+    return PIL.ImageOps.exif_transpose(image)
+
+
+# Kept identical in image_processing_refiner_vit.py.
+def standardize_refiner_vit_images(images: Any) -> Any:
+    """
+    Check every image of a (nested) list and give `(H, W)` arrays a leading channel axis, raising a message that names
+    the problem for empty inputs, unsupported types and arrays of the wrong rank or dtype.
+    """
+    if isinstance(images, (list, tuple)):
+        if len(images) == 0:
+            raise ValueError("No images were provided (got an empty list).")
+        return [standardize_refiner_vit_images(image) for image in images]
+    if isinstance(images, PIL.Image.Image):
+        return images
+    if isinstance(images, np.ndarray):
+        if images.dtype.kind not in "biuf":
+            raise TypeError(f"Image arrays must hold bool, integer or float values, got dtype {images.dtype}.")
+    elif is_torch_available() and isinstance(images, torch.Tensor):
+        if images.dtype.is_complex:
+            raise TypeError(f"Image tensors must hold real values, got dtype {images.dtype}.")
+    else:
+        raise TypeError(
+            f"Unsupported image input of type {type(images).__name__}: expected a PIL image, a numpy array, a torch "
+            "tensor, a file path, an http(s) URL or a list of these."
+        )
+    if images.ndim not in (2, 3, 4):
+        raise ValueError(
+            "Expected an image array of shape (H, W), (C, H, W), (H, W, C) or a batch of those with 4 dimensions, got "
+            f"shape {tuple(images.shape)}."
+        )
+    if 0 in images.shape:
+        raise ValueError(f"Got an empty image array of shape {tuple(images.shape)}.")
+    # transformers' flattening only accepts 3-D images and 4-D batches; a leading axis of 1 is read as channels-first
+    return images[None] if images.ndim == 2 else images
+
+
+# Kept identical in image_processing_refiner_vit.py.
+def pil_image_to_refiner_vit_array(image: PIL.Image.Image, do_convert_rgb: bool | None) -> np.ndarray:
+    """Decode a PIL image to an `(H, W)` or `(H, W, C)` array, converting it to RGB when `do_convert_rgb`."""
+    try:
+        image.load()
+    except (OSError, SyntaxError, ValueError) as error:
+        name = getattr(image, "filename", "") or "<in-memory image>"
+        raise ValueError(f"Could not decode image {name!r}: {error}") from error
+    if do_convert_rgb and image.mode != "RGB":
+        # Same as the reference pipeline's `Image.open(path).convert("RGB")`: alpha is dropped rather than composited
+        # onto white, and palette/CMYK/grayscale images use PIL's own conversions.
+        image = image.convert("RGB")
+    return np.array(image)
+
+
+class RefinerViTImageProcessorPil(PilBackend):
+    r"""
+    Constructs a Refiner-ViT image processor (PIL backend), reproducing timm's evaluation transform:
+    resize the shorter side to `floor(size["shortest_edge"] / crop_pct)` (bicubic, with PIL like timm), center-crop
+    `crop_size` (zero-padding when the crop is larger than the image, as `torchvision.transforms.CenterCrop` does),
+    rescale to [0, 1] and normalize.
+
+    Args:
+        do_convert_rgb (`bool`, *optional*, defaults to `True`):
+            Convert inputs to RGB. PIL images use `Image.convert("RGB")` (alpha is dropped); arrays with 1 channel are
+            repeated, arrays with 4 channels are treated as RGBA and lose their alpha channel.
+        do_resize (`bool`, *optional*, defaults to `True`):
+            Whether to resize the image.
+        size (`dict[str, int]`, *optional*, defaults to `{"shortest_edge": 224}`):
+            Target before `crop_pct` scaling. `{"height": h, "width": w}` with `h != w` follows timm's aspect-preserving
+            resize for non-square inputs.
+        crop_pct (`float`, *optional*, defaults to 0.9):
+            Ratio of the crop to the resized image. `None` resizes straight to `size`.
+        resample (`PILImageResampling`, *optional*, defaults to `PILImageResampling.BICUBIC`):
+            Resampling filter.
+        do_center_crop (`bool`, *optional*, defaults to `True`):
+            Whether to center-crop the image.
+        crop_size (`dict[str, int]`, *optional*, defaults to `{"height": 224, "width": 224}`):
+            Output size of the center crop.
+        do_rescale (`bool`, *optional*, defaults to `True`):
+            Whether to rescale pixel values by `rescale_factor`.
+        rescale_factor (`float`, *optional*, defaults to `1/255`):
+            Rescaling factor.
+        do_normalize (`bool`, *optional*, defaults to `True`):
+            Whether to normalize the image.
+        image_mean (`list[float]`, *optional*, defaults to `[0.5, 0.5, 0.5]`):
+            Normalization mean.
+        image_std (`list[float]`, *optional*, defaults to `[0.5, 0.5, 0.5]`):
+            Normalization standard deviation.
+    """
+
+    valid_kwargs = RefinerViTImageProcessorKwargs
+
+    resample = PILImageResampling.BICUBIC
+    image_mean = [0.5, 0.5, 0.5]
+    image_std = [0.5, 0.5, 0.5]
+    size = {"shortest_edge": 224}
+    default_to_square = False
+    crop_size = {"height": 224, "width": 224}
+    crop_pct = 0.9
+    do_resize = True
+    do_center_crop = True
+    do_rescale = True
+    do_normalize = True
+    do_convert_rgb = True
+
+    def __init__(self, **kwargs: Unpack[RefinerViTImageProcessorKwargs]):
+        super().__init__(**kwargs)
+        self._validate_crop_pct(self.crop_pct)
+
+    @staticmethod
+    def _validate_crop_pct(crop_pct: float | None) -> None:
+        if crop_pct is not None and (isinstance(crop_pct, bool) or not crop_pct > 0):
+            raise ValueError(f"`crop_pct` must be a positive number or None, got {crop_pct!r}.")
+
+    def _validate_preprocess_kwargs(self, crop_pct: float | None = None, **kwargs) -> None:
+        self._validate_crop_pct(crop_pct)
+        super()._validate_preprocess_kwargs(**kwargs)
+
+    def fetch_images(self, image_url_or_urls: ImageInput | str | list) -> ImageInput:
+        """Load file paths, URLs and base64 strings with PIL, leaving already-loaded images untouched."""
+        if isinstance(image_url_or_urls, (list, tuple)):
+            return [self.fetch_images(item) for item in image_url_or_urls]
+        if isinstance(image_url_or_urls, str):
+            return load_refiner_vit_image(image_url_or_urls)
+        # Anything else is checked by `standardize_refiner_vit_images`, which names the offending type
+        return image_url_or_urls
+
+    def _prepare_images_structure(self, images: ImageInput, expected_ndims: int = 3) -> ImageInput:
+        images = standardize_refiner_vit_images(self.fetch_images(images))
+        return make_flat_list_of_images(images, expected_ndims=expected_ndims)
+
+    def process_image(
+        self,
+        image: ImageInput,
+        do_convert_rgb: bool | None = None,
+        input_data_format: str | ChannelDimension | None = None,
+        **kwargs: Unpack[RefinerViTImageProcessorKwargs],
+    ) -> np.ndarray:
+        """Convert one PIL image, array or tensor to a channels-first array (RGB when `do_convert_rgb`)."""
+        image_type = get_image_type(image)
+        if image_type == ImageType.PIL:
+            image = pil_image_to_refiner_vit_array(image, do_convert_rgb)
+            input_data_format = ChannelDimension.LAST
+        elif image_type == ImageType.TORCH:
+            image = image.detach().cpu().numpy()
+        if image.dtype == np.bool_:
+            # Binary masks follow PIL's mode "1" convention: True is white
+            image = image.astype(np.uint8) * 255
+
+        if image.ndim == 2:
+            image = image[None]
+            input_data_format = ChannelDimension.FIRST
+        if input_data_format is None:
+            try:
+                input_data_format = infer_channel_dimension_format(image, num_channels=(1, 3, 4))
+            except ValueError:
+                raise ValueError(
+                    f"Could not find the channel dimension of an image of shape {tuple(image.shape)}: expected 1, 3 "
+                    "or 4 channels in the first or last dimension."
+                ) from None
+        if input_data_format == ChannelDimension.LAST:
+            image = np.moveaxis(image, -1, 0)
+
+        if do_convert_rgb:
+            image = self.convert_to_rgb(image, input_data_format=ChannelDimension.FIRST)
+        return np.ascontiguousarray(image)
+
+    def convert_to_rgb(
+        self, image: np.ndarray, input_data_format: str | ChannelDimension | None = None
+    ) -> np.ndarray:
+        """Convert a channels-first 1-, 3- or 4-channel array to RGB."""
+        # The base class composites RGBA onto white; dropping alpha instead keeps arrays consistent with PIL inputs.
+        channel_axis = -1 if input_data_format == ChannelDimension.LAST else -3
+        num_channels = image.shape[channel_axis]
+        if num_channels == 1:
+            image = np.repeat(image, 3, axis=channel_axis)
+        elif num_channels == 4:
+            image = np.take(image, [0, 1, 2], axis=channel_axis)
+        elif num_channels != 3:
+            raise ValueError(f"Cannot convert an image with {num_channels} channels to RGB.")
+        return image
+
+    def resize(
+        self,
+        image: np.ndarray,
+        size: SizeDict,
+        resample: "PILImageResampling | None" = None,
+        crop_pct: float | None = None,
+        **kwargs,
+    ) -> np.ndarray:
+        """Resize so that the `crop_pct` center crop of the result has size `size` (timm evaluation resize)."""
+        if crop_pct is not None:
+            height, width = image.shape[-2:]
+            new_height, new_width = get_refiner_vit_resize_output_size(height, width, size, crop_pct)
+            size = SizeDict(height=new_height, width=new_width)
+        return super().resize(image, size=size, resample=resample, **kwargs)
+
+    def center_crop(self, image: np.ndarray, size: SizeDict, **kwargs) -> np.ndarray:
+        """Center crop exactly like `torchvision.transforms.CenterCrop`, zero-padding images smaller than the crop."""
+        if size.height is None or size.width is None:
+            raise ValueError(f"The size dictionary must have keys 'height' and 'width', got {dict(size)}.")
+        crop_height, crop_width = size.height, size.width
+        height, width = image.shape[-2:]
+        # The base class puts the odd padding pixel before the image and truncates the crop offset; torchvision (and
+        # so timm) puts it after and rounds the offset half to even, so both would shift some crops by one pixel.
+        if crop_height > height or crop_width > width:
+            pad_height, pad_width = max(crop_height - height, 0), max(crop_width - width, 0)
+            padding = ((0, 0), (pad_height // 2, (pad_height + 1) // 2), (pad_width // 2, (pad_width + 1) // 2))
+            image = np.pad(image, padding, mode="constant", constant_values=0)
+            height, width = image.shape[-2:]
+        top = int(round((height - crop_height) / 2.0))
+        left = int(round((width - crop_width) / 2.0))
+        return image[..., top : top + crop_height, left : left + crop_width]
+
+    def _preprocess(
+        self,
+        images: list[np.ndarray],
+        do_resize: bool,
+        size: SizeDict,
+        resample: "PILImageResampling | None",
+        do_center_crop: bool,
+        crop_size: SizeDict,
+        do_rescale: bool,
+        rescale_factor: float,
+        do_normalize: bool,
+        image_mean: float | list[float] | None,
+        image_std: float | list[float] | None,
+        do_pad: bool | None,
+        pad_size: SizeDict | None,
+        return_tensors: str | TensorType | None,
+        crop_pct: float | None = None,
+        **kwargs,
+    ) -> BatchFeature:
+        processed_images = []
+        for image in images:
+            if do_resize:
+                image = self.resize(image, size, resample, crop_pct=crop_pct)
+            # Padding happens before normalization, so padded pixels are black like timm's (-1.0 with mean=std=0.5)
+            if do_center_crop:
+                image = self.center_crop(image, crop_size)
+            if do_rescale:
+                image = self.rescale(image, rescale_factor)
+            if do_normalize:
+                image = self.normalize(image, image_mean, image_std)
+            processed_images.append(image)
+
+        if do_pad:
+            processed_images = self.pad(processed_images, pad_size=pad_size)
+
+        return BatchFeature(data={"pixel_values": processed_images}, tensor_type=return_tensors)
+
+
+__all__ = ["RefinerViTImageProcessorPil"]

@@ -1,0 +1,551 @@
+"""PyTorch Refiner-ViT model ("Refiner: Refining Self-attention for Vision Transformers", Zhou et al., 2021)."""
+
+import contextlib
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.modeling_utils import PreTrainedModel
+from transformers.utils import ModelOutput
+from transformers.utils.generic import can_return_tuple
+from transformers.utils.output_capturing import capture_outputs
+
+from .configuration_refiner_vit import RefinerViTConfig
+
+
+@dataclass
+class RefinerViTImageClassifierOutput(ModelOutput):
+    r"""
+    Output of [`RefinerViTForImageClassification`].
+
+    Args:
+        loss (`torch.FloatTensor` of shape `()`, *optional*, returned when `labels` is given):
+            Cross entropy of the class token's logits, plus `config.aux_loss_weight` times the mean cross entropy of
+            every patch token's auxiliary logits when the model has the auxiliary head.
+        logits (`torch.FloatTensor` of shape `(batch_size, num_labels)`):
+            The prediction: `cls_logits + config.aux_logits_weight * aux_logits.max(dim=1)` with the auxiliary
+            head, `cls_logits` without.
+        cls_logits (`torch.FloatTensor` of shape `(batch_size, num_labels)`):
+            Logits of the class token's head.
+        aux_logits (`torch.FloatTensor` of shape `(batch_size, num_patches, num_labels)`, *optional*):
+            Logits of the auxiliary head for every patch token.
+        hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned when `output_hidden_states=True`):
+            The embeddings and the output of each block, each of shape `(batch_size, num_patches + 1, hidden_size)`.
+        attentions (`tuple(torch.FloatTensor)`, *optional*, returned when `output_attentions=True`):
+            For each block, the attention map it multiplied with the values, of shape
+            `(batch_size, num_heads, num_patches + 1, num_patches + 1)`: refined maps for refined and shared blocks.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    cls_logits: torch.FloatTensor | None = None
+    aux_logits: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+def drop_path(input: torch.Tensor, drop_prob: float = 0.0, training: bool = False) -> torch.Tensor:
+    """Drops whole samples of a residual branch (stochastic depth), rescaling the kept ones."""
+    if drop_prob == 0.0 or not training:
+        return input
+    keep_prob = 1 - drop_prob
+    shape = (input.shape[0],) + (1,) * (input.ndim - 1)
+    random_tensor = torch.rand(shape, dtype=input.dtype, device=input.device)
+    return input.div(keep_prob) * (random_tensor < keep_prob).to(input.dtype)
+
+
+class RefinerViTDropPath(nn.Module):
+    """Stochastic depth per sample on the residual branch."""
+
+    def __init__(self, drop_prob: float = 0.0) -> None:
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return drop_path(hidden_states, self.drop_prob, self.training)
+
+    def extra_repr(self) -> str:
+        return f"p={self.drop_prob}"
+
+
+class RefinerViTConvStem(nn.Module):
+    """
+    The released models' stem: three convolutions (the first with stride 2) with BatchNorm and ReLU, then a
+    `patch_size // 2` strided projection, so that each token covers `patch_size` pixels.
+    """
+
+    def __init__(self, config: RefinerViTConfig) -> None:
+        super().__init__()
+        c1, c2, c3 = config.stem_hidden_sizes
+        self.conv1 = nn.Conv2d(config.num_channels, c1, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(c1)
+        self.conv2 = nn.Conv2d(c1, c2, kernel_size=3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c2)
+        self.conv3 = nn.Conv2d(c2, c3, kernel_size=3, stride=1, padding=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(c3)
+        half_patch = config.patch_size // 2
+        self.projection = nn.Conv2d(c3, config.hidden_size, kernel_size=half_patch, stride=half_patch)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        hidden_states = F.relu(self.bn1(self.conv1(pixel_values)))
+        hidden_states = F.relu(self.bn2(self.conv2(hidden_states)))
+        hidden_states = F.relu(self.bn3(self.conv3(hidden_states)))
+        return self.projection(hidden_states)
+
+
+class RefinerViTPatchStem(nn.Module):
+    """A single `patch_size` strided convolution, as in ViT."""
+
+    def __init__(self, config: RefinerViTConfig) -> None:
+        super().__init__()
+        self.projection = nn.Conv2d(
+            config.num_channels, config.hidden_size, kernel_size=config.patch_size, stride=config.patch_size
+        )
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.projection(pixel_values)
+
+
+class RefinerViTEmbeddings(nn.Module):
+    """The stem's tokens with the class token prepended and the position embedding added."""
+
+    def __init__(self, config: RefinerViTConfig) -> None:
+        super().__init__()
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
+        self.position_embeddings = nn.Parameter(torch.zeros(1, config.num_patches + 1, config.hidden_size))
+        self.patch_embeddings = RefinerViTConvStem(config) if config.stem_type == "conv" else RefinerViTPatchStem(config)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.image_size = config.image_size
+        self.num_channels = config.num_channels
+
+    def interpolate_pos_encoding(self, grid_height: int, grid_width: int) -> torch.Tensor:
+        """
+        The position embedding for a `grid_height` x `grid_width` token grid: the trained one when the grid is the
+        training grid, else the patch part resized bicubically (as in ViT), the class token's entry unchanged.
+        """
+        num_positions = self.position_embeddings.shape[1] - 1
+        side = math.isqrt(num_positions)
+        if not torch.jit.is_tracing() and grid_height == grid_width == side:
+            return self.position_embeddings
+        class_pos_embed = self.position_embeddings[:, :1]
+        patch_pos_embed = self.position_embeddings[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
+        patch_pos_embed = F.interpolate(
+            patch_pos_embed, size=(grid_height, grid_width), mode="bicubic", align_corners=False
+        )
+        patch_pos_embed = patch_pos_embed.permute(0, 2, 3, 1).reshape(1, grid_height * grid_width, -1)
+        return torch.cat((class_pos_embed, patch_pos_embed), dim=1)
+
+    def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
+        if pixel_values.ndim != 4:
+            raise ValueError(
+                f"`pixel_values` must have shape (batch_size, num_channels, height, width), got {tuple(pixel_values.shape)}."
+            )
+        batch_size, num_channels, height, width = pixel_values.shape
+        if num_channels != self.num_channels:
+            raise ValueError(
+                f"`pixel_values` has {num_channels} channels but the model expects {self.num_channels}."
+            )
+        if not interpolate_pos_encoding and (height != self.image_size or width != self.image_size):
+            raise ValueError(
+                f"Input image size ({height}*{width}) doesn't match the model ({self.image_size}*{self.image_size}). "
+                "Resize the images (the image processor does) or pass `interpolate_pos_encoding=True`."
+            )
+        patch_grid = self.patch_embeddings(pixel_values)
+        grid_height, grid_width = patch_grid.shape[-2:]
+        embeddings = patch_grid.flatten(2).transpose(1, 2)
+        cls_tokens = self.cls_token.expand(batch_size, -1, -1)
+        embeddings = torch.cat((cls_tokens, embeddings), dim=1)
+        if interpolate_pos_encoding:
+            embeddings = embeddings + self.interpolate_pos_encoding(grid_height, grid_width)
+        else:
+            embeddings = embeddings + self.position_embeddings
+        return self.dropout(embeddings)
+
+
+class RefinerViTRefiner(nn.Module):
+    """
+    Refinement of attention maps ("distributed local attention"): the heads are treated as the channels of an image
+    of size (tokens x tokens), expanded by a 1x1 convolution, convolved locally by a depthwise convolution, projected
+    back to the heads and added to the input.
+    """
+
+    def __init__(self, num_heads: int, expansion: int, kernel_size: int) -> None:
+        super().__init__()
+        hidden = num_heads * expansion
+        self.expand_conv = nn.Conv2d(num_heads, hidden, kernel_size=1, bias=False) if expansion != 1 else None
+        self.expand_bn = nn.BatchNorm2d(hidden) if expansion != 1 else None
+        # "same" padding; for even kernels the extra row/column goes after, as TensorFlow does.
+        self.padding = ((kernel_size - 1) // 2, kernel_size - 1 - (kernel_size - 1) // 2)
+        symmetric = self.padding[0] == self.padding[1]
+        self.depthwise_conv = nn.Conv2d(
+            hidden, hidden, kernel_size, padding=self.padding[0] if symmetric else 0, groups=hidden, bias=False
+        )
+        self.pad_input = not symmetric
+        self.depthwise_bn = nn.BatchNorm2d(hidden)
+        self.project_conv = nn.Conv2d(hidden, num_heads, kernel_size=1, bias=False)
+        self.project_bn = nn.BatchNorm2d(num_heads)
+
+    def forward(self, attention_map: torch.Tensor) -> torch.Tensor:
+        hidden = attention_map
+        if self.expand_conv is not None:
+            hidden = F.relu6(self.expand_bn(self.expand_conv(hidden)))
+        if self.pad_input:
+            hidden = F.pad(hidden, (self.padding[0], self.padding[1], self.padding[0], self.padding[1]))
+        hidden = F.relu6(self.depthwise_bn(self.depthwise_conv(hidden)))
+        hidden = self.project_bn(self.project_conv(hidden))
+        return hidden + attention_map
+
+
+class RefinerViTAttention(nn.Module):
+    """
+    Self-attention of one block. Depending on the block type:
+
+    - `"plain"`: P = softmax(q k^T) with q and k each scaled by sqrt(d^-0.5), plus d^-0.5 times the incoming map when
+      there is one; P is used and passed on.
+    - `"refined"`: as plain, then P = adapt_bn(refiner(P)); the refined P is used and passed on.
+    - `"shared"`: no queries or keys; P = adapt_bn(refiner(A)) * d^-0.5 from the incoming map A is used, and A itself
+      is passed on unchanged.
+    """
+
+    def __init__(self, config: RefinerViTConfig, block_type: str) -> None:
+        super().__init__()
+        self.block_type = block_type
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.scaling = self.head_dim**-0.5
+        hidden_size = config.hidden_size
+        if block_type == "shared":
+            self.v_proj = nn.Linear(hidden_size, hidden_size, bias=config.qkv_bias)
+        else:
+            self.qkv = nn.Linear(hidden_size, 3 * hidden_size, bias=config.qkv_bias)
+        if block_type != "plain":
+            expansion = config.shared_expansion if block_type == "shared" else config.refine_expansion
+            self.refiner = RefinerViTRefiner(self.num_heads, expansion, config.refine_kernel_size)
+            self.adapt_bn = nn.BatchNorm2d(self.num_heads)
+        self.attention_dropout = nn.Dropout(config.attention_probs_dropout_prob)
+        self.o_proj = nn.Linear(hidden_size, hidden_size)
+        self.output_dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(
+        self, hidden_states: torch.Tensor, previous_attention: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns the block's attention output, the map it used and the map it passes to the next block."""
+        batch_size, seq_len, hidden_size = hidden_states.shape
+        if self.block_type == "shared":
+            if previous_attention is None:
+                raise ValueError("A shared block needs the attention map of a previous block.")
+            value = self.v_proj(hidden_states).reshape(batch_size, seq_len, self.num_heads, self.head_dim)
+            value = value.transpose(1, 2)
+            attention = self.adapt_bn(self.refiner(previous_attention)) * self.scaling
+            next_attention = previous_attention
+        else:
+            qkv = self.qkv(hidden_states).reshape(batch_size, seq_len, 3, self.num_heads, self.head_dim)
+            query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+            # The released code scales q and k separately rather than their product; kept for exact outputs.
+            root_scaling = math.sqrt(self.scaling)
+            attention = (root_scaling * query) @ (root_scaling * key).transpose(-2, -1)
+            attention = attention.softmax(dim=-1)
+            if previous_attention is not None:
+                attention = attention + previous_attention * self.scaling
+            attention = self.attention_dropout(attention)
+            if self.block_type == "refined":
+                attention = self.adapt_bn(self.refiner(attention))
+            next_attention = attention
+        context = (attention @ value).transpose(1, 2).reshape(batch_size, seq_len, hidden_size)
+        output = self.output_dropout(self.o_proj(context))
+        return output, attention, next_attention
+
+
+class RefinerViTMLP(nn.Module):
+    """Two linear layers with the activation between, then a learned per-channel scale (layer scale)."""
+
+    def __init__(self, config: RefinerViTConfig) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.activation_fn = ACT2FN[config.hidden_act]
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.layer_scale = nn.Parameter(torch.full((config.hidden_size,), config.layer_scale_init_value))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        hidden_states = self.dropout(self.activation_fn(self.fc1(hidden_states)))
+        return self.dropout(self.layer_scale * self.fc2(hidden_states))
+
+
+class RefinerViTLayer(nn.Module):
+    """
+    One transformer block. With r = `config.residual_scale` (0.5):
+
+        x = x + drop_path(attention(norm1(x * r)) / r)
+        x = x + drop_path(mlp(norm2(x * r))) / r
+
+    Multiplying by r before the LayerNorm is not a no-op because of its epsilon.
+    """
+
+    def __init__(self, config: RefinerViTConfig, block_type: str, drop_path_rate: float = 0.0) -> None:
+        super().__init__()
+        self.block_type = block_type
+        self.residual_scale = config.residual_scale
+        self.layernorm_before = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.attention = RefinerViTAttention(config, block_type)
+        self.drop_path = RefinerViTDropPath(drop_path_rate)
+        self.layernorm_after = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = RefinerViTMLP(config)
+
+    def forward(
+        self, hidden_states: torch.Tensor, previous_attention: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns the block's output and the attention map passed to the next block."""
+        r = self.residual_scale
+        attention_output, _, next_attention = self.attention(self.layernorm_before(hidden_states * r), previous_attention)
+        hidden_states = hidden_states + self.drop_path(attention_output / r)
+        hidden_states = hidden_states + self.drop_path(self.mlp(self.layernorm_after(hidden_states * r))) / r
+        return hidden_states, next_attention
+
+
+@contextlib.contextmanager
+def _batch_norm_statistics_restored(module: nn.Module):
+    """Undoes, on exit, whatever the BatchNorms of `module` did to their running statistics inside the block."""
+    buffers = [
+        buffer
+        for m in module.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        for buffer in (m.running_mean, m.running_var, m.num_batches_tracked)
+        if buffer is not None
+    ]
+    saved = [buffer.clone() for buffer in buffers]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in zip(buffers, saved):
+                buffer.copy_(value)
+
+
+class RefinerViTPreTrainedModel(PreTrainedModel):
+    """Handles weight initialisation and loading of Refiner-ViT models."""
+
+    config: RefinerViTConfig
+    config_class = RefinerViTConfig
+    base_model_prefix = "refiner_vit"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["RefinerViTEmbeddings", "RefinerViTLayer"]
+    _can_record_outputs = {
+        "hidden_states": RefinerViTLayer,
+        "attentions": RefinerViTAttention,
+    }
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """Initialises as the released code does: truncated normal linear layers, PyTorch defaults elsewhere."""
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            init.trunc_normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Conv2d):
+            # PyTorch's default initialisation of convolutions.
+            init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+            if module.bias is not None:
+                fan_in = module.weight.shape[1] * module.weight[0, 0].numel()
+                bound = 1 / math.sqrt(fan_in)
+                init.uniform_(module.bias, -bound, bound)
+        elif isinstance(module, (nn.LayerNorm, nn.BatchNorm2d)):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+            if isinstance(module, nn.BatchNorm2d):
+                init.zeros_(module.running_mean)
+                init.ones_(module.running_var)
+                init.zeros_(module.num_batches_tracked)
+        elif isinstance(module, RefinerViTEmbeddings):
+            init.trunc_normal_(module.position_embeddings, mean=0.0, std=std)
+            init.trunc_normal_(module.cls_token, mean=0.0, std=std)
+        elif isinstance(module, RefinerViTMLP):
+            init.constant_(module.layer_scale, self.config.layer_scale_init_value)
+
+
+class RefinerViTModel(RefinerViTPreTrainedModel):
+    """
+    The Refiner-ViT encoder: stem, class token and position embedding, the blocks, and the final LayerNorm. Returns
+    the normalised tokens (`last_hidden_state`) and the class token among them (`pooler_output`).
+    """
+
+    def __init__(self, config: RefinerViTConfig) -> None:
+        config.check_architecture()
+        super().__init__(config)
+        self.embeddings = RefinerViTEmbeddings(config)
+        rates = torch.linspace(0, config.drop_path_rate, config.num_hidden_layers, device="cpu").tolist()
+        self.layers = nn.ModuleList(
+            [RefinerViTLayer(config, block_type, rate) for block_type, rate in zip(config.block_types, rates)]
+        )
+        self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embeddings.patch_embeddings
+
+    def _run_layer(
+        self, layer: RefinerViTLayer, hidden_states: torch.Tensor, attention: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not (self.gradient_checkpointing and self.training and torch.is_grad_enabled()):
+            return layer(hidden_states, attention)
+        # Recomputing a block in the backward pass must not update its BatchNorms' running statistics a second time.
+        return checkpoint(
+            layer,
+            hidden_states,
+            attention,
+            use_reentrant=False,
+            context_fn=lambda: (contextlib.nullcontext(), _batch_norm_statistics_restored(layer)),
+        )
+
+    @capture_outputs(tie_last_hidden_states=False)
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPooling:
+        r"""
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`):
+                Images as prepared by [`RefinerViTImageProcessor`].
+            interpolate_pos_encoding (`bool`, *optional*):
+                Resize the position embedding to the input's token grid, for images of another size than
+                `config.image_size`.
+            output_hidden_states (`bool`, *optional*):
+                Return the embeddings and every block's output.
+            output_attentions (`bool`, *optional*):
+                Return the attention map every block multiplied with its values (refined ones included).
+        """
+        if pixel_values is None:
+            raise ValueError("You have to specify `pixel_values`.")
+        expected_dtype = self.embeddings.cls_token.dtype
+        if pixel_values.dtype != expected_dtype:
+            pixel_values = pixel_values.to(expected_dtype)
+        hidden_states = self.embeddings(pixel_values, interpolate_pos_encoding=bool(interpolate_pos_encoding))
+        attention = None
+        for layer in self.layers:
+            hidden_states, attention = self._run_layer(layer, hidden_states, attention)
+        sequence_output = self.layernorm(hidden_states)
+        return BaseModelOutputWithPooling(last_hidden_state=sequence_output, pooler_output=sequence_output[:, 0])
+
+
+class RefinerViTForImageClassification(RefinerViTPreTrainedModel):
+    """
+    Refiner-ViT with a linear classifier on the class token and, when `config.use_aux_head`, a second linear
+    classifier applied to every patch token (the dense head of token labeling). The prediction combines both:
+    `logits = cls_logits + config.aux_logits_weight * aux_logits.max(dim=1)`.
+    """
+
+    def __init__(self, config: RefinerViTConfig) -> None:
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.refiner_vit = RefinerViTModel(config)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
+        self.aux_classifier = None
+        if config.use_aux_head:
+            self.aux_classifier = (
+                nn.Linear(config.hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
+            )
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool | None = None,
+        **kwargs,
+    ) -> RefinerViTImageClassifierOutput:
+        r"""
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`):
+                Images as prepared by [`RefinerViTImageProcessor`].
+            labels (`torch.LongTensor` of shape `(batch_size,)` or `torch.FloatTensor` of shape `(batch_size, num_labels)`, *optional*):
+                Class indices, or soft targets (rows of class probabilities, e.g. from mixup or label smoothing).
+                With the auxiliary head every patch token is trained towards its image's target.
+            interpolate_pos_encoding (`bool`, *optional*):
+                Resize the position embedding for images of another size than `config.image_size`.
+
+        Example:
+
+        ```python
+        >>> import torch
+        >>> from refiner_hf import RefinerViTConfig, RefinerViTForImageClassification
+
+        >>> config = RefinerViTConfig(hidden_size=48, num_hidden_layers=2, num_attention_heads=4, image_size=64, num_labels=10)
+        >>> model = RefinerViTForImageClassification(config).eval()
+        >>> model(torch.randn(1, 3, 64, 64)).logits.shape
+        torch.Size([1, 10])
+        ```
+        """
+        outputs: BaseModelOutputWithPooling = self.refiner_vit(
+            pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, **kwargs
+        )
+        sequence_output = outputs.last_hidden_state
+        cls_logits = self.classifier(sequence_output[:, 0])
+        aux_logits = None
+        logits = cls_logits
+        if self.aux_classifier is not None:
+            aux_logits = self.aux_classifier(sequence_output[:, 1:])
+            logits = cls_logits + self.config.aux_logits_weight * aux_logits.max(dim=1).values
+
+        loss = None
+        if labels is not None:
+            loss = self.compute_loss(cls_logits, aux_logits, labels)
+
+        return RefinerViTImageClassifierOutput(
+            loss=loss,
+            logits=logits,
+            cls_logits=cls_logits,
+            aux_logits=aux_logits,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+    def compute_loss(
+        self, cls_logits: torch.Tensor, aux_logits: torch.Tensor | None, labels: torch.Tensor
+    ) -> torch.Tensor:
+        """
+        Cross entropy of the class logits against `labels` (indices or soft targets), plus `config.aux_loss_weight`
+        times the cross entropy of every token's auxiliary logits against the same target.
+        """
+        num_labels = cls_logits.shape[-1]
+        if labels.dtype.is_floating_point:
+            if labels.shape != cls_logits.shape:
+                raise ValueError(
+                    f"Soft `labels` must have shape (batch_size, num_labels) = {tuple(cls_logits.shape)}, "
+                    f"got {tuple(labels.shape)}."
+                )
+            targets = labels.to(cls_logits.dtype)
+        else:
+            if labels.shape != cls_logits.shape[:1]:
+                raise ValueError(
+                    f"Class-index `labels` must have shape (batch_size,) = {tuple(cls_logits.shape[:1])}, "
+                    f"got {tuple(labels.shape)}."
+                )
+            targets = labels
+        loss = F.cross_entropy(cls_logits, targets)
+        if aux_logits is not None:
+            num_tokens = aux_logits.shape[1]
+            token_targets = targets.repeat_interleave(num_tokens, dim=0)
+            loss = loss + self.config.aux_loss_weight * F.cross_entropy(
+                aux_logits.reshape(-1, num_labels), token_targets
+            )
+        return loss
+
+
+__all__ = [
+    "RefinerViTForImageClassification",
+    "RefinerViTImageClassifierOutput",
+    "RefinerViTModel",
+    "RefinerViTPreTrainedModel",
+]

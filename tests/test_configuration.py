@@ -1,0 +1,71 @@
+"""RefinerViTConfig: presets, defaults, validation and serialisation."""
+
+import pytest
+import torch
+
+from conftest import tiny_config
+from refiner_hf import RefinerViTConfig, RefinerViTForImageClassification
+
+
+@pytest.mark.parametrize(
+    "name, parameters",
+    [("refiner-vit-s", 25_408_656), ("refiner-vit-m", 55_450_932), ("refiner-vit-l", 81_150_192)],
+)
+def test_preset_parameter_counts(name, parameters):
+    config = RefinerViTConfig.from_preset(name)
+    with torch.device("meta"):
+        model = RefinerViTForImageClassification(config)
+    assert sum(p.numel() for p in model.parameters()) == parameters
+
+
+def test_presets_describe_the_released_models():
+    small = RefinerViTConfig.from_preset("refiner-vit-s")
+    assert small.block_types == ["plain", "shared"] * 8
+    assert (small.hidden_size, small.num_attention_heads, small.intermediate_size) == (384, 12, 1152)
+    assert (small.layer_norm_eps, small.stem_type, small.num_labels, small.shared_expansion) == (1e-6, "conv", 1000, 3)
+    large = RefinerViTConfig.from_preset("refiner-vit-l-448", num_labels=10)
+    assert (large.image_size, large.hidden_size, large.num_hidden_layers, large.num_labels) == (448, 512, 32, 10)
+    assert "refiner-vit-m-384" in RefinerViTConfig.preset_names()
+    with pytest.raises(ValueError, match="Unknown Refiner-ViT preset 'refiner-vit-xl'"):
+        RefinerViTConfig.from_preset("refiner-vit-xl")
+
+
+def test_defaults_are_the_small_model():
+    assert RefinerViTConfig().to_diff_dict() == RefinerViTConfig.from_preset("refiner-vit-s", num_labels=2).to_diff_dict()
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"hidden_size": 26}, r"`hidden_size` \(26\) must be divisible by `num_attention_heads` \(4\)"),
+        ({"block_types": ["plain", "shared"]}, r"`block_types` has 2 entries but `num_hidden_layers` is 4"),
+        ({"block_types": ["shared", "plain", "plain", "plain"]}, "first block cannot be `shared`"),
+        ({"block_types": ["plain", "dense", "plain", "plain"]}, r"Unknown block type\(s\) \['dense'\]"),
+        ({"stem_type": "hybrid"}, "`stem_type` must be one of"),
+        ({"patch_size": 7, "image_size": 35}, "even `patch_size`"),
+        ({"image_size": 36}, r"`image_size` \(36\) must be a multiple of `patch_size` \(8\)"),
+        ({"refine_expansion": 0}, "`refine_expansion` must be at least 1"),
+        ({"drop_path_rate": 1.5}, r"`drop_path_rate` must be in \[0, 1\)"),
+        ({"num_attention_heads": 0}, "`num_attention_heads` must be a positive integer"),
+        ({"stem_hidden_sizes": [4, 8]}, "`stem_hidden_sizes` must list three"),
+    ],
+)
+def test_inconsistent_configs_are_refused(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_config(**overrides)
+
+
+def test_a_config_edited_after_creation_is_checked_when_the_model_is_built():
+    config = tiny_config()
+    config.num_hidden_layers = 6
+    with pytest.raises(ValueError, match="`block_types` has 4 entries"):
+        RefinerViTForImageClassification(config)
+
+
+def test_json_round_trip(tmp_path):
+    config = tiny_config(drop_path_rate=0.1, id2label={0: "a", 1: "b", 2: "c", 3: "d", 4: "e"})
+    config.save_pretrained(tmp_path)
+    loaded = RefinerViTConfig.from_pretrained(tmp_path)
+    assert loaded.to_dict() == config.to_dict()
+    assert loaded.block_types == ["refined", "shared", "plain", "shared"]
+    assert loaded.id2label[4] == "e"
