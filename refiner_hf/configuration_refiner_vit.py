@@ -27,6 +27,8 @@ PRESETS: dict[str, dict] = {
     "refiner-vit-m": {**_BASE_PRESET, "hidden_size": 420, "num_attention_heads": 12, "num_hidden_layers": 32},
     "refiner-vit-l": {**_BASE_PRESET, "hidden_size": 512, "num_attention_heads": 16, "num_hidden_layers": 32},
 }
+# Evaluation crop ratio of each preset in the released code (`crop_pct` of timm's eval transform).
+PRESET_CROP_PCT = {"refiner-vit-s": 0.9, "refiner-vit-m": 1.0, "refiner-vit-l": 1.13}
 # Fine-tuned resolutions published in the paper.
 for _name, _size in (("refiner-vit-s", 384), ("refiner-vit-m", 384), ("refiner-vit-l", 384), ("refiner-vit-l", 448)):
     PRESETS[f"{_name}-{_size}"] = {**PRESETS[_name], "image_size": _size}
@@ -220,6 +222,23 @@ class RefinerViTConfig(PreTrainedConfig):
         if name not in PRESETS:
             raise ValueError(f"Unknown Refiner-ViT preset {name!r}; available: {', '.join(PRESETS)}.")
         return cls(**{**copy.deepcopy(PRESETS[name]), **kwargs})
+
+    def matching_preset(self) -> str | None:
+        """
+        The name of the released architecture this configuration has (`"refiner-vit-s"`, `-m` or `-l`, with the
+        resolution appended when it is not 224), whatever its head's number of labels; `None` for other architectures.
+        """
+        fields = (
+            "patch_size", "num_channels", "hidden_size", "num_hidden_layers", "num_attention_heads",
+            "intermediate_size", "hidden_act", "qkv_bias", "layer_norm_eps", "stem_type", "stem_hidden_sizes",
+            "block_types", "refine_expansion", "shared_expansion", "refine_kernel_size", "use_aux_head",
+            "aux_logits_weight", "residual_scale",
+        )  # fmt: skip
+        for name in ("refiner-vit-s", "refiner-vit-m", "refiner-vit-l"):
+            preset = RefinerViTConfig.from_preset(name)
+            if all(getattr(self, field) == getattr(preset, field) for field in fields):
+                return name if self.image_size == 224 else f"{name}-{self.image_size}"
+        return None
 
     @staticmethod
     def preset_names() -> list[str]:

@@ -45,9 +45,7 @@ if is_torch_available():
 
 
 # Kept identical in image_processing_refiner_vit.py: both files must stay importable on their own.
-def get_refiner_vit_resize_output_size(
-    height: int, width: int, size: SizeDict, crop_pct: float
-) -> tuple[int, int]:
+def get_refiner_vit_resize_output_size(height: int, width: int, size: SizeDict, crop_pct: float) -> tuple[int, int]:
     """
     Output `(height, width)` of timm's `transforms_imagenet_eval` resize (crop_mode="center") for an image of
     `(height, width)`, a target `size` and `crop_pct`.
@@ -138,18 +136,18 @@ def pil_image_to_refiner_vit_array(image: PIL.Image.Image, do_convert_rgb: bool 
         name = getattr(image, "filename", "") or "<in-memory image>"
         raise ValueError(f"Could not decode image {name!r}: {error}") from error
     if do_convert_rgb and image.mode != "RGB":
-        # Same as the reference pipeline's `Image.open(path).convert("RGB")`: alpha is dropped rather than composited
-        # onto white, and palette/CMYK/grayscale images use PIL's own conversions.
+        # Same as the `Image.open(path).convert("RGB")` of timm's and torchvision's dataset loaders: alpha is dropped
+        # rather than composited onto white, and palette/CMYK/grayscale images use PIL's own conversions.
         image = image.convert("RGB")
     return np.array(image)
 
 
 class RefinerViTImageProcessorPil(PilBackend):
     r"""
-    Constructs a Refiner-ViT image processor (PIL backend), reproducing timm's evaluation transform:
-    resize the shorter side to `floor(size["shortest_edge"] / crop_pct)` (bicubic, with PIL like timm), center-crop
-    `crop_size` (zero-padding when the crop is larger than the image, as `torchvision.transforms.CenterCrop` does),
-    rescale to [0, 1] and normalize.
+    Constructs a Refiner-ViT image processor (PIL backend) that reproduces timm's evaluation transform: resize the
+    shorter side to `floor(size["shortest_edge"] / crop_pct)` (bicubic, with PIL like timm), center-crop `crop_size`,
+    zero-padding like `torchvision.transforms.CenterCrop` where the crop is larger than the image, then rescale to
+    [0, 1] and normalize.
 
     Args:
         do_convert_rgb (`bool`, *optional*, defaults to `True`):
@@ -158,10 +156,10 @@ class RefinerViTImageProcessorPil(PilBackend):
         do_resize (`bool`, *optional*, defaults to `True`):
             Whether to resize the image.
         size (`dict[str, int]`, *optional*, defaults to `{"shortest_edge": 224}`):
-            Target before `crop_pct` scaling. `{"height": h, "width": w}` with `h != w` follows timm's aspect-preserving
-            resize for non-square inputs.
+            Size before `crop_pct` scaling: the shorter side is resized to `floor(size["shortest_edge"] / crop_pct)`.
+            `{"height": h, "width": w}` with `h != w` uses timm's aspect-preserving resize for non-square sizes.
         crop_pct (`float`, *optional*, defaults to 0.9):
-            Ratio of the crop to the resized image. `None` resizes straight to `size`.
+            Ratio of the crop to the resized image. Passing `crop_pct=None` to the call resizes straight to `size`.
         resample (`PILImageResampling`, *optional*, defaults to `PILImageResampling.BICUBIC`):
             Resampling filter.
         do_center_crop (`bool`, *optional*, defaults to `True`):
@@ -257,9 +255,7 @@ class RefinerViTImageProcessorPil(PilBackend):
             image = self.convert_to_rgb(image, input_data_format=ChannelDimension.FIRST)
         return np.ascontiguousarray(image)
 
-    def convert_to_rgb(
-        self, image: np.ndarray, input_data_format: str | ChannelDimension | None = None
-    ) -> np.ndarray:
+    def convert_to_rgb(self, image: np.ndarray, input_data_format: str | ChannelDimension | None = None) -> np.ndarray:
         """Convert a channels-first 1-, 3- or 4-channel array to RGB."""
         # The base class composites RGBA onto white; dropping alpha instead keeps arrays consistent with PIL inputs.
         channel_axis = -1 if input_data_format == ChannelDimension.LAST else -3
@@ -323,6 +319,7 @@ class RefinerViTImageProcessorPil(PilBackend):
         crop_pct: float | None = None,
         **kwargs,
     ) -> BatchFeature:
+        """Resize with `crop_pct`, center-crop, rescale and normalize."""
         processed_images = []
         for image in images:
             if do_resize:

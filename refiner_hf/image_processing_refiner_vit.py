@@ -51,16 +51,14 @@ class RefinerViTImageProcessorKwargs(ImagesKwargs, total=False):
     crop_pct (`float`, *optional*, defaults to `self.crop_pct`):
         Ratio of the center crop to the resized image, as in timm's evaluation transform: the shorter side is resized
         to `floor(size / crop_pct)` before cropping `crop_size`. Values above 1 make the crop larger than the resized
-        image, which is then zero-padded (black). `None` resizes straight to `size`.
+        image, which is then zero-padded (black). `None` skips the scaling and resizes straight to `size`.
     """
 
     crop_pct: float | int | None
 
 
 # Kept identical in image_processing_pil_refiner_vit.py: both files must stay importable on their own.
-def get_refiner_vit_resize_output_size(
-    height: int, width: int, size: SizeDict, crop_pct: float
-) -> tuple[int, int]:
+def get_refiner_vit_resize_output_size(height: int, width: int, size: SizeDict, crop_pct: float) -> tuple[int, int]:
     """
     Output `(height, width)` of timm's `transforms_imagenet_eval` resize (crop_mode="center") for an image of
     `(height, width)`, a target `size` and `crop_pct`.
@@ -151,18 +149,18 @@ def pil_image_to_refiner_vit_array(image: PIL.Image.Image, do_convert_rgb: bool 
         name = getattr(image, "filename", "") or "<in-memory image>"
         raise ValueError(f"Could not decode image {name!r}: {error}") from error
     if do_convert_rgb and image.mode != "RGB":
-        # Same as the reference pipeline's `Image.open(path).convert("RGB")`: alpha is dropped rather than composited
-        # onto white, and palette/CMYK/grayscale images use PIL's own conversions.
+        # Same as the `Image.open(path).convert("RGB")` of timm's and torchvision's dataset loaders: alpha is dropped
+        # rather than composited onto white, and palette/CMYK/grayscale images use PIL's own conversions.
         image = image.convert("RGB")
     return np.array(image)
 
 
 class RefinerViTImageProcessor(TorchvisionBackend):
     r"""
-    Constructs a Refiner-ViT image processor (torchvision backend), reproducing timm's evaluation transform:
-    resize the shorter side to `floor(size["shortest_edge"] / crop_pct)` (bicubic), center-crop `crop_size` (zero-padding
-    when the crop is larger than the image, as `torchvision.transforms.CenterCrop` does), rescale to [0, 1] and
-    normalize.
+    Constructs a Refiner-ViT image processor (torchvision backend) that reproduces timm's evaluation transform: resize
+    the shorter side to `floor(size["shortest_edge"] / crop_pct)` (bicubic), center-crop `crop_size`,
+    zero-padding like `torchvision.transforms.CenterCrop` where the crop is larger than the image, then rescale to
+    [0, 1] and normalize.
 
     Args:
         do_convert_rgb (`bool`, *optional*, defaults to `True`):
@@ -171,10 +169,10 @@ class RefinerViTImageProcessor(TorchvisionBackend):
         do_resize (`bool`, *optional*, defaults to `True`):
             Whether to resize the image.
         size (`dict[str, int]`, *optional*, defaults to `{"shortest_edge": 224}`):
-            Target before `crop_pct` scaling. `{"height": h, "width": w}` with `h != w` follows timm's aspect-preserving
-            resize for non-square inputs.
+            Size before `crop_pct` scaling: the shorter side is resized to `floor(size["shortest_edge"] / crop_pct)`.
+            `{"height": h, "width": w}` with `h != w` uses timm's aspect-preserving resize for non-square sizes.
         crop_pct (`float`, *optional*, defaults to 0.9):
-            Ratio of the crop to the resized image. `None` resizes straight to `size`.
+            Ratio of the crop to the resized image. Passing `crop_pct=None` to the call resizes straight to `size`.
         resample (`PILImageResampling`, *optional*, defaults to `PILImageResampling.BICUBIC`):
             Resampling filter.
         do_center_crop (`bool`, *optional*, defaults to `True`):
@@ -340,6 +338,7 @@ class RefinerViTImageProcessor(TorchvisionBackend):
         crop_pct: float | None = None,
         **kwargs,
     ) -> BatchFeature:
+        """Resize with `crop_pct`, center-crop, rescale and normalize."""
         grouped_images, grouped_images_index = group_images_by_shape(images, disable_grouping=disable_grouping)
         resized_images_grouped = {}
         for shape, stacked_images in grouped_images.items():

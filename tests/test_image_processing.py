@@ -219,8 +219,8 @@ def test_pil_modes_convert_like_pil(cls, mode):
 @pytest.mark.parametrize("cls", BACKENDS)
 def test_arrays_convert_like_pil(cls):
     processor = cls()
-    gray = np.asarray(_mode_images()["L"])
-    rgba = np.asarray(_rgba_image())
+    gray = np.array(_mode_images()["L"])
+    rgba = np.array(_rgba_image())
     expected_gray = _pixels(processor, Image.fromarray(gray).convert("RGB"))
     expected_rgba = _pixels(processor, Image.fromarray(rgba).convert("RGB"))  # alpha dropped
     assert torch.equal(_pixels(processor, gray), expected_gray)  # (H, W)

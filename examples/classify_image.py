@@ -1,0 +1,60 @@
+"""
+Classify an image with Refiner-ViT.
+
+With no arguments, converts the tiny original checkpoint bundled with the tests (random weights: its prediction is
+arbitrary, it shows the whole path), saves it as a Hugging Face model directory, and classifies the bundled photo
+through `pipeline("image-classification")`, printing the top 5.
+
+    python examples/classify_image.py
+    python examples/classify_image.py --checkpoint Refiner_ViT_L_448.pth --image photo.jpg
+    python examples/classify_image.py --model path/to/converted-dir --image photo.jpg
+"""
+
+import argparse
+import tempfile
+from pathlib import Path
+
+from transformers import pipeline
+from transformers.utils import logging
+
+from refiner_hf import convert_original_checkpoint
+from refiner_hf.assets import sample_image_path
+from refiner_hf.conversion import image_processor_for_config
+
+
+BUNDLED_CHECKPOINT = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "released_tiny.pth"
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--model", help="A converted model directory or Hub id.")
+    source.add_argument(
+        "--checkpoint", type=Path, default=BUNDLED_CHECKPOINT, help="An original Refiner-ViT checkpoint to convert."
+    )
+    parser.add_argument("--image", default=str(sample_image_path()), help="Image file or URL.")
+    parser.add_argument("--top-k", type=int, default=5)
+    parser.add_argument("--weights", choices=("ema", "raw"), help="Weights of a timm checkpoint (default: EMA).")
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    logging.disable_progress_bar()
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = args.model
+        if model_dir is None:
+            model = convert_original_checkpoint(args.checkpoint, weights=args.weights)
+            model.save_pretrained(tmp)
+            image_processor_for_config(model.config).save_pretrained(tmp)
+            model_dir = tmp
+            print(f"Converted {args.checkpoint} ({model.config.matching_preset() or 'custom architecture'}, "
+                  f"{model.num_parameters():,} parameters)")
+        classifier = pipeline("image-classification", model=model_dir)
+        print(f"Top {args.top_k} for {args.image}:")
+        for rank, prediction in enumerate(classifier(args.image, top_k=args.top_k), start=1):
+            print(f"  {rank}. {prediction['label']:<30} {prediction['score']:.4f}")
+
+
+if __name__ == "__main__":
+    main()
