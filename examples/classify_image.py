@@ -48,8 +48,10 @@ def main() -> None:
             model.save_pretrained(tmp)
             image_processor_for_config(model.config).save_pretrained(tmp)
             model_dir = tmp
-            print(f"Converted {args.checkpoint} ({model.config.matching_preset() or 'custom architecture'}, "
-                  f"{model.num_parameters():,} parameters)")
+            print(
+                f"Converted {args.checkpoint} ({model.config.matching_preset() or 'custom architecture'}, "
+                f"{model.num_parameters():,} parameters)"
+            )
         classifier = pipeline("image-classification", model=model_dir)
         print(f"Top {args.top_k} for {args.image}:")
         for rank, prediction in enumerate(classifier(args.image, top_k=args.top_k), start=1):

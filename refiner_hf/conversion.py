@@ -1,5 +1,6 @@
 """
-Conversion of the original Refiner-ViT checkpoints (the authors' timm-based code) to [`RefinerViTForImageClassification`].
+Conversion of the original Refiner-ViT checkpoints (the authors' timm-based code) to
+[`RefinerViTForImageClassification`].
 
 Checkpoints come in the forms found in the wild: timm's training-script dict (`state_dict`, `state_dict_ema`, `args` as
 an `argparse.Namespace`, ...), a bare state dict, either with the `module.` prefix of DistributedDataParallel. The

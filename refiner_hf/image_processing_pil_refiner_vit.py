@@ -11,16 +11,7 @@
 # limitations under the License.
 """Image processor class for Refiner-ViT (PIL backend)."""
 
-import base64
-import binascii
-import io
-import math
-import os
-from typing import Any
-
 import numpy as np
-import PIL.Image
-import PIL.ImageOps
 from transformers.image_processing_backends import PilBackend
 from transformers.image_processing_utils import BatchFeature
 from transformers.image_utils import (
@@ -31,115 +22,22 @@ from transformers.image_utils import (
     SizeDict,
     get_image_type,
     infer_channel_dimension_format,
-    load_image,
     make_flat_list_of_images,
 )
 from transformers.processing_utils import Unpack
 from transformers.utils import TensorType, is_torch_available
 
-from .image_processing_refiner_vit import RefinerViTImageProcessorKwargs
+from .image_processing_refiner_vit import (
+    RefinerViTImageProcessorKwargs,
+    get_refiner_vit_resize_output_size,
+    load_refiner_vit_image,
+    pil_image_to_refiner_vit_array,
+    standardize_refiner_vit_images,
+)
 
 
 if is_torch_available():
-    import torch
-
-
-# Kept identical in image_processing_refiner_vit.py: both files must stay importable on their own.
-def get_refiner_vit_resize_output_size(height: int, width: int, size: SizeDict, crop_pct: float) -> tuple[int, int]:
-    """
-    Output `(height, width)` of timm's `transforms_imagenet_eval` resize (crop_mode="center") for an image of
-    `(height, width)`, a target `size` and `crop_pct`.
-    """
-    if size.shortest_edge:
-        target_height = target_width = size.shortest_edge
-    elif size.height and size.width:
-        target_height, target_width = size.height, size.width
-    else:
-        raise ValueError(f"`size` must contain 'shortest_edge' or 'height' and 'width', got {dict(size)}.")
-    scale_height, scale_width = math.floor(target_height / crop_pct), math.floor(target_width / crop_pct)
-    if scale_height == scale_width:
-        # torchvision `Resize(int)`: shorter side to the scale size, longer side truncated
-        if height <= width:
-            return scale_height, int(scale_height * width / height)
-        return int(scale_height * height / width), scale_height
-    # timm `ResizeKeepRatio(longest=0)`: smallest aspect-preserving resize covering the target, sides rounded
-    ratio = min(height / scale_height, width / scale_width)
-    return round(height / ratio), round(width / ratio)
-
-
-# Kept identical in image_processing_refiner_vit.py.
-def load_refiner_vit_image(source: str, timeout: float | None = None) -> PIL.Image.Image:
-    """Load a local file path, an http(s) URL or base64 image data into a fully decoded PIL image."""
-    if source.startswith(("http://", "https://")):
-        return load_image(source, timeout=timeout)
-    if os.path.isfile(source):
-        try:
-            image = PIL.Image.open(source)
-            # PIL decodes lazily; decoding now makes a truncated or corrupt file fail here, naming the file
-            image.load()
-        except (OSError, SyntaxError, ValueError) as error:
-            raise ValueError(f"Could not read image file {source!r}: {error}") from error
-        return PIL.ImageOps.exif_transpose(image)
-    payload = source.split(",", 1)[-1] if source.startswith("data:image/") else source
-    try:
-        image = PIL.Image.open(io.BytesIO(base64.b64decode(payload, validate=True)))
-        image.load()
-    except (binascii.Error, OSError, SyntaxError, ValueError) as error:
-        shown = source if len(source) <= 100 else source[:97] + "..."
-        raise ValueError(
-            f"Could not load an image from {shown!r}: no file exists at this path, and it is neither an http(s) URL "
-            "nor base64-encoded image data."
-        ) from error
-    return PIL.ImageOps.exif_transpose(image)
-
-
-# Kept identical in image_processing_refiner_vit.py.
-def standardize_refiner_vit_images(images: Any) -> Any:
-    """
-    Check every image of a (nested) list and give `(H, W)` arrays a leading channel axis, raising a message that names
-    the problem for empty inputs, unsupported types and arrays of the wrong rank or dtype.
-    """
-    if isinstance(images, (list, tuple)):
-        if len(images) == 0:
-            raise ValueError("No images were provided (got an empty list).")
-        return [standardize_refiner_vit_images(image) for image in images]
-    if isinstance(images, PIL.Image.Image):
-        return images
-    if isinstance(images, np.ndarray):
-        if images.dtype.kind not in "biuf":
-            raise TypeError(f"Image arrays must hold bool, integer or float values, got dtype {images.dtype}.")
-    elif is_torch_available() and isinstance(images, torch.Tensor):
-        if images.dtype.is_complex:
-            raise TypeError(f"Image tensors must hold real values, got dtype {images.dtype}.")
-    else:
-        raise TypeError(
-            f"Unsupported image input of type {type(images).__name__}: expected a PIL image, a numpy array, a torch "
-            "tensor, a file path, an http(s) URL or a list of these."
-        )
-    if images.ndim not in (2, 3, 4):
-        raise ValueError(
-            "Expected an image array of shape (H, W), (C, H, W), (H, W, C) or a batch of those with 4 dimensions, got "
-            f"shape {tuple(images.shape)}."
-        )
-    if 0 in images.shape:
-        raise ValueError(f"Got an empty image array of shape {tuple(images.shape)}.")
-    # transformers' flattening only accepts 3-D images and 4-D batches; a leading axis of 1 is read as channels-first
-    return images[None] if images.ndim == 2 else images
-
-
-# Kept identical in image_processing_refiner_vit.py.
-def pil_image_to_refiner_vit_array(image: PIL.Image.Image, do_convert_rgb: bool | None) -> np.ndarray:
-    """Decode a PIL image to an `(H, W)` or `(H, W, C)` array, converting it to RGB when `do_convert_rgb`."""
-    try:
-        image.load()
-    except (OSError, SyntaxError, ValueError) as error:
-        name = getattr(image, "filename", "") or "<in-memory image>"
-        raise ValueError(f"Could not decode image {name!r}: {error}") from error
-    if do_convert_rgb and image.mode != "RGB":
-        # Same as the `Image.open(path).convert("RGB")` of timm's and torchvision's dataset loaders: alpha is dropped
-        # rather than composited onto white, and palette/CMYK/grayscale images use PIL's own conversions.
-        image = image.convert("RGB")
-    return np.array(image)
+    pass
 
 
 class RefinerViTImageProcessorPil(PilBackend):

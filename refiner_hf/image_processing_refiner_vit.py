@@ -57,7 +57,7 @@ class RefinerViTImageProcessorKwargs(ImagesKwargs, total=False):
     crop_pct: float | int | None
 
 
-# Kept identical in image_processing_pil_refiner_vit.py: both files must stay importable on their own.
+# The helpers below are shared with the PIL backend (image_processing_pil_refiner_vit.py).
 def get_refiner_vit_resize_output_size(height: int, width: int, size: SizeDict, crop_pct: float) -> tuple[int, int]:
     """
     Output `(height, width)` of timm's `transforms_imagenet_eval` resize (crop_mode="center") for an image of
@@ -80,7 +80,6 @@ def get_refiner_vit_resize_output_size(height: int, width: int, size: SizeDict, 
     return round(height / ratio), round(width / ratio)
 
 
-# Kept identical in image_processing_pil_refiner_vit.py.
 def load_refiner_vit_image(source: str, timeout: float | None = None) -> PIL.Image.Image:
     """Load a local file path, an http(s) URL or base64 image data into a fully decoded PIL image."""
     if source.startswith(("http://", "https://")):
@@ -106,7 +105,6 @@ def load_refiner_vit_image(source: str, timeout: float | None = None) -> PIL.Ima
     return PIL.ImageOps.exif_transpose(image)
 
 
-# Kept identical in image_processing_pil_refiner_vit.py.
 def standardize_refiner_vit_images(images: Any) -> Any:
     """
     Check every image of a (nested) list and give `(H, W)` arrays a leading channel axis, raising a message that names
@@ -140,7 +138,6 @@ def standardize_refiner_vit_images(images: Any) -> Any:
     return images[None] if images.ndim == 2 else images
 
 
-# Kept identical in image_processing_pil_refiner_vit.py.
 def pil_image_to_refiner_vit_array(image: PIL.Image.Image, do_convert_rgb: bool | None) -> np.ndarray:
     """Decode a PIL image to an `(H, W)` or `(H, W, C)` array, converting it to RGB when `do_convert_rgb`."""
     try:

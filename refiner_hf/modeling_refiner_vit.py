@@ -119,7 +119,9 @@ class RefinerViTEmbeddings(nn.Module):
         super().__init__()
         self.cls_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
         self.position_embeddings = nn.Parameter(torch.zeros(1, config.num_patches + 1, config.hidden_size))
-        self.patch_embeddings = RefinerViTConvStem(config) if config.stem_type == "conv" else RefinerViTPatchStem(config)
+        self.patch_embeddings = (
+            RefinerViTConvStem(config) if config.stem_type == "conv" else RefinerViTPatchStem(config)
+        )
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
         self.image_size = config.image_size
         self.num_channels = config.num_channels
@@ -144,13 +146,12 @@ class RefinerViTEmbeddings(nn.Module):
     def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
         if pixel_values.ndim != 4:
             raise ValueError(
-                f"`pixel_values` must have shape (batch_size, num_channels, height, width), got {tuple(pixel_values.shape)}."
+                "`pixel_values` must have shape (batch_size, num_channels, height, width), "
+                f"got {tuple(pixel_values.shape)}."
             )
         batch_size, num_channels, height, width = pixel_values.shape
         if num_channels != self.num_channels:
-            raise ValueError(
-                f"`pixel_values` has {num_channels} channels but the model expects {self.num_channels}."
-            )
+            raise ValueError(f"`pixel_values` has {num_channels} channels but the model expects {self.num_channels}.")
         if not interpolate_pos_encoding and (height != self.image_size or width != self.image_size):
             raise ValueError(
                 f"Input image size ({height}*{width}) doesn't match the model ({self.image_size}*{self.image_size}). "
@@ -303,7 +304,9 @@ class RefinerViTLayer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns the block's output and the attention map passed to the next block."""
         r = self.residual_scale
-        attention_output, _, next_attention = self.attention(self.layernorm_before(hidden_states * r), previous_attention)
+        attention_output, _, next_attention = self.attention(
+            self.layernorm_before(hidden_states * r), previous_attention
+        )
         hidden_states = hidden_states + self.drop_path(attention_output / r)
         hidden_states = hidden_states + self.drop_path(self.mlp(self.layernorm_after(hidden_states * r))) / r
         return hidden_states, next_attention
@@ -469,7 +472,8 @@ class RefinerViTForImageClassification(RefinerViTPreTrainedModel):
         Args:
             pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`):
                 Images as prepared by [`RefinerViTImageProcessor`].
-            labels (`torch.LongTensor` of shape `(batch_size,)` or `torch.FloatTensor` of shape `(batch_size, num_labels)`, *optional*):
+            labels (`torch.LongTensor` of shape `(batch_size,)` or `torch.FloatTensor` of shape
+                `(batch_size, num_labels)`, *optional*):
                 Class indices, or soft targets (rows of class probabilities, e.g. from mixup or label smoothing).
                 With the auxiliary head every patch token is trained towards its image's target.
             interpolate_pos_encoding (`bool`, *optional*):
@@ -481,7 +485,9 @@ class RefinerViTForImageClassification(RefinerViTPreTrainedModel):
         >>> import torch
         >>> from refiner_hf import RefinerViTConfig, RefinerViTForImageClassification
 
-        >>> config = RefinerViTConfig(hidden_size=48, num_hidden_layers=2, num_attention_heads=4, image_size=64, num_labels=10)
+        >>> config = RefinerViTConfig(
+        ...     hidden_size=48, num_hidden_layers=2, num_attention_heads=4, image_size=64, num_labels=10
+        ... )
         >>> model = RefinerViTForImageClassification(config).eval()
         >>> model(torch.randn(1, 3, 64, 64)).logits.shape
         torch.Size([1, 10])

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from conftest import tiny_config
+
 from refiner_hf import RefinerViTConfig, RefinerViTForImageClassification
 
 
@@ -31,7 +31,9 @@ def test_presets_describe_the_released_models():
 
 
 def test_defaults_are_the_small_model():
-    assert RefinerViTConfig().to_diff_dict() == RefinerViTConfig.from_preset("refiner-vit-s", num_labels=2).to_diff_dict()
+    assert (
+        RefinerViTConfig().to_diff_dict() == RefinerViTConfig.from_preset("refiner-vit-s", num_labels=2).to_diff_dict()
+    )
 
 
 @pytest.mark.parametrize(

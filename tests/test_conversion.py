@@ -7,8 +7,8 @@ import re
 import pytest
 import torch
 import torchvision
-
 from conftest import FIXTURES, randomize_, tiny_config
+
 from refiner_hf import CheckpointError, RefinerViTForImageClassification, convert_original_checkpoint
 from refiner_hf.conversion import infer_config, load_checkpoint_file, load_original_weights, original_key_to_hf
 
@@ -86,14 +86,20 @@ def hf_to_original(model: RefinerViTForImageClassification) -> dict[str, torch.T
     candidates += ["aux_head.weight", "aux_head.bias", "patch_embed.proj.weight", "patch_embed.proj.bias"]
     for i in (1, 2, 3):
         candidates += [f"patch_embed.conv{i}.weight"]
-        candidates += [f"patch_embed.bn{i}.{p}" for p in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")]
+        candidates += [
+            f"patch_embed.bn{i}.{p}" for p in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+        ]
     bn = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
     for i in range(len(block_types)):
         b = f"blocks.{i}."
         candidates += [b + f"norm{n}.{p}" for n in (1, 2) for p in ("weight", "bias")]
         candidates += [b + "attn.qkv.weight", b + "attn.qkv.bias", b + "attn.proj.weight", b + "attn.proj.bias"]
         candidates += [b + f"attn.adapt_bn.{p}" for p in bn]
-        candidates += [b + "attn.DLA.conv_exp.weight", b + "attn.DLA.depth_sep_conv.weight", b + "attn.DLA.conv_pro.weight"]
+        candidates += [
+            b + "attn.DLA.conv_exp.weight",
+            b + "attn.DLA.depth_sep_conv.weight",
+            b + "attn.DLA.conv_pro.weight",
+        ]
         candidates += [b + f"attn.DLA.bn{n}.{p}" for n in (1, 2, 3) for p in bn]
         candidates += [b + f"mlp.fc{n}.{p}" for n in (1, 2) for p in ("weight", "bias")] + [b + "mlp.scale_channel"]
     ours = model.state_dict()
@@ -118,8 +124,19 @@ def hf_to_original(model: RefinerViTForImageClassification) -> dict[str, torch.T
 def test_other_architectures_round_trip(overrides):
     model = randomize_(RefinerViTForImageClassification(tiny_config(**overrides))).eval()
     converted = convert_original_checkpoint({"state_dict": hf_to_original(model), "epoch": 3})
-    for field in ("block_types", "refine_expansion", "shared_expansion", "refine_kernel_size", "stem_type",
-                  "use_aux_head", "qkv_bias", "num_channels", "image_size", "intermediate_size", "hidden_size"):
+    for field in (
+        "block_types",
+        "refine_expansion",
+        "shared_expansion",
+        "refine_kernel_size",
+        "stem_type",
+        "use_aux_head",
+        "qkv_bias",
+        "num_channels",
+        "image_size",
+        "intermediate_size",
+        "hidden_size",
+    ):
         assert getattr(converted.config, field) == getattr(model.config, field), field
     pixel_values = torch.randn(2, model.config.num_channels, model.config.image_size, model.config.image_size)
     with torch.no_grad():
@@ -193,7 +210,9 @@ def released_state_dict() -> dict[str, torch.Tensor]:
 def test_missing_tensor_is_named():
     state_dict = released_state_dict()
     del state_dict["blocks.3.attn.DLA.bn2.running_var"]
-    with pytest.raises(CheckpointError, match=r"missing tensors.*layers\.3\.attention\.refiner\.depthwise_bn\.running_var"):
+    with pytest.raises(
+        CheckpointError, match=r"missing tensors.*layers\.3\.attention\.refiner\.depthwise_bn\.running_var"
+    ):
         convert_original_checkpoint(state_dict)
 
 

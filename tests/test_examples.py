@@ -6,9 +6,9 @@ import sys
 from pathlib import Path
 
 import torch
+from conftest import FIXTURES
 from PIL import Image
 
-from conftest import FIXTURES
 from refiner_hf import convert_original_checkpoint
 from refiner_hf.assets import sample_image_path
 from refiner_hf.conversion import image_processor_for_config

@@ -5,6 +5,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import randomize_, tiny_config
 from PIL import Image
 from transformers import (
     AutoConfig,
@@ -14,7 +15,6 @@ from transformers import (
     pipeline,
 )
 
-from conftest import randomize_, tiny_config
 from refiner_hf import (
     RefinerViTForImageClassification,
     RefinerViTImageProcessor,
@@ -189,7 +189,9 @@ def test_interpolate_pos_encoding(model, pixel_values):
 
 
 def test_wrong_image_size_or_channels_is_a_clear_error(model):
-    with pytest.raises(ValueError, match=r"Input image size \(48\*48\) doesn't match the model \(32\*32\).*interpolate_pos_encoding"):
+    with pytest.raises(
+        ValueError, match=r"Input image size \(48\*48\) doesn't match the model \(32\*32\).*interpolate_pos_encoding"
+    ):
         model(torch.randn(1, 3, 48, 48))
     with pytest.raises(ValueError, match="has 1 channels but the model expects 3"):
         model(torch.randn(1, 1, 32, 32))
@@ -224,7 +226,9 @@ def test_auto_image_processor_and_pipeline(model, tmp_path):
     id2label = {i: name for i, name in enumerate(["tabby", "tiger", "lynx", "otter", "heron"])}
     model.config.id2label, model.config.label2id = id2label, {v: k for k, v in id2label.items()}
     model.save_pretrained(tmp_path)
-    processor = RefinerViTImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, crop_pct=0.9)
+    processor = RefinerViTImageProcessor(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, crop_pct=0.9
+    )
     processor.save_pretrained(tmp_path)
     loaded = AutoImageProcessor.from_pretrained(tmp_path)
     assert isinstance(loaded, RefinerViTImageProcessor)
