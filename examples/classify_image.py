@@ -19,7 +19,7 @@ from transformers.utils import logging
 
 from refiner_hf import convert_original_checkpoint
 from refiner_hf.assets import sample_image_path
-from refiner_hf.conversion import image_processor_for_config
+from refiner_hf.hub import image_processor_for_config
 
 
 BUNDLED_CHECKPOINT = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "released_tiny.pth"

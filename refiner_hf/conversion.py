@@ -24,8 +24,7 @@ from typing import Literal
 import torch
 from huggingface_hub.errors import StrictDataclassError
 
-from .configuration_refiner_vit import PRESET_CROP_PCT, RefinerViTConfig
-from .image_processing_refiner_vit import RefinerViTImageProcessor
+from .configuration_refiner_vit import RefinerViTConfig
 from .modeling_refiner_vit import RefinerViTForImageClassification
 
 
@@ -433,33 +432,11 @@ def convert_original_checkpoint(
     )
 
 
-def default_crop_pct(config: RefinerViTConfig) -> float:
-    """The released evaluation `crop_pct` of the preset `config` matches (S 0.9, M 1.0, L 1.13); 0.9 otherwise."""
-    preset = config.matching_preset()
-    base = preset.rsplit("-", 1)[0] if preset and preset[-1].isdigit() else preset
-    return PRESET_CROP_PCT.get(base, 0.9)
-
-
-def image_processor_for_config(config: RefinerViTConfig, crop_pct: float | None = None) -> RefinerViTImageProcessor:
-    """
-    The evaluation image processor of a model: crops `config.image_size` after resizing the shorter side to
-    `image_size / crop_pct`, with the preset's published `crop_pct` unless one is given.
-    """
-    size = config.image_size
-    return RefinerViTImageProcessor(
-        size={"shortest_edge": size},
-        crop_size={"height": size, "width": size},
-        crop_pct=default_crop_pct(config) if crop_pct is None else crop_pct,
-    )
-
-
 __all__ = [
     "CheckpointError",
     "OriginalWeights",
     "convert_original_checkpoint",
     "convert_state_dict",
-    "default_crop_pct",
-    "image_processor_for_config",
     "extract_original_weights",
     "infer_config",
     "load_checkpoint_file",

@@ -11,7 +11,7 @@ from PIL import Image
 
 from refiner_hf import convert_original_checkpoint
 from refiner_hf.assets import sample_image_path
-from refiner_hf.conversion import image_processor_for_config
+from refiner_hf.hub import image_processor_for_config
 
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"

@@ -1,0 +1,257 @@
+"""
+Model directories for the Hugging Face Hub: the evaluation image processor of a model, an atomic, self-contained
+`save_pretrained` (weights, configs, model card, and the package's own configuration / modeling / processing files
+with `auto_map`, so that `trust_remote_code=True` loads it where `refiner_hf` is not installed), and the upload.
+Both the checkpoint converter and the trainer write their models through these functions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+from huggingface_hub import HfApi
+from huggingface_hub.hf_api import CommitInfo
+
+from . import image_processing_pil_refiner_vit
+from .configuration_refiner_vit import PRESET_CROP_PCT, RefinerViTConfig
+from .image_processing_pil_refiner_vit import RefinerViTImageProcessorPil
+from .image_processing_refiner_vit import RefinerViTImageProcessor
+from .modeling_refiner_vit import RefinerViTModel, RefinerViTPreTrainedModel
+
+
+PAPER_CITATION = """@article{zhou2021refiner,
+  title   = {Refiner: Refining Self-attention for Vision Transformers},
+  author  = {Zhou, Daquan and Shi, Yujun and Kang, Bingyi and Yu, Weihao and Jiang, Zihang and Li, Yuan and
+             Jin, Xiaojie and Hou, Qibin and Feng, Jiashi},
+  journal = {arXiv preprint arXiv:2106.03714},
+  year    = {2021}
+}"""
+
+# Published ImageNet-1k top-1 (%) of the released models, by preset name (the paper's figures).
+PUBLISHED_TOP1 = {
+    "refiner-vit-s": 83.6,
+    "refiner-vit-s-384": 84.6,
+    "refiner-vit-m": 84.6,
+    "refiner-vit-m-384": 85.6,
+    "refiner-vit-l": 84.9,
+    "refiner-vit-l-384": 85.8,
+    "refiner-vit-l-448": 86.0,
+}
+
+# What `auto_map` points at in a saved directory: files copied next to the weights.
+AUTO_MAP = {
+    "AutoConfig": "configuration_refiner_vit.RefinerViTConfig",
+    "AutoModel": "modeling_refiner_vit.RefinerViTModel",
+    "AutoModelForImageClassification": "modeling_refiner_vit.RefinerViTForImageClassification",
+}
+IMAGE_PROCESSOR_AUTO_MAP = {
+    "torchvision": "image_processing_refiner_vit.RefinerViTImageProcessor",
+    "pil": "image_processing_pil_refiner_vit.RefinerViTImageProcessorPil",
+}
+REMOTE_CODE_FILES = (
+    "configuration_refiner_vit.py",
+    "modeling_refiner_vit.py",
+    "image_processing_refiner_vit.py",
+    "image_processing_pil_refiner_vit.py",
+)
+
+
+def default_crop_pct(config: RefinerViTConfig) -> float:
+    """The released evaluation `crop_pct` of the preset `config` matches (S 0.9, M 1.0, L 1.13); 0.9 otherwise."""
+    preset = config.matching_preset()
+    base = preset.rsplit("-", 1)[0] if preset and preset[-1].isdigit() else preset
+    return PRESET_CROP_PCT.get(base, 0.9)
+
+
+def image_processor_for_config(config: RefinerViTConfig, crop_pct: float | None = None) -> RefinerViTImageProcessor:
+    """
+    The evaluation image processor of a model: crops `config.image_size` after resizing the shorter side to
+    `image_size / crop_pct`, with the preset's published `crop_pct` unless one is given.
+    """
+    size = config.image_size
+    return RefinerViTImageProcessor(
+        size={"shortest_edge": size},
+        crop_size={"height": size, "width": size},
+        crop_pct=default_crop_pct(config) if crop_pct is None else crop_pct,
+    )
+
+
+@contextlib.contextmanager
+def _registered_for_auto_classes(model: RefinerViTPreTrainedModel, image_processor) -> Iterator[None]:
+    """Has `save_pretrained` copy the package's sources and write `auto_map`, through transformers' own mechanism."""
+    classes = (type(model.config), type(model), type(image_processor))
+    previous = [cls.__dict__.get("_auto_class") for cls in classes]
+    type(model.config).register_for_auto_class("AutoConfig")
+    auto_model = "AutoModel" if isinstance(model, RefinerViTModel) else "AutoModelForImageClassification"
+    type(model).register_for_auto_class(auto_model)
+    type(image_processor).register_for_auto_class("AutoImageProcessor")
+    try:
+        yield
+    finally:
+        for cls, value in zip(classes, previous):
+            if value is None:
+                with contextlib.suppress(AttributeError):
+                    delattr(cls, "_auto_class")
+            else:
+                cls._auto_class = value
+
+
+def _complete_remote_code(directory: Path) -> None:
+    """Adds what `register_for_auto_class` leaves out: the PIL backend's file and both processors in `auto_map`."""
+    shutil.copy(image_processing_pil_refiner_vit.__file__, directory / "image_processing_pil_refiner_vit.py")
+    config_path = directory / "config.json"
+    config = json.loads(config_path.read_text())
+    config["auto_map"] = {**config.get("auto_map", {}), **AUTO_MAP}
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    processor_path = directory / "preprocessor_config.json"
+    processor = json.loads(processor_path.read_text())
+    processor["auto_map"] = {"AutoImageProcessor": dict(IMAGE_PROCESSOR_AUTO_MAP)}
+    processor_path.write_text(json.dumps(processor, indent=2, sort_keys=True) + "\n")
+
+
+def save_model_directory(
+    model: RefinerViTPreTrainedModel,
+    image_processor: RefinerViTImageProcessor | RefinerViTImageProcessorPil,
+    output_dir: str | os.PathLike,
+    model_card: str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """
+    Writes a complete, self-contained model directory: `model.safetensors`, `config.json` and
+    `preprocessor_config.json` (both with `auto_map`), the package's configuration / modeling / processing files,
+    and `README.md` when a model card is given.
+
+    The directory is written under a temporary name beside `output_dir` and renamed at the end, so a failure never
+    leaves a half-written model behind.
+
+    Args:
+        model: the model to save.
+        image_processor: its evaluation image processor.
+        output_dir: the directory to create.
+        model_card: the text of `README.md`.
+        overwrite: replace an existing non-empty `output_dir` (otherwise a `FileExistsError`).
+    """
+    output_dir = Path(output_dir)
+    if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())) and not overwrite:
+        raise FileExistsError(f"{output_dir} exists and is not empty; pass overwrite=True to replace it.")
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
+    try:
+        with _registered_for_auto_classes(model, image_processor):
+            model.save_pretrained(staging, safe_serialization=True)
+            image_processor.save_pretrained(staging)
+        _complete_remote_code(staging)
+        if model_card is not None:
+            (staging / "README.md").write_text(model_card)
+        if output_dir.exists():
+            shutil.rmtree(output_dir)
+        staging.rename(output_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return output_dir
+
+
+def push_to_hub(
+    directory: str | os.PathLike,
+    repo_id: str,
+    commit_message: str = "Upload Refiner-ViT model",
+    private: bool | None = None,
+    token: str | bool | None = None,
+    revision: str | None = None,
+) -> CommitInfo:
+    """
+    Uploads a directory written by [`save_model_directory`] (weights, configs, model card and code) to a Hub model
+    repository, creating the repository when needed, in one commit.
+    """
+    directory = Path(directory)
+    missing = [
+        name
+        for name in ("config.json", "model.safetensors", "preprocessor_config.json")
+        if not (directory / name).is_file()
+    ]
+    if missing:
+        raise FileNotFoundError(f"{directory} is not a complete model directory: missing {', '.join(missing)}.")
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    return api.upload_folder(
+        repo_id=repo_id,
+        folder_path=directory,
+        commit_message=commit_message,
+        repo_type="model",
+        revision=revision,
+    )
+
+
+def _format_table(rows: Mapping[str, object]) -> str:
+    lines = ["| | |", "|---|---|"]
+    lines += [f"| {key} | {value} |" for key, value in rows.items()]
+    return "\n".join(lines)
+
+
+def build_model_card(
+    config: RefinerViTConfig,
+    repo_id_or_path: str,
+    summary: str,
+    details: Mapping[str, object],
+    sections: Mapping[str, str] | None = None,
+    datasets: list[str] | None = None,
+) -> str:
+    """
+    The `README.md` of a model directory: Hub metadata, what the model is, a table of `details` (source, weights,
+    resolution, parameters, ...), usage with the installed package and with `trust_remote_code`, further `sections`,
+    and the paper's citation.
+    """
+    metadata = ["---", "license: apache-2.0", "library_name: transformers", "pipeline_tag: image-classification"]
+    metadata += ["tags:", "  - image-classification", "  - vision", "  - refiner-vit"]
+    if datasets:
+        metadata += ["datasets:"] + [f"  - {name}" for name in datasets]
+    metadata.append("---")
+    usage = f"""```python
+# With the package installed (`pip install refiner-hf`):
+import refiner_hf  # registers the model type with the Auto classes
+from transformers import pipeline
+
+classifier = pipeline("image-classification", model="{repo_id_or_path}")
+print(classifier("photo.jpg", top_k=5))
+```
+
+```python
+# Without it, from the code stored next to the weights:
+from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+processor = AutoImageProcessor.from_pretrained("{repo_id_or_path}", trust_remote_code=True)
+model = AutoModelForImageClassification.from_pretrained("{repo_id_or_path}", trust_remote_code=True).eval()
+logits = model(**processor(image, return_tensors="pt")).logits
+```"""
+    parts = [
+        "\n".join(metadata),
+        f"# {Path(repo_id_or_path).name}",
+        summary.strip(),
+        "Refiner-ViT refines the self-attention maps of a vision transformer: the heads' maps are expanded to more "
+        "channels by a 1x1 convolution, convolved locally by a depthwise convolution and projected back, and every "
+        "other block reuses the refined map of the block before it instead of computing its own. The prediction "
+        "adds to the class token's logits half the per-class maximum of a dense head applied to every patch token.",
+        "## Model details\n\n" + _format_table(details),
+        "## Usage\n\n" + usage,
+    ]
+    for title, body in (sections or {}).items():
+        parts.append(f"## {title}\n\n{body.strip()}")
+    parts.append("## Citation\n\n```bibtex\n" + PAPER_CITATION + "\n```")
+    return "\n\n".join(parts) + "\n"
+
+
+__all__ = [
+    "PUBLISHED_TOP1",
+    "build_model_card",
+    "default_crop_pct",
+    "image_processor_for_config",
+    "push_to_hub",
+    "save_model_directory",
+]
