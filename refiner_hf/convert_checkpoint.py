@@ -1,0 +1,209 @@
+"""
+Command line: convert an original Refiner-ViT checkpoint into a Hub model directory (and optionally upload it).
+
+    refiner-vit-convert --checkpoint Refiner_ViT_L_448.pth
+    python convert/convert_refiner_timm_to_hf.py --checkpoint run/model_best.pth.tar --weights raw --output-dir my-model
+
+The configuration is inferred from the tensors. Before anything is reported as done, the written directory is loaded
+back from disk and must reproduce the in-memory converted model's logits on a real photo; the directory is only then
+moved into place, so a failure leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from PIL import Image
+from transformers import AutoImageProcessor, AutoModelForImageClassification
+from transformers.utils import logging
+
+from .assets import sample_image_path
+from .conversion import load_original_weights, model_from_original_state_dict
+from .hub import (
+    PUBLISHED_TOP1,
+    build_model_card,
+    image_processor_for_config,
+    imagenet_1k_id2label,
+    push_to_hub,
+    save_model_directory,
+)
+from .modeling_refiner_vit import RefinerViTForImageClassification
+
+
+# The reloaded model must reproduce the converted one's logits to this (it is the same weights and code path).
+RELOAD_TOLERANCE = 1e-6
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="refiner-vit-convert",
+        description="Convert an original Refiner-ViT checkpoint (timm training checkpoint, bare or DDP state dict) "
+        "into a self-contained Hugging Face model directory.",
+    )
+    parser.add_argument("--checkpoint", type=Path, required=True, help="The original checkpoint file.")
+    parser.add_argument(
+        "--output-dir",
+        type=Path,
+        help="Where to write the model (default: the preset's name, e.g. refiner-vit-l-448, in the current directory).",
+    )
+    parser.add_argument(
+        "--weights",
+        choices=("ema", "raw"),
+        help="Which weights of a timm checkpoint to convert (default: EMA when present, the published accuracies' "
+        "weights).",
+    )
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        help="Resolution of the converted model (default: inferred from the position embedding, which is resized "
+        "when another size is given).",
+    )
+    parser.add_argument("--crop-pct", type=float, help="Evaluation crop ratio (default: the preset's published one).")
+    parser.add_argument("--num-attention-heads", type=int, help="Only needed when no block refines its attention.")
+    parser.add_argument(
+        "--layer-norm-eps", type=float, default=1e-6, help="LayerNorm epsilon (1e-6 in the released models)."
+    )
+    parser.add_argument("--image", type=Path, default=sample_image_path(), help="Photo for the sanity check.")
+    parser.add_argument("--push-to-hub", metavar="REPO_ID", help="Upload the directory to this Hub model repository.")
+    parser.add_argument("--private", action="store_true", help="Create the Hub repository as private.")
+    parser.add_argument(
+        "--safe-serialization",
+        action="store_true",
+        default=True,
+        help="Write the weights as safetensors (always done; kept for familiarity with other converters).",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="Replace a non-empty output directory.")
+    return parser.parse_args(argv)
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def logits_on_image(model, processor, image: Image.Image) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**processor(image, return_tensors="pt")).logits
+
+
+def check_reload(directory: Path, expected: torch.Tensor, image: Image.Image) -> float:
+    """Loads `directory` as a user would and returns the largest logit difference to the in-memory model's."""
+    model = AutoModelForImageClassification.from_pretrained(directory).eval()
+    processor = AutoImageProcessor.from_pretrained(directory)
+    difference = (logits_on_image(model, processor, image) - expected).abs().max().item()
+    if difference > RELOAD_TOLERANCE:
+        raise RuntimeError(
+            f"The written model does not reproduce the converted one: logits differ by {difference:.3g} "
+            f"(> {RELOAD_TOLERANCE:g}). Nothing was written."
+        )
+    return difference
+
+
+def model_card(
+    model: RefinerViTForImageClassification,
+    args: argparse.Namespace,
+    weights: str,
+    crop_pct: float,
+    checksum: str,
+    name: str,
+) -> str:
+    config = model.config
+    preset = config.matching_preset()
+    published = PUBLISHED_TOP1.get(preset)
+    details = {
+        "Architecture": preset or "custom Refiner-ViT",
+        "Source checkpoint": f"`{args.checkpoint.name}`",
+        "Source sha256": f"`{checksum}`",
+        "Weights": "EMA (model exponential moving average)" if weights == "ema" else "raw (not EMA)",
+        "Resolution": f"{config.image_size} x {config.image_size}",
+        "Eval crop_pct": crop_pct,
+        "Parameters": f"{model.num_parameters():,}",
+        "Classes": config.num_labels,
+        "Published ImageNet-1k top-1": f"{published} % (the paper's figure, not re-measured)" if published else "n/a",
+    }
+    summary = (
+        f"Refiner-ViT image classifier converted from the original checkpoint `{args.checkpoint.name}` "
+        f"({'EMA' if weights == 'ema' else 'raw'} weights) with `refiner-vit-convert`. Converted models reproduce "
+        "the original code's outputs."
+    )
+    datasets = ["imagenet-1k"] if config.num_labels == 1000 else None
+    return build_model_card(config, args.push_to_hub or name, summary, details, datasets=datasets)
+
+
+def convert(args: argparse.Namespace) -> Path:
+    original = load_original_weights(args.checkpoint, args.weights)
+    print(
+        f"Loaded {args.checkpoint}: {len(original.state_dict)} tensors, using the {original.weights.upper()} weights"
+        + (" (EMA weights are also present)" if original.has_ema and original.weights == "raw" else "")
+    )
+    model = model_from_original_state_dict(
+        original.state_dict,
+        num_attention_heads=args.num_attention_heads,
+        source=str(args.checkpoint),
+        layer_norm_eps=args.layer_norm_eps,
+    )
+    print(f"Every original tensor was mapped exactly once with its shape ({len(original.state_dict)} tensors).")
+    if args.image_size and args.image_size != model.config.image_size:
+        print(f"Resizing the position embedding from {model.config.image_size} to {args.image_size} px.")
+        model.resize_position_embeddings(args.image_size)
+    if model.config.num_labels == 1000:
+        model.config.id2label = imagenet_1k_id2label()
+        model.config.label2id = {label: index for index, label in model.config.id2label.items()}
+    processor = image_processor_for_config(model.config, args.crop_pct)
+    name = model.config.matching_preset() or f"{args.checkpoint.stem}-hf"
+    output_dir = args.output_dir or Path(name)
+    print(
+        f"Architecture: {model.config.matching_preset() or 'custom'}; block types {model.config.block_types}; "
+        f"{model.num_parameters():,} parameters; crop_pct {processor.crop_pct}."
+    )
+
+    image = Image.open(args.image).convert("RGB")
+    expected = logits_on_image(model, processor, image)
+    card = model_card(model, args, original.weights, processor.crop_pct, sha256_of(args.checkpoint), output_dir.name)
+
+    def verify(directory: Path) -> None:
+        difference = check_reload(directory, expected, image)
+        print(
+            f"Reloaded from disk: logits on {args.image.name} match the converted model (max difference "
+            f"{difference:.1g})."
+        )
+
+    save_model_directory(model, processor, output_dir, model_card=card, overwrite=args.overwrite, verify=verify)
+    if model.config.num_labels == 1000:
+        top = expected.softmax(-1)[0].topk(5)
+        print(f"Top 5 on {args.image.name}:")
+        for probability, index in zip(top.values.tolist(), top.indices.tolist()):
+            print(f"  {probability:.3f}  {model.config.id2label[index]}")
+    print(f"Wrote {output_dir}")
+    if args.push_to_hub:
+        commit = push_to_hub(
+            output_dir,
+            args.push_to_hub,
+            private=args.private or None,
+            commit_message=f"Convert {args.checkpoint.name} ({original.weights} weights)",
+        )
+        print(f"Uploaded to {args.push_to_hub}: {commit.commit_url}")
+    return output_dir
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.disable_progress_bar()
+    try:
+        convert(args)
+    except (ValueError, OSError, RuntimeError) as error:  # CheckpointError is a ValueError
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
