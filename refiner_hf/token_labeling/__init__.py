@@ -1,0 +1,40 @@
+"""Token labeling: relabel stores of a teacher's dense predictions and the per-token soft labels made from them."""
+
+from .dense_labels import (
+    dense_soft_labels,
+    flatten_dense_labels,
+    image_label_dense_targets,
+    mix_dense_labels,
+    scatter_top_k,
+)
+from .store import (
+    PackedRelabelStore,
+    PerFileRelabelStore,
+    RelabelError,
+    RelabelMap,
+    check_relabel_coverage,
+    open_relabel_store,
+    pack_relabel_store,
+    read_relabel_file,
+    relabel_key,
+    validate_relabel_tensor,
+)
+
+
+__all__ = [
+    "PackedRelabelStore",
+    "PerFileRelabelStore",
+    "RelabelError",
+    "RelabelMap",
+    "check_relabel_coverage",
+    "dense_soft_labels",
+    "flatten_dense_labels",
+    "image_label_dense_targets",
+    "mix_dense_labels",
+    "open_relabel_store",
+    "pack_relabel_store",
+    "read_relabel_file",
+    "relabel_key",
+    "scatter_top_k",
+    "validate_relabel_tensor",
+]
