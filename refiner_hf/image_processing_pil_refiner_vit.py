@@ -22,25 +22,19 @@ from transformers.image_utils import (
     SizeDict,
     get_image_type,
     infer_channel_dimension_format,
-    make_flat_list_of_images,
 )
 from transformers.processing_utils import Unpack
-from transformers.utils import TensorType, is_torch_available
+from transformers.utils import TensorType
 
 from .image_processing_refiner_vit import (
+    RefinerViTImageProcessingMixin,
     RefinerViTImageProcessorKwargs,
     get_refiner_vit_resize_output_size,
-    load_refiner_vit_image,
     pil_image_to_refiner_vit_array,
-    standardize_refiner_vit_images,
 )
 
 
-if is_torch_available():
-    pass
-
-
-class RefinerViTImageProcessorPil(PilBackend):
+class RefinerViTImageProcessorPil(RefinerViTImageProcessingMixin, PilBackend):
     r"""
     Constructs a Refiner-ViT image processor (PIL backend) that reproduces timm's evaluation transform: resize the
     shorter side to `floor(size["shortest_edge"] / crop_pct)` (bicubic, with PIL like timm), center-crop `crop_size`,
@@ -75,47 +69,6 @@ class RefinerViTImageProcessorPil(PilBackend):
         image_std (`list[float]`, *optional*, defaults to `[0.5, 0.5, 0.5]`):
             Normalization standard deviation.
     """
-
-    valid_kwargs = RefinerViTImageProcessorKwargs
-
-    resample = PILImageResampling.BICUBIC
-    image_mean = [0.5, 0.5, 0.5]
-    image_std = [0.5, 0.5, 0.5]
-    size = {"shortest_edge": 224}
-    default_to_square = False
-    crop_size = {"height": 224, "width": 224}
-    crop_pct = 0.9
-    do_resize = True
-    do_center_crop = True
-    do_rescale = True
-    do_normalize = True
-    do_convert_rgb = True
-
-    def __init__(self, **kwargs: Unpack[RefinerViTImageProcessorKwargs]):
-        super().__init__(**kwargs)
-        self._validate_crop_pct(self.crop_pct)
-
-    @staticmethod
-    def _validate_crop_pct(crop_pct: float | None) -> None:
-        if crop_pct is not None and (isinstance(crop_pct, bool) or not crop_pct > 0):
-            raise ValueError(f"`crop_pct` must be a positive number or None, got {crop_pct!r}.")
-
-    def _validate_preprocess_kwargs(self, crop_pct: float | None = None, **kwargs) -> None:
-        self._validate_crop_pct(crop_pct)
-        super()._validate_preprocess_kwargs(**kwargs)
-
-    def fetch_images(self, image_url_or_urls: ImageInput | str | list) -> ImageInput:
-        """Load file paths, URLs and base64 strings with PIL, leaving already-loaded images untouched."""
-        if isinstance(image_url_or_urls, (list, tuple)):
-            return [self.fetch_images(item) for item in image_url_or_urls]
-        if isinstance(image_url_or_urls, str):
-            return load_refiner_vit_image(image_url_or_urls)
-        # Anything else is checked by `standardize_refiner_vit_images`, which names the offending type
-        return image_url_or_urls
-
-    def _prepare_images_structure(self, images: ImageInput, expected_ndims: int = 3) -> ImageInput:
-        images = standardize_refiner_vit_images(self.fetch_images(images))
-        return make_flat_list_of_images(images, expected_ndims=expected_ndims)
 
     def process_image(
         self,

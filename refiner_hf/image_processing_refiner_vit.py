@@ -152,40 +152,10 @@ def pil_image_to_refiner_vit_array(image: PIL.Image.Image, do_convert_rgb: bool 
     return np.array(image)
 
 
-class RefinerViTImageProcessor(TorchvisionBackend):
-    r"""
-    Constructs a Refiner-ViT image processor (torchvision backend) that reproduces timm's evaluation transform: resize
-    the shorter side to `floor(size["shortest_edge"] / crop_pct)` (bicubic), center-crop `crop_size`,
-    zero-padding like `torchvision.transforms.CenterCrop` where the crop is larger than the image, then rescale to
-    [0, 1] and normalize.
-
-    Args:
-        do_convert_rgb (`bool`, *optional*, defaults to `True`):
-            Convert inputs to RGB. PIL images use `Image.convert("RGB")` (alpha is dropped); arrays with 1 channel are
-            repeated, arrays with 4 channels are treated as RGBA and lose their alpha channel.
-        do_resize (`bool`, *optional*, defaults to `True`):
-            Whether to resize the image.
-        size (`dict[str, int]`, *optional*, defaults to `{"shortest_edge": 224}`):
-            Size before `crop_pct` scaling: the shorter side is resized to `floor(size["shortest_edge"] / crop_pct)`.
-            `{"height": h, "width": w}` with `h != w` uses timm's aspect-preserving resize for non-square sizes.
-        crop_pct (`float`, *optional*, defaults to 0.9):
-            Ratio of the crop to the resized image. Passing `crop_pct=None` to the call resizes straight to `size`.
-        resample (`PILImageResampling`, *optional*, defaults to `PILImageResampling.BICUBIC`):
-            Resampling filter.
-        do_center_crop (`bool`, *optional*, defaults to `True`):
-            Whether to center-crop the image.
-        crop_size (`dict[str, int]`, *optional*, defaults to `{"height": 224, "width": 224}`):
-            Output size of the center crop.
-        do_rescale (`bool`, *optional*, defaults to `True`):
-            Whether to rescale pixel values by `rescale_factor`.
-        rescale_factor (`float`, *optional*, defaults to `1/255`):
-            Rescaling factor.
-        do_normalize (`bool`, *optional*, defaults to `True`):
-            Whether to normalize the image.
-        image_mean (`list[float]`, *optional*, defaults to `[0.5, 0.5, 0.5]`):
-            Normalization mean.
-        image_std (`list[float]`, *optional*, defaults to `[0.5, 0.5, 0.5]`):
-            Normalization standard deviation.
+class RefinerViTImageProcessingMixin:
+    """
+    What both backends share: timm's evaluation-transform defaults (mean = std = 0.5, bicubic, `crop_pct`), the
+    `crop_pct` check, and input loading and checking (paths decoded with PIL, clear errors for bad inputs).
     """
 
     valid_kwargs = RefinerViTImageProcessorKwargs
@@ -230,6 +200,43 @@ class RefinerViTImageProcessor(TorchvisionBackend):
     def _prepare_images_structure(self, images: ImageInput, expected_ndims: int = 3) -> ImageInput:
         images = standardize_refiner_vit_images(self.fetch_images(images))
         return make_flat_list_of_images(images, expected_ndims=expected_ndims)
+
+
+class RefinerViTImageProcessor(RefinerViTImageProcessingMixin, TorchvisionBackend):
+    r"""
+    Constructs a Refiner-ViT image processor (torchvision backend) that reproduces timm's evaluation transform: resize
+    the shorter side to `floor(size["shortest_edge"] / crop_pct)` (bicubic), center-crop `crop_size`,
+    zero-padding like `torchvision.transforms.CenterCrop` where the crop is larger than the image, then rescale to
+    [0, 1] and normalize.
+
+    Args:
+        do_convert_rgb (`bool`, *optional*, defaults to `True`):
+            Convert inputs to RGB. PIL images use `Image.convert("RGB")` (alpha is dropped); arrays with 1 channel are
+            repeated, arrays with 4 channels are treated as RGBA and lose their alpha channel.
+        do_resize (`bool`, *optional*, defaults to `True`):
+            Whether to resize the image.
+        size (`dict[str, int]`, *optional*, defaults to `{"shortest_edge": 224}`):
+            Size before `crop_pct` scaling: the shorter side is resized to `floor(size["shortest_edge"] / crop_pct)`.
+            `{"height": h, "width": w}` with `h != w` uses timm's aspect-preserving resize for non-square sizes.
+        crop_pct (`float`, *optional*, defaults to 0.9):
+            Ratio of the crop to the resized image. Passing `crop_pct=None` to the call resizes straight to `size`.
+        resample (`PILImageResampling`, *optional*, defaults to `PILImageResampling.BICUBIC`):
+            Resampling filter.
+        do_center_crop (`bool`, *optional*, defaults to `True`):
+            Whether to center-crop the image.
+        crop_size (`dict[str, int]`, *optional*, defaults to `{"height": 224, "width": 224}`):
+            Output size of the center crop.
+        do_rescale (`bool`, *optional*, defaults to `True`):
+            Whether to rescale pixel values by `rescale_factor`.
+        rescale_factor (`float`, *optional*, defaults to `1/255`):
+            Rescaling factor.
+        do_normalize (`bool`, *optional*, defaults to `True`):
+            Whether to normalize the image.
+        image_mean (`list[float]`, *optional*, defaults to `[0.5, 0.5, 0.5]`):
+            Normalization mean.
+        image_std (`list[float]`, *optional*, defaults to `[0.5, 0.5, 0.5]`):
+            Normalization standard deviation.
+    """
 
     def process_image(
         self,
