@@ -12,11 +12,13 @@ import torch
 
 from refiner_hf.token_labeling import (
     PackedRelabelStore,
+    PackedRelabelWriter,
     PerFileRelabelStore,
     RelabelError,
     RelabelMap,
     check_relabel_coverage,
     dense_soft_labels,
+    finalize_packed_store,
     flatten_dense_labels,
     image_label_dense_targets,
     mix_dense_labels,
@@ -164,7 +166,7 @@ def test_packed_store_round_trip_equals_per_file_reading(tmp_path, dtype):
         a, b = packed[key], per_file[key]
         assert torch.equal(a.scores, b.scores) and torch.equal(a.indices, b.indices)
         assert torch.equal(a.scores, tensor[0].float()) and torch.equal(a.indices, tensor[1].long())
-    shard_dtype = np.load(tmp_path / "packed" / "scores-00000.npy", mmap_mode="r").dtype
+    shard_dtype = np.load(tmp_path / "packed" / "shard-00000.scores.npy", mmap_mode="r").dtype
     assert shard_dtype == (np.float16 if dtype == torch.float16 else np.float32)
     with pytest.raises(KeyError, match="n09999999/x"):
         packed["n09999999/x"]
@@ -213,3 +215,28 @@ def test_missing_relabel_entries_are_named_before_training(tmp_path):
     ):
         check_relabel_coverage(store, keys)
     check_relabel_coverage(store, list(written))
+
+
+def test_writer_resumes_after_an_interruption(tmp_path):
+    maps = {f"n0000000{i % 2}/img_{i}": (torch.randn(2, 3, 3), torch.randint(0, 9, (2, 3, 3))) for i in range(8)}
+    keys = list(maps)
+    first = PackedRelabelWriter(tmp_path / "store", shard_size=3, shard_prefix="rank0")
+    for key in keys[:7]:
+        first.add(key, *maps[key])
+    # Interrupted here: the 7th map was only buffered, and a shard was half written.
+    (tmp_path / "store" / "rank0-00002.scores.npy").write_bytes(b"partial")
+    resumed = PackedRelabelWriter(tmp_path / "store", shard_size=3, shard_prefix="rank0")
+    done = resumed.completed_keys()
+    assert done == set(keys[:6])
+    for key in keys:
+        if key not in done:
+            resumed.add(key, *maps[key])
+    resumed.flush()
+    other = PackedRelabelWriter(tmp_path / "store", shard_size=3, shard_prefix="rank1")
+    other.add("n00000009/img_9", torch.zeros(2, 3, 3), torch.zeros(2, 3, 3, dtype=torch.long))
+    other.flush()
+    assert finalize_packed_store(tmp_path / "store", num_classes=10) == 9
+    store = PackedRelabelStore(tmp_path / "store")
+    for key, (scores, indices) in maps.items():
+        assert torch.equal(store[key].scores, scores) and torch.equal(store[key].indices, indices)
+    assert torch.equal(store["n00000009/img_9"].scores, torch.zeros(2, 3, 3))

@@ -9,10 +9,12 @@ from .dense_labels import (
 )
 from .store import (
     PackedRelabelStore,
+    PackedRelabelWriter,
     PerFileRelabelStore,
     RelabelError,
     RelabelMap,
     check_relabel_coverage,
+    finalize_packed_store,
     open_relabel_store,
     pack_relabel_store,
     read_relabel_file,
@@ -23,11 +25,13 @@ from .store import (
 
 __all__ = [
     "PackedRelabelStore",
+    "PackedRelabelWriter",
     "PerFileRelabelStore",
     "RelabelError",
     "RelabelMap",
     "check_relabel_coverage",
     "dense_soft_labels",
+    "finalize_packed_store",
     "flatten_dense_labels",
     "image_label_dense_targets",
     "mix_dense_labels",

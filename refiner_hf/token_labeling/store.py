@@ -31,7 +31,6 @@ import torch
 PACKED_FORMAT = "refiner-relabel-packed"
 PACKED_VERSION = 1
 META_FILE = "relabel_meta.json"
-KEYS_FILE = "keys.txt"
 
 
 class RelabelError(ValueError):
@@ -151,8 +150,9 @@ class PerFileRelabelStore:
 
 class PackedRelabelStore:
     """
-    Relabel maps packed by [`pack_relabel_store`]: memory-mapped `.npy` shards of scores and indices, a key list and
-    a small JSON description. Nothing is unpickled (`allow_pickle=False`); a read is a slice of a memory map.
+    Relabel maps packed by [`pack_relabel_store`] or [`PackedRelabelWriter`]: memory-mapped `.npy` shards of scores
+    and indices, each with its list of keys, and a small JSON description. Nothing is unpickled
+    (`allow_pickle=False`); a read is a slice of a memory map.
     """
 
     def __init__(self, directory: str | os.PathLike) -> None:
@@ -165,18 +165,19 @@ class PackedRelabelStore:
             raise RelabelError(f"{meta_path}: unsupported store format {meta.get('format')!r} v{meta.get('version')}.")
         self.num_classes: int = meta["num_classes"]
         self._map_shape = tuple(meta["map_shape"])
-        keys = (self.directory / KEYS_FILE).read_text().splitlines()
-        self._rows = {key: row for row, key in enumerate(keys)}
-        self._shard_size: int = meta["shard_size"]
-        self._shards = [
-            (
-                np.load(self.directory / shard["scores"], mmap_mode="r"),
-                np.load(self.directory / shard["indices"], mmap_mode="r"),
+        self._rows: dict[str, tuple[int, int]] = {}
+        self._shards = []
+        for number, name in enumerate(meta["shards"]):
+            scores, indices, keys = _shard_paths(self.directory, name)
+            shard = (
+                np.load(scores, mmap_mode="r", allow_pickle=False),
+                np.load(indices, mmap_mode="r", allow_pickle=False),
             )
-            for shard in meta["shards"]
-        ]
-        if sum(len(scores) for scores, _ in self._shards) != len(keys):
-            raise RelabelError(f"{self.directory}: the shards hold a different number of maps than {KEYS_FILE} lists.")
+            shard_keys = keys.read_text().splitlines()
+            if not len(shard[0]) == len(shard[1]) == len(shard_keys):
+                raise RelabelError(f"{self.directory}: shard {name} holds a different number of maps than it lists.")
+            self._shards.append(shard)
+            self._rows.update((key, (number, offset)) for offset, key in enumerate(shard_keys))
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -192,15 +193,111 @@ class PackedRelabelStore:
         return self._map_shape
 
     def __getitem__(self, key: str) -> RelabelMap:
-        row = self._rows.get(key)
-        if row is None:
+        location = self._rows.get(key)
+        if location is None:
             raise KeyError(f"No relabel map for {key!r} in {self.directory}.")
-        scores, indices = self._shards[row // self._shard_size]
-        offset = row % self._shard_size
+        scores, indices = self._shards[location[0]]
         return RelabelMap(
-            scores=torch.from_numpy(np.array(scores[offset], dtype=np.float32)),
-            indices=torch.from_numpy(np.array(indices[offset], dtype=np.int64)),
+            scores=torch.from_numpy(np.array(scores[location[1]], dtype=np.float32)),
+            indices=torch.from_numpy(np.array(indices[location[1]], dtype=np.int64)),
         )
+
+
+def _shard_paths(directory: Path, name: str) -> tuple[Path, Path, Path]:
+    return directory / f"{name}.scores.npy", directory / f"{name}.indices.npy", directory / f"{name}.keys.txt"
+
+
+def _compact(array: np.ndarray, small: type, large: type) -> np.ndarray:
+    """`array` in the `small` dtype when that loses nothing (the released maps are float16), else in `large`."""
+    with np.errstate(over="ignore"):
+        compact = array.astype(small)
+    return compact if np.array_equal(compact.astype(array.dtype), array) else array.astype(large)
+
+
+class PackedRelabelWriter:
+    """
+    Writes relabel maps into the shards of a packed store as they come (e.g. from a teacher), `shard_size` at a time.
+    A shard counts only once its key list is written, last and atomically, so an interrupted run can resume:
+    [`completed_keys`] tells what is already stored. Several processes may write into one directory with different
+    `shard_prefix`es; [`finalize_packed_store`] then describes all complete shards.
+
+    Args:
+        directory: the store's directory (created if needed).
+        shard_size: maps per shard.
+        shard_prefix: name prefix of this writer's shards, e.g. `"rank0"`.
+    """
+
+    def __init__(self, directory: str | os.PathLike, shard_size: int = 65536, shard_prefix: str = "shard") -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.shard_size = shard_size
+        self.shard_prefix = shard_prefix
+        self._keys: list[str] = []
+        self._scores: list[np.ndarray] = []
+        self._indices: list[np.ndarray] = []
+        self._next_shard = len(self._complete_shards())
+
+    def _complete_shards(self) -> list[str]:
+        return sorted(p.name[: -len(".keys.txt")] for p in self.directory.glob(f"{self.shard_prefix}-*.keys.txt"))
+
+    def completed_keys(self) -> set[str]:
+        """Keys already stored in this writer's complete shards."""
+        keys: set[str] = set()
+        for name in self._complete_shards():
+            keys.update(_shard_paths(self.directory, name)[2].read_text().splitlines())
+        return keys
+
+    def add(self, key: str, scores: torch.Tensor | np.ndarray, indices: torch.Tensor | np.ndarray) -> None:
+        """Adds one map: `scores` and `indices` of shape (k, h, w)."""
+        self._keys.append(key)
+        self._scores.append(np.asarray(scores, dtype=np.float32))
+        self._indices.append(np.asarray(indices, dtype=np.int64))
+        if len(self._keys) >= self.shard_size:
+            self.flush()
+
+    def flush(self) -> None:
+        """Writes the buffered maps as a complete shard."""
+        if not self._keys:
+            return
+        name = f"{self.shard_prefix}-{self._next_shard:05d}"
+        scores_path, indices_path, keys_path = _shard_paths(self.directory, name)
+        np.save(scores_path, _compact(np.stack(self._scores), np.float16, np.float32))
+        np.save(indices_path, _compact(np.stack(self._indices), np.int16, np.int32))
+        partial = keys_path.with_suffix(".partial")
+        partial.write_text("\n".join(self._keys) + "\n")
+        partial.rename(keys_path)
+        self._next_shard += 1
+        self._keys, self._scores, self._indices = [], [], []
+
+
+def finalize_packed_store(directory: str | os.PathLike, num_classes: int) -> int:
+    """
+    Describes every complete shard of `directory` in its `relabel_meta.json` (so it opens as a
+    [`PackedRelabelStore`]), removing leftovers of interrupted shards. Returns the number of maps.
+    """
+    directory = Path(directory)
+    names = sorted(p.name[: -len(".keys.txt")] for p in directory.glob("*.keys.txt"))
+    complete = set(names)
+    for leftover in directory.glob("*.npy"):
+        if leftover.name.rsplit(".", 2)[0] not in complete:
+            leftover.unlink()
+    for leftover in directory.glob("*.keys.partial"):
+        leftover.unlink()
+    if not names:
+        raise RelabelError(f"{directory}: no complete relabel shard to describe.")
+    shapes = {np.load(_shard_paths(directory, name)[0], mmap_mode="r").shape[1:] for name in names}
+    if len(shapes) != 1:
+        raise RelabelError(f"{directory}: shards disagree on the map shape (k, h, w): {sorted(shapes)}.")
+    count = sum(len(_shard_paths(directory, name)[2].read_text().splitlines()) for name in names)
+    meta = {
+        "format": PACKED_FORMAT,
+        "version": PACKED_VERSION,
+        "num_classes": num_classes,
+        "map_shape": list(shapes.pop()),
+        "shards": names,
+    }
+    (directory / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    return count
 
 
 def open_relabel_store(
@@ -250,13 +347,6 @@ def _read_for_packing(path: Path, num_classes: int) -> tuple[np.ndarray, np.ndar
     return relabel.scores.numpy(), relabel.indices.numpy()
 
 
-def _compact(array: np.ndarray, small: type, large: type) -> np.ndarray:
-    """`array` in the `small` dtype when that loses nothing (the released maps are float16), else in `large`."""
-    with np.errstate(over="ignore"):
-        compact = array.astype(small)
-    return compact if np.array_equal(compact.astype(array.dtype), array) else array.astype(large)
-
-
 def pack_relabel_store(
     root: str | os.PathLike,
     output: str | os.PathLike,
@@ -280,7 +370,7 @@ def pack_relabel_store(
     staging = output.with_name(f".{output.name}.partial")
     if staging.exists():
         shutil.rmtree(staging)
-    staging.mkdir(parents=True)
+    writer = PackedRelabelWriter(staging, shard_size=shard_size)
 
     def results() -> Iterator[tuple[Path, tuple[np.ndarray, np.ndarray] | str]]:
         if num_workers > 0:
@@ -295,51 +385,24 @@ def pack_relabel_store(
 
         iterator = tqdm(iterator, total=len(paths), desc="packing relabel maps")
 
-    keys: list[str] = []
     bad: list[str] = []
-    shards: list[dict] = []
+    packed = 0
     map_shape: tuple[int, ...] | None = None
-    buffer_scores: list[np.ndarray] = []
-    buffer_indices: list[np.ndarray] = []
-
-    def flush() -> None:
-        number = len(shards)
-        names = {"scores": f"scores-{number:05d}.npy", "indices": f"indices-{number:05d}.npy"}
-        np.save(staging / names["scores"], _compact(np.stack(buffer_scores), np.float16, np.float32))
-        np.save(staging / names["indices"], _compact(np.stack(buffer_indices), np.int16, np.int32))
-        shards.append({**names, "count": len(buffer_scores)})
-        buffer_scores.clear()
-        buffer_indices.clear()
-
     for path, result in iterator:
         if isinstance(result, str):
             bad.append(result)
             continue
         scores, indices = result
-        if map_shape is None:
-            map_shape = scores.shape
-        elif scores.shape != map_shape:
+        map_shape = map_shape or scores.shape
+        if scores.shape != map_shape:
             bad.append(f"{path}: map shape (k, h, w) = {scores.shape}, the others have {map_shape}.")
             continue
-        keys.append(f"{path.parent.name}/{path.stem}")
-        buffer_scores.append(scores)
-        buffer_indices.append(indices)
-        if len(buffer_scores) == shard_size:
-            flush()
-    if buffer_scores:
-        flush()
-    if not keys:
+        writer.add(f"{path.parent.name}/{path.stem}", scores, indices)
+        packed += 1
+    writer.flush()
+    if not packed:
         shutil.rmtree(staging)
         raise RelabelError(f"{root}: no valid relabel file; the first problems: {'; '.join(bad[:5])}")
-    (staging / KEYS_FILE).write_text("\n".join(keys) + "\n")
-    meta = {
-        "format": PACKED_FORMAT,
-        "version": PACKED_VERSION,
-        "num_classes": num_classes,
-        "map_shape": list(map_shape),
-        "shard_size": shard_size,
-        "shards": shards,
-    }
-    (staging / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    finalize_packed_store(staging, num_classes)
     staging.rename(output)
-    return PackReport(packed=len(keys), bad=bad)
+    return PackReport(packed=packed, bad=bad)
