@@ -1,0 +1,402 @@
+"""
+Command-line arguments of the trainer and YAML recipes.
+
+Every argument is a field of [`TrainingArguments`]; a recipe is a YAML mapping from field names to values. Values are
+resolved in this order: the field's default, then the recipe (`--recipe FILE`), then the command line, so
+`--recipe refiner_vit_s.yaml --lr 1e-3` trains with the recipe's values except the learning rate. A recipe key that is
+not a field, or a value of the wrong type, is an error that names the file and the key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from transformers import HfArgumentParser
+from transformers.hf_argparser import string_to_bool
+
+
+# Fields a recipe may not set: the recipe itself, and the Hub token (a secret that does not belong in a file).
+NOT_IN_RECIPES = frozenset({"recipe", "hub_token"})
+# Arguments that select a data source; with none of them the embedded Fashion-MNIST subset is used.
+DATA_SOURCE_FIELDS = ("dataset_name", "train_dir", "validation_dir")
+MODEL_SOURCE_FIELDS = ("model", "model_name_or_path", "config_name")
+EMBEDDED_RECIPE = "embedded_fashion_mnist.yaml"
+
+
+class RecipeError(ValueError):
+    """A recipe file that cannot be used: unreadable, not a mapping, an unknown key or a value of the wrong type."""
+
+
+def _arg(help: str, **kwargs: Any) -> Any:
+    default = kwargs.pop("default", None)
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **kwargs})
+    return field(default=default, metadata={"help": help, **kwargs})
+
+
+@dataclass
+class TrainingArguments:
+    """All arguments of `examples/run_imagenet.py`. The defaults are the paper's Refiner-ViT-S pretraining recipe."""
+
+    # Recipe
+    recipe: str | None = _arg(
+        "YAML file of argument values (a path, or a file name in examples/recipes). Command-line arguments override it."
+    )
+
+    # Model
+    model: str | None = _arg("Train from scratch: a preset name such as `refiner-vit-s` (see RefinerViTConfig).")
+    model_name_or_path: str | None = _arg("Start from a model directory or Hub id (fine-tuning).")
+    config_name: str | None = _arg("Train from scratch with this config.json (a file, a directory or a Hub id).")
+    config_overrides: str | None = _arg(
+        "RefinerViTConfig fields to change, as a JSON object (a mapping in a recipe), e.g. '{\"hidden_size\": 192}'. "
+        "Without --model, --config_name or --model_name_or_path they apply to the default configuration."
+    )
+    image_size: int | None = _arg(
+        "Training resolution. Differing from the model's, the position embedding is resized (bicubic) and the new "
+        "size is saved with the model."
+    )
+    crop_pct: float | None = _arg(
+        "Evaluation crop ratio of the saved image processor (default: the preset's, S 0.9 / M 1.0 / L 1.13, or 0.9)."
+    )
+    drop_path: float | None = _arg("Stochastic depth rate of the last block (config `drop_path_rate`).")
+    ignore_mismatched_sizes: bool = _arg(
+        "With --model_name_or_path: replace a classifier head whose number of labels differs from the data set's.",
+        default=False,
+    )
+    gradient_checkpointing: bool = _arg("Recompute activations in the backward pass to save memory.", default=False)
+    sync_batchnorm: bool = _arg(
+        "Synchronise the BatchNorm statistics of the stem and the refinement across processes (GPUs only).",
+        default=False,
+    )
+
+    # Data
+    dataset_name: str | None = _arg("A `datasets` Hub id (e.g. ILSVRC/imagenet-1k) or a local dataset directory.")
+    dataset_config: str | None = _arg("The configuration name of --dataset_name.")
+    streaming: bool = _arg(
+        "Stream the data set instead of downloading it: each process reads only its own shards.", default=False
+    )
+    train_dir: str | None = _arg("A local `imagefolder` tree of training images (one sub-directory per class).")
+    validation_dir: str | None = _arg("A local `imagefolder` tree of validation images.")
+    train_split: str = _arg("Name of the training split.", default="train")
+    validation_split: str = _arg("Name of the validation split.", default="validation")
+    train_val_split: float = _arg(
+        "Fraction of the training split held out for validation when the data set has no validation split.",
+        default=0.15,
+    )
+    image_column_name: str = _arg("Column holding the images.", default="image")
+    label_column_name: str = _arg("Column holding the class indices.", default="label")
+    max_train_samples: int | None = _arg("Use only the first N training samples (after a seeded shuffle).")
+    max_eval_samples: int | None = _arg("Use only the first N validation samples.")
+    skip_bad_images: bool = _arg(
+        "Skip (and count) images that cannot be decoded instead of stopping with an error naming them.", default=False
+    )
+    dataloader_num_workers: int = _arg("Data loading worker processes per training process.", default=8)
+    shuffle_buffer_size: int = _arg("Shuffle buffer of a streamed training set.", default=10_000)
+    train_samples_per_epoch: int | None = _arg(
+        "Size of a streamed training set (default: the number of examples the data set's metadata states)."
+    )
+    cache_dir: str | None = _arg("Where `datasets` caches downloaded and prepared data.")
+
+    # Optimisation (AdamW, cosine schedule)
+    epochs: int = _arg("Epochs of the cosine schedule; training runs for epochs + cooldown_epochs.", default=300)
+    cooldown_epochs: int = _arg("Epochs at min_lr after the cosine schedule.", default=10)
+    warmup_epochs: float = _arg("Linear warmup from warmup_lr, in epochs.", default=5)
+    warmup_lr: float = _arg("Learning rate at the start of the warmup.", default=1e-6)
+    lr: float = _arg("Peak learning rate.", default=5e-4)
+    min_lr: float = _arg("Learning rate at the end of the cosine schedule and during the cooldown.", default=1e-5)
+    lr_schedule_unit: Literal["epoch", "step"] = _arg(
+        "Update the learning rate once per epoch (as the original training) or after every optimizer step.",
+        default="epoch",
+    )
+    weight_decay: float = _arg(
+        "AdamW weight decay; none on norms, biases, position embedding and class token.", default=0.05
+    )
+    opt_betas: list[float] = _arg("AdamW betas.", default=[0.9, 0.999])
+    opt_eps: float = _arg("AdamW epsilon.", default=1e-8)
+    clip_grad: float | None = _arg("Clip the gradient norm to this value.")
+    per_device_train_batch_size: int = _arg("Training batch per process.", default=32)
+    per_device_eval_batch_size: int = _arg("Evaluation batch per process.", default=64)
+    gradient_accumulation_steps: int = _arg("Micro-batches per optimizer step.", default=1)
+    max_train_steps: int | None = _arg("Stop after this many optimizer steps (the schedule is unchanged).")
+    seed: int = _arg("Seed of the model initialisation, the data order, the augmentation and mixing.", default=42)
+
+    # Augmentation and regularisation
+    scale: list[float] = _arg("RandomResizedCrop area range.", default=[0.08, 1.0])
+    ratio: list[float] = _arg("RandomResizedCrop aspect-ratio range.", default=[3 / 4, 4 / 3])
+    train_interpolation: str = _arg(
+        "Interpolation of the training crop: bilinear, bicubic or random (either).", default="random"
+    )
+    hflip: float = _arg("Horizontal flip probability.", default=0.5)
+    aa: str | None = _arg(
+        "timm auto-augment policy, e.g. rand-m9-mstd0.5-inc1 (RandAugment).", default="rand-m9-mstd0.5-inc1"
+    )
+    color_jitter: float = _arg("Colour jitter strength (unused with auto-augment, as in timm).", default=0.4)
+    reprob: float = _arg("Random erasing probability.", default=0.25)
+    remode: str = _arg("Random erasing fill: pixel, rand or const.", default="pixel")
+    recount: int = _arg("Random erasing regions per image.", default=1)
+    mixup: float = _arg("Mixup alpha (0 disables).", default=0.8)
+    cutmix: float = _arg("CutMix alpha (0 disables).", default=1.0)
+    cutmix_minmax: list[float] | None = _arg("CutMix box size range; overrides the CutMix alpha.")
+    mixup_prob: float = _arg("Probability of mixing a batch.", default=1.0)
+    mixup_switch_prob: float = _arg("Probability of CutMix instead of mixup when both are on.", default=0.5)
+    mixup_mode: Literal["batch", "pair", "elem"] = _arg("Mix per batch, pair or element.", default="batch")
+    mixup_off_epoch: int = _arg("Stop mixing from this epoch on (0: never).", default=0)
+    smoothing: float = _arg("Label smoothing.", default=0.1)
+
+    # Model EMA
+    model_ema: bool = _arg("Keep an exponential moving average of the weights and evaluate it.", default=True)
+    model_ema_decay: float = _arg("EMA decay per optimizer step.", default=0.99996)
+    model_ema_warmup: bool = _arg(
+        "Ramp the EMA decay up from 0 (timm's warmup), for short runs where a fixed decay never forgets the "
+        "initialisation.",
+        default=False,
+    )
+
+    # Run
+    output_dir: str | None = _arg(
+        "Run directory: the final model in model/, checkpoints in checkpoints/, logs in logs/ "
+        "(default: outputs/refiner-vit-fashion-mnist for the embedded data, else outputs/refiner-vit)."
+    )
+    checkpointing_steps: int | None = _arg("Also save a checkpoint every N optimizer steps (always at epoch ends).")
+    checkpoints_total_limit: int = _arg("Keep the last N checkpoints.", default=3)
+    resume_from_checkpoint: str | None = _arg("`latest` (of output_dir/checkpoints) or a checkpoint directory.")
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = _arg(
+        "Autocast precision (default: accelerate's configuration, else fp32)."
+    )
+    report_to: str = _arg(
+        "Trackers: tensorboard, wandb, all or none (comma-separated for several).", default="tensorboard"
+    )
+    logging_steps: int = _arg("Log the training loss every N optimizer steps.", default=50)
+    push_to_hub: bool = _arg("Upload the final model directory to the Hub.", default=False)
+    hub_model_id: str | None = _arg("Hub repository id (default: the name of output_dir).")
+    hub_token: str | None = _arg("Hub token (default: the logged-in user's).")
+    hub_private: bool | None = _arg("Create the Hub repository as private.")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.config_overrides, dict):
+            self.config_overrides = json.dumps(self.config_overrides)
+
+    @property
+    def uses_embedded_data(self) -> bool:
+        """True when no data source is given: the embedded Fashion-MNIST subset is used."""
+        return all(getattr(self, name) is None for name in DATA_SOURCE_FIELDS)
+
+    def config_overrides_dict(self) -> dict[str, Any]:
+        if not self.config_overrides:
+            return {}
+        try:
+            overrides = json.loads(self.config_overrides)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"--config_overrides is not valid JSON: {error}") from None
+        if not isinstance(overrides, dict):
+            raise ValueError(f"--config_overrides must be a JSON object, got {self.config_overrides!r}.")
+        return overrides
+
+    def validate(self) -> None:
+        """Raises a `ValueError` naming the first inconsistent argument."""
+        sources = [name for name in ("model", "model_name_or_path", "config_name") if getattr(self, name)]
+        if len(sources) > 1:
+            raise ValueError(f"Give at most one of --model, --model_name_or_path, --config_name (got {sources}).")
+        if self.dataset_name and (self.train_dir or self.validation_dir):
+            raise ValueError("Give either --dataset_name or --train_dir/--validation_dir, not both.")
+        if self.validation_dir and not self.train_dir:
+            raise ValueError("--validation_dir needs --train_dir.")
+        for name in ("scale", "ratio") + (("cutmix_minmax",) if self.cutmix_minmax is not None else ()):
+            values = getattr(self, name)
+            if len(values) != 2 or values[0] > values[1]:
+                raise ValueError(f"--{name} must be two numbers, low then high; got {values}.")
+        positive = (
+            "epochs", "per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+            "checkpoints_total_limit", "logging_steps", "shuffle_buffer_size",
+        )  # fmt: skip
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}.")
+        for name in ("checkpointing_steps", "max_train_steps", "max_train_samples", "max_eval_samples"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}.")
+        if self.cooldown_epochs < 0 or self.dataloader_num_workers < 0:
+            raise ValueError("--cooldown_epochs and --dataloader_num_workers cannot be negative.")
+        if not 0 <= self.warmup_epochs < self.epochs:
+            raise ValueError(f"--warmup_epochs must be in [0, epochs); got {self.warmup_epochs} of {self.epochs}.")
+        for name in ("hflip", "reprob", "mixup_prob", "mixup_switch_prob", "smoothing", "train_val_split"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"--{name} must be in [0, 1], got {getattr(self, name)}.")
+        if self.drop_path is not None and not 0.0 <= self.drop_path < 1.0:
+            raise ValueError(f"--drop_path must be in [0, 1), got {self.drop_path}.")
+        if self.mixing_enabled and self.per_device_train_batch_size % 2:
+            raise ValueError(
+                "Mixup/CutMix pair each image with another of its batch: --per_device_train_batch_size must be even, "
+                f"got {self.per_device_train_batch_size}."
+            )
+        if self.train_interpolation not in ("bilinear", "bicubic", "random"):
+            raise ValueError(
+                f"--train_interpolation must be bilinear, bicubic or random, got {self.train_interpolation!r}."
+            )
+        if self.remode not in ("pixel", "rand", "const"):
+            raise ValueError(f"--remode must be pixel, rand or const, got {self.remode!r}.")
+        if self.streaming and self.max_train_samples is not None:
+            raise ValueError(
+                "--max_train_samples needs a map-style data set; use --train_samples_per_epoch when streaming."
+            )
+        self.config_overrides_dict()
+
+    @property
+    def mixing_enabled(self) -> bool:
+        return self.mixup_prob > 0 and (self.mixup > 0 or self.cutmix > 0 or self.cutmix_minmax is not None)
+
+    @property
+    def total_epochs(self) -> int:
+        """Epochs actually trained: the cosine schedule's plus the cooldown."""
+        return self.epochs + self.cooldown_epochs
+
+    def recipe_values(self) -> dict[str, Any]:
+        """The values a recipe can hold, e.g. to record them in a model card."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in NOT_IN_RECIPES}
+        if values.get("config_overrides"):
+            values["config_overrides"] = self.config_overrides_dict()
+        return values
+
+
+def recipe_keys() -> list[str]:
+    """The keys a recipe may hold: every argument but `recipe` and `hub_token`."""
+    return [f.name for f in dataclasses.fields(TrainingArguments) if f.name not in NOT_IN_RECIPES]
+
+
+def resolve_recipe_path(name: str | Path, recipe_dirs: Iterable[str | Path] = ()) -> Path:
+    """A recipe path as given, or the file of that name in one of `recipe_dirs`."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    for directory in recipe_dirs:
+        candidate = Path(directory) / name
+        if candidate.is_file():
+            return candidate
+    searched = ", ".join(str(d) for d in recipe_dirs) or "nowhere else"
+    raise RecipeError(f"Recipe {str(name)!r} not found (looked for it as a path, then in {searched}).")
+
+
+def _coerce(action: argparse.Action, key: str, value: Any, source: Path) -> Any:
+    """Converts a YAML value to the argument's type, raising a `RecipeError` that names the file and key."""
+    if value is None:
+        return None
+    if key == "config_overrides" and isinstance(value, dict):
+        return json.dumps(value)
+
+    def convert(item: Any) -> Any:
+        if action.type is string_to_bool:
+            return item if isinstance(item, bool) else string_to_bool(str(item))
+        if isinstance(item, bool):
+            raise TypeError  # a YAML boolean where a number or a string is expected
+        if action.type is float and isinstance(item, (int, float)):
+            return float(item)
+        if action.type is int and isinstance(item, int):
+            return item
+        if isinstance(item, str):
+            return action.type(item)  # e.g. YAML reads `1e-3` as a string
+        raise TypeError
+
+    try:
+        if action.nargs == "+":
+            if not isinstance(value, (list, tuple)):
+                raise TypeError
+            converted: Any = [convert(item) for item in value]
+        else:
+            if isinstance(value, (list, tuple, dict)):
+                raise TypeError
+            converted = convert(value)
+    except (TypeError, ValueError, argparse.ArgumentTypeError):
+        name = getattr(action.type, "__name__", "value")
+        expected = (
+            "a list"
+            if action.nargs == "+"
+            else {"string_to_bool": "bool", "<lambda>": "one of the choices"}.get(name, name)
+        )
+        raise RecipeError(f"{source}: `{key}: {value!r}` has the wrong type (expected {expected}).") from None
+    if action.choices is not None and converted not in action.choices:
+        raise RecipeError(f"{source}: `{key}: {value!r}` is not one of {list(action.choices)}.")
+    return converted
+
+
+def load_recipe(path: str | Path, parser: HfArgumentParser | None = None) -> dict[str, Any]:
+    """
+    Reads a recipe and checks it against the arguments: every key must be an argument (a typo is reported with the
+    closest names) and every value of the argument's type. Returns the values converted to the arguments' types.
+    """
+    path = Path(path)
+    parser = parser or build_parser()
+    try:
+        recipe = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as error:
+        raise RecipeError(f"Cannot read recipe {path}: {error}") from None
+    if recipe is None:
+        return {}
+    if not isinstance(recipe, dict):
+        raise RecipeError(f"Recipe {path} must be a mapping of argument names to values, got {type(recipe).__name__}.")
+    actions: dict[str, argparse.Action] = {}
+    for action in parser._actions:
+        # The first action of a destination is the argument itself (`--no_x` complements come after it).
+        if action.option_strings:
+            actions.setdefault(action.dest, action)
+    allowed = set(recipe_keys())
+    values = {}
+    for key, value in recipe.items():
+        if key not in allowed:
+            hint = difflib.get_close_matches(str(key), sorted(allowed), n=3)
+            reason = "may not be set in a recipe" if key in NOT_IN_RECIPES else "is not an argument of the trainer"
+            raise RecipeError(
+                f"{path}: unknown recipe key {key!r}: it {reason}."
+                + (f" Did you mean {', '.join(hint)}?" if hint and key not in NOT_IN_RECIPES else "")
+            )
+        values[key] = _coerce(actions[key], key, value, path)
+    return values
+
+
+def build_parser() -> HfArgumentParser:
+    return HfArgumentParser(
+        TrainingArguments,
+        description="Train or fine-tune Refiner-ViT on an image classification data set with accelerate.",
+    )
+
+
+def parse_args(argv: Sequence[str] | None = None, recipe_dirs: Iterable[str | Path] = ()) -> TrainingArguments:
+    """
+    Parses the command line over the recipe it names. Without a recipe, a data argument or a model argument, the
+    recipe of the embedded Fashion-MNIST run (`embedded_fashion_mnist.yaml` in `recipe_dirs`) is used.
+    """
+    recipe_dirs = list(recipe_dirs)
+    parser = build_parser()
+    first_pass, _ = parser.parse_known_args(argv)
+    recipe_name = first_pass.recipe
+    chosen = [name for name in DATA_SOURCE_FIELDS + MODEL_SOURCE_FIELDS if getattr(first_pass, name) is not None]
+    if recipe_name is None and not chosen:
+        if any((Path(d) / EMBEDDED_RECIPE).is_file() for d in recipe_dirs):
+            recipe_name = EMBEDDED_RECIPE
+    recipe_path = None
+    if recipe_name is not None:
+        recipe_path = resolve_recipe_path(recipe_name, recipe_dirs)
+        parser.set_defaults(**load_recipe(recipe_path, parser))
+    (args,) = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    if recipe_path is not None:
+        args.recipe = str(recipe_path)
+    args.validate()
+    return args
+
+
+__all__ = [
+    "RecipeError",
+    "TrainingArguments",
+    "build_parser",
+    "load_recipe",
+    "parse_args",
+    "recipe_keys",
+    "resolve_recipe_path",
+]

@@ -1,0 +1,257 @@
+"""
+Data sets for the trainer: loading (`datasets` Hub ids, local `imagefolder` trees, streaming, and the embedded
+Fashion-MNIST subset), the checks that run before training (columns, class names, labels against the head), and image
+decoding that names the bad image. The torch datasets, sampler and collators built on them are in `loaders.py`.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+import PIL.Image
+import PIL.ImageOps
+
+
+EMBEDDED_DATA = Path(__file__).parent / "embedded_data" / "fashion_mnist_subset.npz"
+EMBEDDED_DATASET_NAME = "fashion-mnist (embedded subset)"
+
+
+class DataError(ValueError):
+    """A data set that cannot be trained on as configured (missing column, labels that do not fit the head, ...)."""
+
+
+class BadImageError(ValueError):
+    """An image that cannot be decoded; the message names the data set index and, when known, the file."""
+
+
+@dataclass
+class ImageData:
+    """The splits to train and evaluate on, with what the checks found out about them."""
+
+    train: datasets.Dataset | datasets.IterableDataset
+    validation: datasets.Dataset
+    class_names: list[str] | None
+    num_labels: int
+    description: str
+
+
+# Loading
+
+
+def load_embedded_dataset() -> datasets.DatasetDict:
+    """
+    The Fashion-MNIST subset shipped with the package: 3,400 training and 1,000 test images, 28x28 grayscale, stored as
+    `uint8` arrays (an `Array2D` image column in NumPy format, which [`decode_image`] turns into PIL images).
+    """
+    arrays = np.load(EMBEDDED_DATA)
+    class_names = [str(name) for name in arrays["class_names"]]
+    features = datasets.Features(
+        {"image": datasets.Array2D((28, 28), "uint8"), "label": datasets.ClassLabel(names=class_names)}
+    )
+    splits = {
+        split: datasets.Dataset.from_dict(
+            {"image": arrays[f"{split}_images"], "label": arrays[f"{split}_labels"].astype(np.int64)},
+            features=features,
+        ).with_format("numpy")
+        for split in ("train", "validation")
+    }
+    return datasets.DatasetDict(splits)
+
+
+def _load_splits(args) -> tuple[datasets.DatasetDict | datasets.IterableDatasetDict, str]:
+    if args.uses_embedded_data:
+        return load_embedded_dataset(), EMBEDDED_DATASET_NAME
+    if args.dataset_name is not None:
+        loaded = datasets.load_dataset(
+            args.dataset_name, args.dataset_config, cache_dir=args.cache_dir, streaming=args.streaming
+        )
+        return loaded, args.dataset_name
+    data_files = {args.train_split: str(Path(args.train_dir) / "**")}
+    if args.validation_dir is not None:
+        data_files[args.validation_split] = str(Path(args.validation_dir) / "**")
+    loaded = datasets.load_dataset(
+        "imagefolder", data_files=data_files, cache_dir=args.cache_dir, streaming=args.streaming
+    )
+    return loaded, f"imagefolder {args.train_dir}"
+
+
+def load_image_data(args, num_labels: int | None = None) -> ImageData:
+    """
+    Loads the training and validation splits the arguments select and checks them: the image and label columns exist
+    in both, the splits have the same class names, and labels are non-negative integers. Map-style training sets are
+    shuffled with the seed before `max_train_samples` are taken; a missing validation split is held out of the
+    training split (`train_val_split`). The label range against the model's head is checked by [`check_labels`] once
+    the head's size is known.
+    """
+    splits, description = _load_splits(args)
+    if args.train_split not in splits:
+        raise DataError(f"{description} has no split {args.train_split!r} (it has {list(splits)}); see --train_split.")
+    train = splits[args.train_split]
+    if args.validation_split in splits:
+        validation = splits[args.validation_split]
+    elif args.streaming:
+        raise DataError(
+            f"{description} has no split {args.validation_split!r} (it has {list(splits)}); a streamed data set cannot "
+            "be split, so give --validation_split."
+        )
+    elif args.train_val_split > 0:
+        stratify = isinstance(train.features.get(args.label_column_name), datasets.ClassLabel)
+        held_out = train.train_test_split(
+            test_size=args.train_val_split,
+            seed=args.seed,
+            stratify_by_column=args.label_column_name if stratify else None,
+        )
+        train, validation = held_out["train"], held_out["test"]
+    else:
+        raise DataError(
+            f"{description} has no split {args.validation_split!r} (it has {list(splits)}); give --validation_split, "
+            "--validation_dir or a --train_val_split fraction."
+        )
+    for name, split in ((args.train_split, train), (args.validation_split, validation)):
+        check_columns(split, name, args.image_column_name, args.label_column_name)
+    if isinstance(validation, datasets.IterableDataset):
+        # Evaluation needs the exact size (to count every sample once across processes): the streamed validation
+        # split is stored locally, images undecoded.
+        stream = _undecoded(validation, args.image_column_name)
+
+        def examples():
+            yield from stream
+
+        validation = datasets.Dataset.from_generator(examples, features=stream.features, cache_dir=args.cache_dir)
+    class_names = split_class_names(train, validation, args.label_column_name)
+
+    if isinstance(train, datasets.Dataset):
+        if args.max_train_samples is not None:
+            train = train.shuffle(seed=args.seed).select(range(min(args.max_train_samples, len(train))))
+    if args.max_eval_samples is not None:
+        validation = validation.select(range(min(args.max_eval_samples, len(validation))))
+
+    train = _undecoded(train, args.image_column_name)
+    validation = _undecoded(validation, args.image_column_name)
+    labels_in_data = len(class_names) if class_names else _max_label(validation, args.label_column_name) + 1
+    if isinstance(train, datasets.Dataset) and not class_names:
+        labels_in_data = max(labels_in_data, _max_label(train, args.label_column_name) + 1)
+    data = ImageData(train, validation, class_names, num_labels=labels_in_data, description=description)
+    if num_labels is not None:
+        check_labels(data, args.label_column_name, num_labels)
+    return data
+
+
+def _undecoded(split, image_column: str):
+    """Turns off `datasets`' image decoding: images are decoded by [`decode_image`], which names bad files."""
+    feature = split.features[image_column] if split.features else None
+    if isinstance(feature, datasets.Image) and feature.decode:
+        return split.cast_column(image_column, datasets.Image(decode=False))
+    return split
+
+
+def check_columns(split, split_name: str, image_column: str, label_column: str) -> None:
+    """Raises a `DataError` naming a missing image or label column and the columns there are."""
+    columns = list(split.features) if split.features else list(split.column_names or [])
+    for kind, column, flag in (
+        ("image", image_column, "--image_column_name"),
+        ("label", label_column, "--label_column_name"),
+    ):
+        if column not in columns:
+            raise DataError(
+                f"The {split_name!r} split has no {kind} column {column!r}; its columns are {columns}. "
+                f"Name the right one with {flag}."
+            )
+    label_feature = split.features[label_column] if split.features else None
+    if label_feature is not None and not (
+        isinstance(label_feature, datasets.ClassLabel)
+        or (isinstance(label_feature, datasets.Value) and label_feature.dtype.startswith(("int", "uint")))
+    ):
+        raise DataError(
+            f"The label column {label_column!r} of the {split_name!r} split holds {label_feature}, not class indices "
+            "(a ClassLabel or an integer column)."
+        )
+
+
+def split_class_names(train, validation, label_column: str) -> list[str] | None:
+    """The class names of the label column, which both splits must share (a `DataError` names the difference)."""
+    train_feature = train.features[label_column] if train.features else None
+    validation_feature = validation.features[label_column] if validation.features else None
+    names = train_feature.names if isinstance(train_feature, datasets.ClassLabel) else None
+    validation_names = validation_feature.names if isinstance(validation_feature, datasets.ClassLabel) else None
+    if names is not None and validation_names is not None and names != validation_names:
+        only_train = sorted(set(names) - set(validation_names))[:5]
+        only_validation = sorted(set(validation_names) - set(names))[:5]
+        raise DataError(
+            f"The training and validation splits label different classes ({len(names)} vs {len(validation_names)}"
+            f" names; only in training: {only_train}, only in validation: {only_validation}, or the order differs). "
+            "Give both splits the same class sub-directories or ClassLabel names."
+        )
+    return names or validation_names
+
+
+def _max_label(split: datasets.Dataset, label_column: str) -> int:
+    labels = np.asarray(split.with_format("numpy")[label_column])
+    if labels.size and labels.min() < 0:
+        raise DataError(f"The label column {label_column!r} holds negative labels ({int(labels.min())}).")
+    return int(labels.max()) if labels.size else -1
+
+
+def check_labels(data: ImageData, label_column: str, num_labels: int) -> None:
+    """Raises a `DataError` when the data set's labels do not fit a classifier head of `num_labels` classes."""
+    if data.num_labels > num_labels:
+        raise DataError(
+            f"{data.description} has {data.num_labels} classes (labels 0..{data.num_labels - 1}) but the model's "
+            f"head has {num_labels} outputs. Train a new head (--ignore_mismatched_sizes with --model_name_or_path) "
+            "or use a model with enough labels."
+        )
+
+
+# Decoding
+
+
+def example_name(value: Any, index: int) -> str:
+    """How an image is named in messages: its file path when the data set has one, else its index."""
+    path = value.get("path") if isinstance(value, dict) else value if isinstance(value, str) else None
+    return f"image {index} ({path})" if path else f"image {index}"
+
+
+def decode_image(value: Any, index: int) -> PIL.Image.Image:
+    """
+    Decodes an image column value (`datasets` image dict, path, PIL image or array) completely, so that a corrupt or
+    truncated file fails here with a [`BadImageError`] naming it rather than later inside a transform.
+    """
+    try:
+        if isinstance(value, PIL.Image.Image):
+            image = value
+        elif isinstance(value, np.ndarray):
+            if value.dtype.kind in "iu" and value.size and 0 <= value.min() and value.max() <= 255:
+                value = value.astype(np.uint8)  # `datasets`' NumPy format widens integer arrays to int64
+            image = PIL.Image.fromarray(value)
+        elif isinstance(value, dict) and value.get("bytes") is not None:
+            image = PIL.Image.open(io.BytesIO(value["bytes"]))
+        else:
+            image = datasets.Image().decode_example(
+                value if isinstance(value, dict) else {"path": value, "bytes": None}
+            )
+        image.load()
+        if image.getexif().get(PIL.Image.ExifTags.Base.Orientation) is not None:
+            image = PIL.ImageOps.exif_transpose(image)
+    except (OSError, SyntaxError, ValueError, TypeError, KeyError) as error:
+        raise BadImageError(f"Cannot decode {example_name(value, index)}: {error}") from error
+    return image
+
+
+__all__ = [
+    "BadImageError",
+    "DataError",
+    "EMBEDDED_DATASET_NAME",
+    "ImageData",
+    "check_columns",
+    "check_labels",
+    "decode_image",
+    "example_name",
+    "load_embedded_dataset",
+    "load_image_data",
+    "split_class_names",
+]

@@ -1,0 +1,400 @@
+"""
+The torch side of the trainer's data: the training sampler and datasets, the evaluation dataset, their collators and
+DataLoaders.
+
+Every training sample is augmented under [`seeded_rng`] keyed by (seed, epoch, index), and the training sampler yields
+those keys, so the data a step sees depends only on the seed and the step: resuming mid-epoch, or running on another
+number of processes with the same global batch, replays it exactly.
+
+Extension point for dense targets (token labeling): [`TrainingSet`] takes `target_builders`, functions of (example,
+crop record) that return an extra per-sample tensor, for instance a relabel map cut to the crop box with `roi_align`
+and flipped with the image; the collator stacks each of them into the batch under its name, next to `crop_boxes`,
+`flipped` and `indices`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import datasets
+import numpy as np
+import PIL.Image
+import torch
+from datasets.distributed import split_dataset_by_node
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
+
+from .data import BadImageError, DataError, ImageData, decode_image
+from .transforms import CropRecord, TrainTransform, seeded_rng
+
+
+TargetBuilder = Callable[[Mapping[str, Any], CropRecord], torch.Tensor]
+
+
+# Training data
+
+
+class SampleKey(NamedTuple):
+    """What the training sampler yields: the epoch and the data set index of a sample."""
+
+    epoch: int
+    index: int
+
+
+class EpochSampler(Sampler[SampleKey]):
+    """
+    A random permutation of the data set per epoch, seeded by (seed, epoch) alone: every process computes the same
+    order (accelerate then gives each process its batches), and a resumed run recomputes it.
+    """
+
+    def __init__(self, num_samples: int, seed: int) -> None:
+        self.num_samples = num_samples
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[SampleKey]:
+        generator = torch.Generator().manual_seed(
+            int(np.random.SeedSequence([self.seed, self.epoch]).generate_state(1)[0])
+        )
+        for index in torch.randperm(self.num_samples, generator=generator).tolist():
+            yield SampleKey(self.epoch, index)
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+class TrainingSet(Dataset):
+    """
+    Map-style training set: `dataset[SampleKey(epoch, index)]` decodes example `index` and augments it under the
+    random state of (seed, epoch, index).
+
+    Args:
+        source: the `datasets` split (images undecoded).
+        image_column, label_column: column names.
+        transform: the training transform.
+        seed: the run's seed.
+        num_labels: the model's number of classes; a label outside [0, num_labels) is an error naming the example.
+        skip_bad_images: replace an undecodable image by the next good one (counted in `bad_images`) instead of
+            raising a [`BadImageError`].
+        target_builders: extra per-sample targets, by name (see the module docstring).
+    """
+
+    def __init__(
+        self,
+        source: datasets.Dataset,
+        image_column: str,
+        label_column: str,
+        transform: TrainTransform,
+        seed: int,
+        num_labels: int | None = None,
+        skip_bad_images: bool = False,
+        target_builders: Mapping[str, TargetBuilder] | None = None,
+    ) -> None:
+        self.source = source
+        self.num_labels = num_labels
+        self.image_column = image_column
+        self.label_column = label_column
+        self.transform = transform
+        self.seed = seed
+        self.skip_bad_images = skip_bad_images
+        self.target_builders = dict(target_builders or {})
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, key: SampleKey) -> dict[str, Any]:
+        epoch, index = key
+        bad_images = 0
+        # A bad image is replaced by the next index, so batches keep their size (mixup pairs, equal DDP batches).
+        for offset in range(len(self.source)):
+            position = (index + offset) % len(self.source)
+            example = self.source[position]
+            try:
+                image = decode_image(example[self.image_column], position)
+            except BadImageError:
+                if not self.skip_bad_images:
+                    raise
+                bad_images += 1
+                continue
+            return make_training_sample(
+                example, image, self, seed_words=(self.seed, epoch, position), index=position, bad_images=bad_images
+            )
+        raise BadImageError(f"None of the {len(self.source)} training images can be decoded.")
+
+
+def make_training_sample(
+    example: Mapping[str, Any],
+    image: PIL.Image.Image,
+    dataset: TrainingSet | StreamingTrainingSet,
+    seed_words: Sequence[int],
+    index: int,
+    bad_images: int = 0,
+) -> dict[str, Any]:
+    label = example[dataset.label_column]
+    if label is None or isinstance(label, bool) or not isinstance(label, (int, np.integer)):
+        raise DataError(f"Training example {index} has label {label!r}, not a class index.")
+    if label < 0 or (dataset.num_labels is not None and label >= dataset.num_labels):
+        raise DataError(
+            f"Training example {index} has label {label}, outside the model's {dataset.num_labels} classes."
+        )
+    with seeded_rng(*seed_words):
+        pixel_values, crop = dataset.transform(image)
+    sample = {
+        "pixel_values": pixel_values,
+        "labels": int(label),
+        "crop": crop,
+        "index": index,
+        "bad_images": bad_images,
+    }
+    for name, build in dataset.target_builders.items():
+        sample[name] = build(example, crop)
+    return sample
+
+
+class StreamingTrainingSet(IterableDataset):
+    """
+    Streamed training set for one process: its shards of the shuffled stream (`datasets.distributed.
+    split_dataset_by_node`), cut to exactly `batches_per_epoch` full batches so that every process runs the same number
+    of steps (the stream restarts if this process's part runs short).
+
+    Samples are keyed by (seed, epoch, process, worker, position), and `set_skip(n)` skips the first `n` batches of the
+    epoch without decoding them, so a resumed epoch replays the same data with the same number of processes and
+    workers.
+    """
+
+    def __init__(
+        self,
+        stream: datasets.IterableDataset,
+        image_column: str,
+        label_column: str,
+        transform: TrainTransform,
+        seed: int,
+        process_index: int,
+        batch_size: int,
+        batches_per_epoch: int,
+        num_labels: int | None = None,
+        skip_bad_images: bool = False,
+        target_builders: Mapping[str, TargetBuilder] | None = None,
+    ) -> None:
+        self.stream = stream
+        self.num_labels = num_labels
+        self.image_column = image_column
+        self.label_column = label_column
+        self.transform = transform
+        self.seed = seed
+        self.process_index = process_index
+        self.batch_size = batch_size
+        self.batches_per_epoch = batches_per_epoch
+        self.skip_bad_images = skip_bad_images
+        self.target_builders = dict(target_builders or {})
+        self.epoch = 0
+        self.skip_batches = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.stream.set_epoch(epoch)
+
+    def set_skip(self, batches: int) -> None:
+        self.skip_batches = batches
+
+    def __len__(self) -> int:
+        return (self.batches_per_epoch - self.skip_batches) * self.batch_size
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        worker = torch.utils.data.get_worker_info()
+        worker_id, num_workers = (worker.id, worker.num_workers) if worker else (0, 1)
+        # The DataLoader takes whole batches from the workers in turn: worker w makes batches w, w + W, ...
+        batches = len(range(worker_id, self.batches_per_epoch, num_workers))
+        skipped = len(range(worker_id, self.skip_batches, num_workers))
+        quota, skip = batches * self.batch_size, skipped * self.batch_size
+        position = 0
+        while position < quota:
+            produced_this_pass = False
+            for example in self.stream:
+                produced_this_pass = True
+                if position >= quota:
+                    return
+                position += 1
+                if position <= skip:
+                    continue
+                try:
+                    image = decode_image(example[self.image_column], position - 1)
+                except BadImageError:
+                    if not self.skip_bad_images:
+                        raise
+                    # Not counted: the next example takes its place. (Skipped batches are not decoded, so a resumed
+                    # streamed epoch that had bad images before the checkpoint is shifted by that many examples.)
+                    position -= 1
+                    continue
+                key = (self.seed, self.epoch, self.process_index, worker_id, position - 1)
+                yield make_training_sample(example, image, self, seed_words=key, index=position - 1)
+            if not produced_this_pass:
+                raise DataError("The streamed training set is empty for this process.")
+
+
+def collate_training_batch(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """
+    Stacks training samples into `pixel_values` (B, 3, H, W), `labels` (B,), `crop_boxes` (B, 4: x0, y0, x1, y1 as
+    fractions of the original image), `flipped` (B,), `indices` (B,), `bad_images` (a count), and every extra target.
+    """
+    batch: dict[str, Any] = {
+        "pixel_values": torch.stack([s["pixel_values"] for s in samples]),
+        "labels": torch.tensor([s["labels"] for s in samples], dtype=torch.long),
+        "crop_boxes": torch.tensor([s["crop"].box_xyxy_normalized() for s in samples], dtype=torch.float32),
+        "flipped": torch.tensor([s["crop"].flipped for s in samples], dtype=torch.bool),
+        "indices": torch.tensor([s["index"] for s in samples], dtype=torch.long),
+        "bad_images": torch.tensor(sum(s["bad_images"] for s in samples), dtype=torch.long),
+    }
+    for name in samples[0].keys() - {"pixel_values", "labels", "crop", "index", "bad_images"}:
+        batch[name] = torch.stack([s[name] for s in samples])
+    return batch
+
+
+# Evaluation data
+
+
+class EvaluationSet(Dataset):
+    """Validation examples, decoded; an undecodable image is `None` with `skip_bad_images`, else an error."""
+
+    def __init__(self, source: datasets.Dataset, image_column: str, label_column: str, skip_bad_images: bool = False):
+        self.source = source
+        self.image_column = image_column
+        self.label_column = label_column
+        self.skip_bad_images = skip_bad_images
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        example = self.source[index]
+        try:
+            image = decode_image(example[self.image_column], index)
+        except BadImageError:
+            if not self.skip_bad_images:
+                raise
+            image = None
+        return {"image": image, "label": int(example[self.label_column])}
+
+
+class EvaluationCollator:
+    """
+    Prepares validation batches with the model's own image processor (what `pipeline("image-classification")` runs),
+    so the accuracy measured in training is the accuracy users get. Undecodable images become a blank image with
+    `valid = False`, which keeps every process's batch shape and lets the evaluation leave them out of the counts.
+    """
+
+    def __init__(self, image_processor) -> None:
+        self.image_processor = image_processor
+
+    def __call__(self, samples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        size = self.image_processor.crop_size["height"], self.image_processor.crop_size["width"]
+        images = [s["image"] if s["image"] is not None else PIL.Image.new("RGB", size[::-1]) for s in samples]
+        pixel_values = self.image_processor(images, return_tensors="pt")["pixel_values"]
+        return {
+            "pixel_values": pixel_values,
+            "labels": torch.tensor([s["label"] for s in samples], dtype=torch.long),
+            "valid": torch.tensor([s["image"] is not None for s in samples], dtype=torch.bool),
+        }
+
+
+def streaming_epoch_size(args, train: datasets.IterableDataset) -> int:
+    """Number of examples in a streamed training split, from the arguments or the data set's metadata."""
+    if args.train_samples_per_epoch is not None:
+        return args.train_samples_per_epoch
+    splits = getattr(train.info, "splits", None) or {}
+    split = splits.get(args.train_split) if hasattr(splits, "get") else None
+    if split is not None and split.num_examples:
+        return split.num_examples
+    raise DataError(
+        "The streamed training set does not state its size; give --train_samples_per_epoch (e.g. 1281167 for "
+        "ImageNet-1k)."
+    )
+
+
+def batches_per_process(num_samples: int, batch_size: int, num_processes: int, accumulation: int) -> int:
+    """Full batches each process takes from an epoch of `num_samples`, a multiple of the accumulation steps."""
+    batches = num_samples // (batch_size * num_processes)
+    batches -= batches % accumulation
+    if batches < 1:
+        raise DataError(
+            f"An epoch of {num_samples} samples does not fill one step of {batch_size} x {num_processes} processes x "
+            f"{accumulation} accumulation steps."
+        )
+    return batches
+
+
+def build_training_loader(
+    args, data: ImageData, transform: TrainTransform, num_labels: int, process_index: int, num_processes: int
+) -> tuple[TrainingSet | StreamingTrainingSet, DataLoader]:
+    """
+    The training set and its DataLoader: for a map-style set, batches of a seeded per-epoch permutation (accelerate
+    hands each process its share when the loader is prepared); for a streamed set, this process's shards of the
+    stream shuffled with the run's seed.
+    """
+    common = dict(
+        image_column=args.image_column_name,
+        label_column=args.label_column_name,
+        transform=transform,
+        seed=args.seed,
+        num_labels=num_labels,
+        skip_bad_images=args.skip_bad_images,
+    )
+    # The loader's own generator draws the worker seeds instead of torch's global one, so creating a loader (as a
+    # resumed run does) leaves the global random stream as it was; augmentation is seeded per sample anyway.
+    options = dict(
+        batch_size=args.per_device_train_batch_size,
+        collate_fn=collate_training_batch,
+        num_workers=args.dataloader_num_workers,
+        generator=torch.Generator().manual_seed(args.seed),
+    )
+    if isinstance(data.train, datasets.IterableDataset):
+        # Shuffled with the run's seed before the split, so every process skips the others' shards of one order.
+        stream = data.train.shuffle(seed=args.seed, buffer_size=args.shuffle_buffer_size)
+        stream = split_dataset_by_node(stream, rank=process_index, world_size=num_processes)
+        batches = batches_per_process(
+            streaming_epoch_size(args, data.train),
+            args.per_device_train_batch_size,
+            num_processes,
+            args.gradient_accumulation_steps,
+        )
+        train_set = StreamingTrainingSet(
+            stream,
+            process_index=process_index,
+            batch_size=args.per_device_train_batch_size,
+            batches_per_epoch=batches,
+            **common,
+        )
+        return train_set, DataLoader(train_set, **options)
+    train_set = TrainingSet(data.train, **common)
+    sampler = EpochSampler(len(train_set), seed=args.seed)
+    return train_set, DataLoader(train_set, sampler=sampler, drop_last=True, **options)
+
+
+def build_evaluation_loader(args, data: ImageData, image_processor) -> DataLoader:
+    """Validation batches prepared by the model's image processor, in order."""
+    return DataLoader(
+        EvaluationSet(data.validation, args.image_column_name, args.label_column_name, args.skip_bad_images),
+        batch_size=args.per_device_eval_batch_size,
+        collate_fn=EvaluationCollator(image_processor),
+        num_workers=args.dataloader_num_workers,
+        generator=torch.Generator().manual_seed(args.seed),
+    )
+
+
+__all__ = [
+    "EpochSampler",
+    "EvaluationCollator",
+    "EvaluationSet",
+    "SampleKey",
+    "StreamingTrainingSet",
+    "TargetBuilder",
+    "TrainingSet",
+    "batches_per_process",
+    "build_evaluation_loader",
+    "build_training_loader",
+    "collate_training_batch",
+    "streaming_epoch_size",
+]

@@ -1,0 +1,217 @@
+"""
+Training augmentation and batch mixing, built from timm's implementations.
+
+The training transform is timm's `create_transform(is_training=True)` pipeline (RandomResizedCrop with random
+interpolation, horizontal flip, RandAugment, normalisation, random erasing). It additionally returns where the crop was
+taken and whether the image was flipped ([`CropRecord`]), which dense (token) labels need to follow the image.
+
+timm's transforms draw from the global `random`, `numpy.random` and `torch` generators. [`seeded_rng`] seeds them from
+(seed, epoch, sample index) for one sample and restores them afterwards, so a sample's augmentation depends on nothing
+else: not on the number of processes or workers, nor on where training was interrupted and resumed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import PIL.Image
+import torch
+from timm.data import Mixup, auto_augment, create_transform
+from timm.data.mixup import mixup_target
+from timm.data.transforms import RandomResizedCropAndInterpolation
+from torchvision.transforms import functional as TF
+
+
+@dataclass(frozen=True)
+class CropRecord:
+    """
+    The geometry of one training crop, in the original image's pixel coordinates: the box `(top, left, height,
+    width)` that RandomResizedCrop cut, the original `(image_height, image_width)`, and whether the crop was then
+    flipped horizontally. `box_xyxy_normalized` gives the box as fractions of the image, for cutting the same region
+    from a label map of another resolution (e.g. with `torchvision.ops.roi_align`).
+    """
+
+    top: int
+    left: int
+    height: int
+    width: int
+    image_height: int
+    image_width: int
+    flipped: bool
+
+    def box_xyxy_normalized(self) -> tuple[float, float, float, float]:
+        return (
+            self.left / self.image_width,
+            self.top / self.image_height,
+            (self.left + self.width) / self.image_width,
+            (self.top + self.height) / self.image_height,
+        )
+
+
+@contextlib.contextmanager
+def seeded_rng(*seed_words: int) -> Iterator[None]:
+    """
+    Seeds Python's, NumPy's and torch's global CPU generators from `seed_words` for the duration of the block, then
+    restores their previous states (the caller's random streams are untouched). Only the CPU generator of torch is
+    seeded, so GPU streams (dropout, stochastic depth) are not disturbed.
+    """
+    python_state, numpy_state, torch_state = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    words = np.random.SeedSequence([int(w) for w in seed_words]).generate_state(2, dtype=np.uint32)
+    random.seed(int(words[0]))
+    np.random.seed(int(words[0]))
+    torch.default_generator.manual_seed(int(words[0]) << 32 | int(words[1]))
+    try:
+        yield
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+        torch.set_rng_state(torch_state)
+
+
+def posterize_zero_bits_allowed(image: PIL.Image.Image, bits_to_keep: int, **kwargs) -> PIL.Image.Image:
+    """
+    timm's Posterize operation, keeping Pillow's former meaning of keeping 0 bits (a black image). RandAugment's
+    `PosterizeIncreasing` asks for 0 bits at magnitudes of 10 and more (reached with `mstd` noise), which Pillow 12
+    and later reject with a `ValueError`.
+    """
+    if bits_to_keep <= 0:
+        return image.point(lambda _: 0)
+    return auto_augment.posterize(image, bits_to_keep, **kwargs)
+
+
+def _patch_posterize(transform) -> None:
+    """Gives every Posterize operation of a timm auto-augment policy [`posterize_zero_bits_allowed`]."""
+    for op in getattr(transform, "ops", ()):
+        if getattr(op, "aug_fn", None) is auto_augment.posterize:
+            op.aug_fn = posterize_zero_bits_allowed
+
+
+class TrainTransform:
+    """
+    timm's ImageNet training transform that also reports the crop geometry.
+
+    Args:
+        image_size: side of the square output.
+        mean, std: normalisation (the model's image processor's).
+        scale, ratio: RandomResizedCrop area and aspect-ratio ranges.
+        interpolation: "bilinear", "bicubic" or "random" (either, per image).
+        hflip: horizontal flip probability.
+        auto_augment: a timm policy string such as "rand-m9-mstd0.5-inc1", or None.
+        color_jitter: colour jitter strength (timm disables it with auto-augment).
+        re_prob, re_mode, re_count: random erasing probability, fill mode and number of regions.
+    """
+
+    def __init__(
+        self,
+        image_size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        scale: Sequence[float] = (0.08, 1.0),
+        ratio: Sequence[float] = (3 / 4, 4 / 3),
+        interpolation: str = "random",
+        hflip: float = 0.5,
+        auto_augment: str | None = None,
+        color_jitter: float = 0.4,
+        re_prob: float = 0.0,
+        re_mode: str = "pixel",
+        re_count: int = 1,
+    ) -> None:
+        # timm returns the pipeline in three stages: crop and flip, colour (RandAugment or jitter), tensor
+        # conversion with normalisation and erasing. The first is run here step by step to record its parameters.
+        primary, self.colour, self.final = create_transform(
+            image_size,
+            is_training=True,
+            scale=tuple(scale),
+            ratio=tuple(ratio),
+            hflip=hflip,
+            auto_augment=auto_augment,
+            color_jitter=color_jitter or None,
+            interpolation=interpolation,
+            mean=tuple(mean),
+            std=tuple(std),
+            re_prob=re_prob,
+            re_mode=re_mode,
+            re_count=re_count,
+            separate=True,
+        )
+        crops = [t for t in primary.transforms if isinstance(t, RandomResizedCropAndInterpolation)]
+        if len(crops) != 1:
+            raise RuntimeError(f"Unexpected timm training pipeline: {primary}")
+        self.crop = crops[0]
+        self.hflip = hflip
+        for stage in self.colour.transforms:
+            _patch_posterize(stage)
+
+    def __call__(self, image: PIL.Image.Image) -> tuple[torch.Tensor, CropRecord]:
+        image = image.convert("RGB") if image.mode != "RGB" else image
+        width, height = image.size
+        # What RandomResizedCropAndInterpolation.__call__ does, keeping the box and the interpolation it drew.
+        top, left, crop_height, crop_width = self.crop.get_params(image, self.crop.scale, self.crop.ratio)
+        interpolation = self.crop.interpolation
+        if isinstance(interpolation, (list, tuple)):
+            interpolation = random.choice(interpolation)
+        image = TF.resized_crop(image, top, left, crop_height, crop_width, list(self.crop.size), interpolation)
+        # torchvision's RandomHorizontalFlip draw, which timm's pipeline uses.
+        flipped = self.hflip > 0 and bool(torch.rand(1) < self.hflip)
+        if flipped:
+            image = TF.hflip(image)
+        pixel_values = self.final(self.colour(image))
+        return pixel_values, CropRecord(top, left, crop_height, crop_width, height, width, flipped)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(crop={self.crop}, hflip={self.hflip}, colour={self.colour}, final={self.final})"
+
+
+class BatchMixing:
+    """
+    Turns a batch's class indices into the training targets: timm's `Mixup` (mixup / CutMix with label smoothing)
+    while mixing is on, otherwise label-smoothed one-hot targets (`mixup_target` with λ = 1), or the indices
+    themselves when there is neither mixing nor smoothing.
+    """
+
+    def __init__(
+        self,
+        num_labels: int,
+        mixup_alpha: float = 0.0,
+        cutmix_alpha: float = 0.0,
+        cutmix_minmax: Sequence[float] | None = None,
+        prob: float = 1.0,
+        switch_prob: float = 0.5,
+        mode: str = "batch",
+        label_smoothing: float = 0.0,
+        off_epoch: int = 0,
+    ) -> None:
+        self.num_labels = num_labels
+        self.label_smoothing = label_smoothing
+        self.off_epoch = off_epoch
+        self.mixup = None
+        if prob > 0 and (mixup_alpha > 0 or cutmix_alpha > 0 or cutmix_minmax is not None):
+            self.mixup = Mixup(
+                mixup_alpha=mixup_alpha,
+                cutmix_alpha=cutmix_alpha,
+                cutmix_minmax=list(cutmix_minmax) if cutmix_minmax is not None else None,
+                prob=prob,
+                switch_prob=switch_prob,
+                mode=mode,
+                label_smoothing=label_smoothing,
+                num_classes=num_labels,
+            )
+
+    def active(self, epoch: int) -> bool:
+        return self.mixup is not None and not (self.off_epoch and epoch >= self.off_epoch)
+
+    def __call__(
+        self, pixel_values: torch.Tensor, labels: torch.Tensor, epoch: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.active(epoch):
+            return self.mixup(pixel_values, labels)
+        if self.label_smoothing > 0:
+            return pixel_values, mixup_target(labels, self.num_labels, lam=1.0, smoothing=self.label_smoothing)
+        return pixel_values, labels
+
+
+__all__ = ["BatchMixing", "CropRecord", "TrainTransform", "seeded_rng"]

@@ -1,0 +1,153 @@
+"""Recipes and arguments of the trainer: every recipe loads, every key is an argument, the paper's values, errors."""
+
+import math
+
+import pytest
+import yaml
+from training_utils import RECIPES
+
+from refiner_hf.training.arguments import RecipeError, load_recipe, parse_args, recipe_keys
+
+
+RECIPE_FILES = sorted(RECIPES.glob("*.yaml"))
+
+
+def test_the_shipped_recipes_are_there():
+    names = {path.name for path in RECIPE_FILES}
+    assert {
+        "embedded_fashion_mnist.yaml",
+        "refiner_vit_s.yaml",
+        "refiner_vit_m.yaml",
+        "refiner_vit_l.yaml",
+        "refiner_vit_s_384_finetune.yaml",
+        "refiner_vit_m_384_finetune.yaml",
+        "refiner_vit_l_384_finetune.yaml",
+        "refiner_vit_l_448_finetune.yaml",
+    } <= names
+
+
+@pytest.mark.parametrize("path", RECIPE_FILES, ids=lambda p: p.name)
+def test_every_recipe_key_maps_to_an_argument_and_the_recipe_parses(path):
+    raw = yaml.safe_load(path.read_text())
+    assert set(raw) <= set(recipe_keys())
+    values = load_recipe(path)
+    args = parse_args(["--recipe", path.name, "--dataset_name", "some/dataset"], recipe_dirs=[RECIPES])
+    for key, value in values.items():
+        assert getattr(args, key) == value, key
+    assert args.recipe == str(path)
+
+
+def test_the_s_recipe_has_the_papers_pretraining_values():
+    args = parse_args(["--recipe", "refiner_vit_s.yaml", "--dataset_name", "x"], recipe_dirs=[RECIPES])
+    expected = {
+        "model": "refiner-vit-s", "lr": 5e-4, "weight_decay": 0.05, "epochs": 300, "warmup_epochs": 5,
+        "warmup_lr": 1e-6, "min_lr": 1e-5, "cooldown_epochs": 10, "lr_schedule_unit": "epoch",
+        "per_device_train_batch_size": 32, "drop_path": 0.2, "scale": [0.08, 1.0], "train_interpolation": "random",
+        "hflip": 0.5, "aa": "rand-m9-mstd0.5-inc1", "reprob": 0.25, "remode": "pixel", "mixup": 0.8, "cutmix": 1.0,
+        "mixup_switch_prob": 0.5, "smoothing": 0.1, "model_ema": True, "model_ema_decay": 0.99996, "seed": 42,
+        "opt_betas": [0.9, 0.999],
+    }  # fmt: skip
+    assert {key: getattr(args, key) for key in expected} == expected
+    assert args.ratio == pytest.approx([3 / 4, 4 / 3])
+    assert args.total_epochs == 310
+
+
+def test_finetune_recipes_set_the_resolution():
+    for name, size in (("refiner_vit_s_384_finetune.yaml", 384), ("refiner_vit_l_448_finetune.yaml", 448)):
+        args = parse_args(["--recipe", name, "--dataset_name", "x", "--model_name_or_path", "m"], recipe_dirs=[RECIPES])
+        assert args.image_size == size and args.lr == 5e-6 and args.min_lr == 5e-6 and args.weight_decay == 1e-8
+
+
+def test_command_line_overrides_the_recipe():
+    args = parse_args(
+        [
+            "--recipe",
+            "refiner_vit_s.yaml",
+            "--lr",
+            "1e-3",
+            "--no_model_ema",
+            "--scale",
+            "0.2",
+            "1",
+            "--dataset_name",
+            "x",
+        ],
+        recipe_dirs=[RECIPES],
+    )
+    assert args.lr == 1e-3 and args.model_ema is False and args.scale == [0.2, 1.0]
+    assert args.weight_decay == 0.05 and args.model == "refiner-vit-s"
+
+
+def test_without_data_arguments_the_embedded_recipe_is_used():
+    args = parse_args([], recipe_dirs=[RECIPES])
+    assert args.uses_embedded_data
+    assert args.recipe.endswith("embedded_fashion_mnist.yaml")
+    assert args.config_overrides_dict()["image_size"] == 28
+    # With a data argument, the defaults are the paper's S recipe values, not the embedded ones.
+    assert parse_args(["--train_dir", "x"], recipe_dirs=[RECIPES]).lr == 5e-4
+
+
+def test_an_unknown_recipe_key_is_an_error_naming_it(tmp_path):
+    recipe = tmp_path / "typo.yaml"
+    recipe.write_text("lr: 1.0e-3\nwarmup_epoch: 3\n")
+    with pytest.raises(RecipeError, match=r"typo.yaml: unknown recipe key 'warmup_epoch'.*Did you mean warmup_epochs"):
+        parse_args(["--recipe", str(recipe)])
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ("epochs: ten", r"`epochs: 'ten'` has the wrong type \(expected int\)"),
+        ("lr: [1, 2]", r"`lr: \[1, 2\]` has the wrong type"),
+        ("model_ema: 3", r"`model_ema: 3` has the wrong type \(expected bool\)"),
+        ("scale: 0.5", r"`scale: 0.5` has the wrong type \(expected a list\)"),
+        ("lr_schedule_unit: hourly", r"is not one of \['epoch', 'step'\]"),
+        ("hub_token: secret", r"unknown recipe key 'hub_token': it may not be set in a recipe"),
+        ("- a list", r"must be a mapping"),
+    ],
+)
+def test_recipe_values_of_the_wrong_type_are_errors(tmp_path, line, message):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text(line + "\n")
+    with pytest.raises(RecipeError, match=message):
+        parse_args(["--recipe", str(recipe)])
+
+
+def test_yaml_numbers_without_a_dot_are_read_as_numbers(tmp_path):
+    recipe = tmp_path / "numbers.yaml"
+    recipe.write_text("lr: 1e-3\nwarmup_lr: 1\nepochs: 40\n")  # YAML reads `1e-3` as a string
+    args = parse_args(["--recipe", str(recipe)])
+    assert args.lr == 1e-3 and isinstance(args.warmup_lr, float) and args.epochs == 40
+
+
+def test_a_missing_recipe_names_where_it_was_looked_for():
+    with pytest.raises(RecipeError, match="not found"):
+        parse_args(["--recipe", "no_such_recipe.yaml"], recipe_dirs=[RECIPES])
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--per_device_train_batch_size", "7"], "must be even"),
+        (["--dataset_name", "a", "--train_dir", "b"], "either --dataset_name or --train_dir"),
+        (["--model", "refiner-vit-s", "--model_name_or_path", "x"], "at most one of"),
+        (["--warmup_epochs", "400"], "--warmup_epochs must be in"),
+        (["--scale", "1", "0.5"], "two numbers, low then high"),
+        (["--config_overrides", "[1]"], "must be a JSON object"),
+    ],
+)
+def test_inconsistent_arguments_are_errors(argv, message):
+    with pytest.raises(ValueError, match=message):
+        parse_args(
+            argv + ["--dataset_name", "x"] if "--dataset_name" not in argv and "--train_dir" not in argv else argv
+        )
+
+
+def test_recipe_values_round_trip_through_a_recipe_file(tmp_path):
+    args = parse_args(["--recipe", "embedded_fashion_mnist.yaml"], recipe_dirs=[RECIPES])
+    dumped = tmp_path / "dumped.yaml"
+    dumped.write_text(yaml.safe_dump(args.recipe_values()))
+    again = parse_args(["--recipe", str(dumped)])
+    for key, value in args.recipe_values().items():
+        other = again.recipe_values()[key]
+        assert other == value or (isinstance(value, float) and math.isclose(other, value)), key

@@ -1,0 +1,139 @@
+"""Helpers of the trainer's tests: a tiny model and run, and running examples/run_imagenet.py in or out of process."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from safetensors.torch import load_file
+
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "examples" / "run_imagenet.py"
+RECIPES = ROOT / "examples" / "recipes"
+
+# A Refiner-ViT with every block type, the convolutional stem and both heads, on the embedded 28x28 images.
+TINY_MODEL = {
+    "image_size": 28,
+    "patch_size": 4,
+    "hidden_size": 32,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "mlp_ratio": 2.0,
+    "block_types": ["refined", "shared", "plain", "shared"],
+    "refine_expansion": 2,
+    "shared_expansion": 2,
+    "stem_hidden_sizes": [8, 16, 16],
+}
+# The same size without any BatchNorm (patch stem, plain blocks), whose state does not depend on how a global batch
+# is split between processes.
+TINY_MODEL_WITHOUT_BATCHNORM = {**TINY_MODEL, "stem_type": "patch", "block_types": ["plain"] * 4}
+
+
+def tiny_run_args(output_dir: Path, model: dict[str, Any] | None = None, **overrides: Any) -> list[str]:
+    """
+    Arguments of a run of a few seconds on the embedded data: 64 training images in batches of 8 (8 steps per epoch),
+    2 epochs, 37 validation images (an odd number), the paper's augmentation and mixing at small strength, no trackers.
+    """
+    values: dict[str, Any] = {
+        "output_dir": output_dir,
+        "config_overrides": json.dumps(model or TINY_MODEL),
+        "max_train_samples": 64,
+        "max_eval_samples": 37,
+        "per_device_train_batch_size": 8,
+        "per_device_eval_batch_size": 8,
+        "epochs": 2,
+        "cooldown_epochs": 0,
+        "warmup_epochs": 0,
+        "lr": 2e-3,
+        "lr_schedule_unit": "step",
+        "scale": "0.5 1.0",
+        "aa": "rand-m9-mstd0.5-inc1",
+        "reprob": 0.25,
+        "mixup": 0.0,
+        "cutmix": 0.0,
+        "smoothing": 0.1,
+        "drop_path": 0.0,
+        "model_ema_decay": 0.99,
+        "model_ema_warmup": True,
+        "dataloader_num_workers": 0,
+        "logging_steps": 1,
+        "report_to": "none",
+    }
+    values.update(overrides)
+    argv = []
+    for key, value in values.items():
+        if value is None:
+            continue
+        argv.append(f"--{key}")
+        argv.extend(str(value).split(" ") if key in ("scale", "ratio") else [str(value)])
+    return argv
+
+
+def load_script() -> ModuleType:
+    """examples/run_imagenet.py as a module, to call its `main(argv)` in this process."""
+    spec = importlib.util.spec_from_file_location("run_imagenet", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_in_process(argv: list[str]) -> dict[str, Any]:
+    """Runs the trainer in this process and resets accelerate's process-wide state afterwards."""
+    from accelerate.state import AcceleratorState
+
+    try:
+        return load_script().main(argv)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def subprocess_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        {
+            "PYTHONUNBUFFERED": "1",
+            "HF_HUB_OFFLINE": "1",
+            "HF_DATASETS_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "OMP_NUM_THREADS": "1",
+        }
+    )
+    return env
+
+
+def run_script(argv: list[str], launcher: list[str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Runs the trainer in a subprocess (optionally through `accelerate launch`); fails with its output if it fails."""
+    command = (launcher or [sys.executable]) + [str(SCRIPT)] + argv
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=subprocess_env(), cwd=ROOT)
+    if result.returncode != 0:
+        raise AssertionError(f"{' '.join(command)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
+    return result
+
+
+def final_checkpoint(output_dir: Path) -> Path:
+    checkpoints = sorted((output_dir / "checkpoints").glob("step_*"))
+    return checkpoints[-1]
+
+
+def checkpoint_tensors(checkpoint: Path) -> dict[str, Any]:
+    """The model weights of a checkpoint and, when present, its EMA state (registered object 2)."""
+    import torch
+
+    tensors = {f"model.{k}": v for k, v in load_file(checkpoint / "model.safetensors").items()}
+    ema_file = checkpoint / "custom_checkpoint_2.pkl"
+    if ema_file.exists():
+        ema = torch.load(ema_file, map_location="cpu", weights_only=True)
+        tensors.update({f"ema.{k}": v for k, v in ema.items()})
+    return tensors
+
+
+def read_results(output_dir: Path) -> dict[str, Any]:
+    return json.loads((output_dir / "all_results.json").read_text())
