@@ -17,8 +17,9 @@ from pathlib import Path
 
 from huggingface_hub import CommitOperationAdd, HfApi
 from huggingface_hub.hf_api import CommitInfo
+from transformers.dynamic_module_utils import get_relative_import_files
 
-from . import image_processing_pil_refiner_vit
+from . import image_processing_pil_refiner_vit, modeling_refiner_vit
 from .configuration_refiner_vit import PRESET_CROP_PCT, RefinerViTConfig
 from .image_processing_pil_refiner_vit import RefinerViTImageProcessorPil
 from .image_processing_refiner_vit import RefinerViTImageProcessor
@@ -54,12 +55,18 @@ IMAGE_PROCESSOR_AUTO_MAP = {
     "torchvision": "image_processing_refiner_vit.RefinerViTImageProcessor",
     "pil": "image_processing_pil_refiner_vit.RefinerViTImageProcessorPil",
 }
-REMOTE_CODE_FILES = (
-    "configuration_refiner_vit.py",
-    "modeling_refiner_vit.py",
-    "image_processing_refiner_vit.py",
-    "image_processing_pil_refiner_vit.py",
-)
+
+
+def remote_code_files() -> list[str]:
+    """
+    The package files a saved model directory carries: the configuration, modeling and both processing modules, and
+    every module they import relatively (what transformers' `trust_remote_code` loading needs).
+    """
+    entry_points = [Path(module.__file__) for module in (modeling_refiner_vit, image_processing_pil_refiner_vit)]
+    files = set(entry_points)
+    for entry in entry_points:
+        files.update(Path(path) for path in get_relative_import_files(entry))
+    return sorted(path.name for path in files)
 
 
 def default_crop_pct(config: RefinerViTConfig) -> float:
@@ -266,5 +273,6 @@ __all__ = [
     "image_processor_for_config",
     "imagenet_1k_id2label",
     "push_to_hub",
+    "remote_code_files",
     "save_model_directory",
 ]

@@ -22,7 +22,7 @@ from transformers import AutoImageProcessor, AutoModelForImageClassification
 import refiner_hf
 from refiner_hf import RefinerViTForImageClassification, RefinerViTImageProcessor, convert_checkpoint
 from refiner_hf.conversion import load_checkpoint_file
-from refiner_hf.hub import REMOTE_CODE_FILES
+from refiner_hf.hub import remote_code_files
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,7 +34,7 @@ EXPECTED_FILES = {
     "config.json",
     "preprocessor_config.json",
     "model.safetensors",
-    *REMOTE_CODE_FILES,
+    *remote_code_files(),
 }
 
 
@@ -157,7 +157,8 @@ def test_remote_code_files_are_the_package_sources(tmp_path, capsys, monkeypatch
         == 0
     )
     package = Path(refiner_hf.__file__).parent
-    for name in REMOTE_CODE_FILES:
+    assert {"configuration_refiner_vit.py", "modeling_refiner_vit.py", "mix_token.py"} <= set(remote_code_files())
+    for name in remote_code_files():
         assert (out / name).read_bytes() == (package / name).read_bytes(), name
 
 
