@@ -16,6 +16,13 @@ Pretraining Refiner-ViT-S on ImageNet with the paper's recipe on 8 GPUs, then fi
         --recipe refiner_vit_s_384_finetune.yaml --dataset_name ILSVRC/imagenet-1k \\
         --model_name_or_path outputs/refiner-vit-s/model --output_dir outputs/refiner-vit-s-384
 
+Token labeling (the training behind the published accuracies) with a teacher's relabel maps, e.g. the NFNet-F6 set
+packed with `refiner-vit-pack-relabel` or maps made by examples/generate_relabel.py:
+
+    accelerate launch --config_file examples/accelerate_configs/ddp_8gpu.yaml examples/run_imagenet.py \\
+        --recipe refiner_vit_s_relabel.yaml --dataset_name ILSVRC/imagenet-1k --relabel_root relabel/nfnet_packed \\
+        --output_dir outputs/refiner-vit-s-relabel
+
 A recipe (examples/recipes/*.yaml) sets the arguments and the command line overrides it (`--help` lists them all).
 An interrupted run continues where its last checkpoint left off with `--resume_from_checkpoint latest`.
 
@@ -58,6 +65,12 @@ from refiner_hf.training.evaluation import evaluate_classifier
 from refiner_hf.training.loaders import build_evaluation_loader, build_training_loader
 from refiner_hf.training.modeling import build_model, convert_sync_batchnorm
 from refiner_hf.training.optim import build_optimizer, build_scheduler
+from refiner_hf.training.token_labeling import (
+    DENSE_LABELS,
+    build_dense_label_builder,
+    configure_token_labeling,
+    mix_batch,
+)
 from refiner_hf.training.tracking import format_epoch_summary, tracker_config, trackers_for
 from refiner_hf.training.transforms import BatchMixing, TrainTransform
 
@@ -119,6 +132,10 @@ def setup(argv: Sequence[str] | None) -> Run:
         data = load_image_data(args)
     model = build_model(args, data.num_labels, data.class_names)
     check_labels(data, args.label_column_name, model.config.num_labels)
+    configure_token_labeling(model, args)
+    target_builders = {}
+    if args.relabel_root:
+        target_builders[DENSE_LABELS] = build_dense_label_builder(args, model, data.train)
     image_processor = image_processor_for_config(model.config, crop_pct=args.crop_pct)
     if args.sync_batchnorm:
         model = convert_sync_batchnorm(model, accelerator.device, accelerator.num_processes)
@@ -138,7 +155,13 @@ def setup(argv: Sequence[str] | None) -> Run:
         re_count=args.recount,
     )
     train_set, train_loader = build_training_loader(
-        args, data, transform, model.config.num_labels, accelerator.process_index, accelerator.num_processes
+        args,
+        data,
+        transform,
+        model.config.num_labels,
+        accelerator.process_index,
+        accelerator.num_processes,
+        target_builders=target_builders,
     )
     eval_loader = build_evaluation_loader(args, data, image_processor)
     mixing = BatchMixing(
@@ -218,6 +241,12 @@ def describe(run: Run) -> str:
         f"Schedule: {updates} steps per epoch, {args.total_epochs} epochs ({args.epochs} cosine + "
         f"{args.cooldown_epochs} cooldown), lr {args.lr:g} updated per {args.lr_schedule_unit}"
         + (f", stopping after step {args.max_train_steps}" if args.max_train_steps else "")
+        + (
+            f"\nToken labeling: relabel maps {args.relabel_root} ({args.relabel_normalization}), dense weight "
+            f"{config.aux_loss_weight:g}, MixToken {'on' if args.mix_token else 'off'}"
+            if args.relabel_root
+            else ""
+        )
     )
 
 
@@ -252,10 +281,13 @@ def train_epoch(run: Run, epoch: int) -> dict[str, Any]:
     for batch in batches:
         if run.streaming:
             batch = send_to_device(batch, accelerator.device)
-        # Beside pixels and labels a batch has `crop_boxes`, `flipped` and `indices`, for per-token targets.
-        pixel_values, targets = run.mixing(batch["pixel_values"], batch["labels"], epoch)
+        # With --relabel_root the batch has `dense_labels`, mixed like the images; without them the model gives every
+        # token its image's target.
+        pixel_values, targets, dense_labels = mix_batch(run.mixing, batch, epoch)
         with accelerator.accumulate(model):
-            loss = model(pixel_values=pixel_values, labels=targets).loss
+            loss = model(
+                pixel_values=pixel_values, labels=targets, dense_labels=dense_labels, mix_token=args.mix_token
+            ).loss
             accelerator.backward(loss)
             if accelerator.sync_gradients and args.clip_grad:
                 accelerator.clip_grad_norm_(model.parameters(), args.clip_grad)

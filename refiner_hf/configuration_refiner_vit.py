@@ -98,6 +98,10 @@ class RefinerViTConfig(PreTrainedConfig):
             At inference the prediction is `cls_logits + aux_logits_weight * max over tokens of aux_logits`.
         aux_loss_weight (`float`, *optional*, defaults to 0.5):
             Weight of the dense (per-token) loss of the auxiliary head in the training loss.
+        use_mix_token (`bool`, *optional*, defaults to `False`):
+            Apply MixToken in training mode (token labeling); a `mix_token` argument of the forward overrides it.
+        mix_token_beta (`float`, *optional*, defaults to 1.0):
+            MixToken's λ ~ Beta(beta, beta).
         residual_scale (`float`, *optional*, defaults to 0.5):
             The blocks' "adjust ratio" r: inputs of the norms are multiplied by r and the branch outputs divided by r.
 
@@ -138,6 +142,8 @@ class RefinerViTConfig(PreTrainedConfig):
     use_aux_head: bool = True
     aux_logits_weight: float | int = 0.5
     aux_loss_weight: float | int = 0.5
+    use_mix_token: bool = False
+    mix_token_beta: float | int = 1.0
     residual_scale: float | int = 0.5
 
     def __post_init__(self, **kwargs):

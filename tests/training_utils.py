@@ -137,3 +137,39 @@ def checkpoint_tensors(checkpoint: Path) -> dict[str, Any]:
 
 def read_results(output_dir: Path) -> dict[str, Any]:
     return json.loads((output_dir / "all_results.json").read_text())
+
+
+# Token labeling
+
+RELABEL_SCRIPT = ROOT / "examples" / "generate_relabel.py"
+
+
+def save_tiny_teacher(directory: Path, num_labels: int = 10) -> Path:
+    """A tiny random ResNet classifier saved with `save_pretrained`: a 7 x 7 output grid at 56 px."""
+    import torch
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    torch.manual_seed(0)
+    config = ResNetConfig(
+        embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic", num_labels=num_labels
+    )
+    ResNetForImageClassification(config).save_pretrained(directory)
+    return directory
+
+
+def run_relabel_script(
+    argv: list[str], launcher: list[str] | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess:
+    """Runs examples/generate_relabel.py in a subprocess (optionally through `accelerate launch`)."""
+    command = (launcher or [sys.executable]) + [str(RELABEL_SCRIPT)] + argv
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=subprocess_env(), cwd=ROOT)
+    if result.returncode != 0:
+        raise AssertionError(f"{' '.join(command)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
+    return result
+
+
+def two_process_launcher(port: int) -> list[str]:
+    """`accelerate launch` of 2 CPU processes (`--multi_gpu` starts both through torchrun; they run over gloo)."""
+    accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
+    return [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port)]  # fmt: skip

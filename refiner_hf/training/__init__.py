@@ -7,6 +7,8 @@ Training Refiner-ViT: the reusable pieces of `examples/run_imagenet.py`.
 - `loaders`: the seeded sampler, the training and evaluation datasets (with per-sample crop records and optional
   dense targets), collators and DataLoaders.
 - `transforms`: timm's training augmentation recording each crop and flip, per-sample seeding, mixup / CutMix.
+- `token_labeling`: relabel keys of training images, the checks before training, dense labels following each crop
+  and flip, and their mixing with the batch.
 - `optim`: AdamW with the recipe's weight-decay groups and timm's cosine schedule.
 - `ema`: the model EMA.
 - `checkpointing`: atomic, pruned, resumable accelerate checkpoints and the run's position.

@@ -151,6 +151,27 @@ class TrainingArguments:
     mixup_off_epoch: int = _arg("Stop mixing from this epoch on (0: never).", default=0)
     smoothing: float = _arg("Label smoothing.", default=0.1)
 
+    # Token labeling
+    relabel_root: str | None = _arg(
+        "Token labeling: the teacher's relabel maps, a packed store (refiner-vit-pack-relabel, "
+        "examples/generate_relabel.py) or a per-file tree <wnid>/<image stem>.pt. Every training image needs a map."
+    )
+    relabel_size: int | None = _arg(
+        "Side of the dense-label grid; must be the model's token grid (14 at 224 px). Default: the model's grid."
+    )
+    relabel_normalization: Literal["softmax", "sum"] = _arg(
+        "Turn each token's pooled top-k scores into a distribution with a softmax (stored logits, as the NFNet "
+        "relabel set) or by dividing by their sum (stored probabilities).",
+        default="softmax",
+    )
+    dense_weight: float | None = _arg(
+        "Weight of the aux head's dense (per-token) loss, config `aux_loss_weight` (default: the model's, 0.5)."
+    )
+    mix_token: bool = _arg(
+        "MixToken: in training, swap a random box of tokens with the reversed batch's (config `use_mix_token`).",
+        default=False,
+    )
+
     # Model EMA
     model_ema: bool = _arg("Keep an exponential moving average of the weights and evaluate it.", default=True)
     model_ema_decay: float = _arg("EMA decay per optimizer step.", default=0.99996)
@@ -247,7 +268,17 @@ class TrainingArguments:
             raise ValueError(
                 "--max_train_samples needs a map-style data set; use --train_samples_per_epoch when streaming."
             )
+        self.validate_token_labeling()
         self.config_overrides_dict()
+
+    def validate_token_labeling(self) -> None:
+        if self.relabel_size is not None and self.relabel_size < 1:
+            raise ValueError(f"--relabel_size must be at least 1, got {self.relabel_size}.")
+        if self.dense_weight is not None and self.dense_weight < 0:
+            raise ValueError(f"--dense_weight cannot be negative, got {self.dense_weight}.")
+        if self.relabel_root and self.mixing_enabled and self.mixup_mode != "batch":
+            # Dense labels are mixed with the batch's one λ and CutMix box (mix_dense_labels).
+            raise ValueError(f"--relabel_root needs --mixup_mode batch, got {self.mixup_mode!r}.")
 
     @property
     def mixing_enabled(self) -> bool:

@@ -19,6 +19,8 @@ import PIL.ImageOps
 
 EMBEDDED_DATA = Path(__file__).parent / "embedded_data" / "fashion_mnist_subset.npz"
 EMBEDDED_DATASET_NAME = "fashion-mnist (embedded subset)"
+# The column naming each embedded image (the arrays have no file names).
+EMBEDDED_ID_COLUMN = "image_id"
 
 
 class DataError(ValueError):
@@ -43,10 +45,24 @@ class ImageData:
 # Loading
 
 
+def embedded_image_ids(split: str, count: int) -> list[str]:
+    """
+    Stable names of the embedded images, `fashion_mnist/<split>_<index>`: the arrays have no file names, and relabel
+    maps (token labeling) are looked up by name, the same whichever subset or order a run selects.
+    """
+    return [f"fashion_mnist/{split}_{index:05d}" for index in range(count)]
+
+
+def with_embedded_image_ids(split: datasets.Dataset, split_name: str) -> datasets.Dataset:
+    """An embedded split, in its stored order, with the `image_id` column of [`embedded_image_ids`]."""
+    return split.add_column(EMBEDDED_ID_COLUMN, embedded_image_ids(split_name, len(split)))
+
+
 def load_embedded_dataset() -> datasets.DatasetDict:
     """
     The Fashion-MNIST subset shipped with the package: 3,400 training and 1,000 test images, 28x28 grayscale, stored as
     `uint8` arrays (an `Array2D` image column in NumPy format, which [`decode_image`] turns into PIL images).
+    [`load_image_data`] names its images (see [`with_embedded_image_ids`]).
     """
     arrays = np.load(EMBEDDED_DATA)
     class_names = [str(name) for name in arrays["class_names"]]
@@ -92,6 +108,11 @@ def load_image_data(args, num_labels: int | None = None) -> ImageData:
     if args.train_split not in splits:
         raise DataError(f"{description} has no split {args.train_split!r} (it has {list(splits)}); see --train_split.")
     train = splits[args.train_split]
+    if args.uses_embedded_data:
+        # Named in the stored order, before any split or selection: relabel maps are found by these names. (Checked
+        # first, so that a column error lists the data set's own columns.)
+        check_columns(train, args.train_split, args.image_column_name, args.label_column_name)
+        train = with_embedded_image_ids(train, args.train_split)
     if args.validation_split in splits:
         validation = splits[args.validation_split]
     elif args.streaming:
@@ -246,12 +267,15 @@ __all__ = [
     "BadImageError",
     "DataError",
     "EMBEDDED_DATASET_NAME",
+    "EMBEDDED_ID_COLUMN",
     "ImageData",
     "check_columns",
     "check_labels",
     "decode_image",
+    "embedded_image_ids",
     "example_name",
     "load_embedded_dataset",
     "load_image_data",
     "split_class_names",
+    "with_embedded_image_ids",
 ]

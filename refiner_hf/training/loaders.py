@@ -327,12 +327,18 @@ def batches_per_process(num_samples: int, batch_size: int, num_processes: int, a
 
 
 def build_training_loader(
-    args, data: ImageData, transform: TrainTransform, num_labels: int, process_index: int, num_processes: int
+    args,
+    data: ImageData,
+    transform: TrainTransform,
+    num_labels: int,
+    process_index: int,
+    num_processes: int,
+    target_builders: Mapping[str, TargetBuilder] | None = None,
 ) -> tuple[TrainingSet | StreamingTrainingSet, DataLoader]:
     """
     The training set and its DataLoader: for a map-style set, batches of a seeded per-epoch permutation (accelerate
     hands each process its share when the loader is prepared); for a streamed set, this process's shards of the
-    stream shuffled with the run's seed.
+    stream shuffled with the run's seed. `target_builders` add per-sample targets (e.g. dense labels) to the batches.
     """
     common = dict(
         image_column=args.image_column_name,
@@ -341,6 +347,7 @@ def build_training_loader(
         seed=args.seed,
         num_labels=num_labels,
         skip_bad_images=args.skip_bad_images,
+        target_builders=target_builders,
     )
     # The loader's own generator draws the worker seeds instead of torch's global one, so creating a loader (as a
     # resumed run does) leaves the global random stream as it was; augmentation is seeded per sample anyway.

@@ -1,0 +1,99 @@
+"""
+Inference throughput of Refiner-ViT: the reference path, the fast path (`model.set_fast_inference()`), and a
+transformers `ViTForImageClassification` of DeiT-S size with random weights, in fp32, bf16 (autocast) and compiled
+(`torch.compile`), measured in alternation in one run. Prints images per second and the ratios fast / reference
+and fast / DeiT-S; it is a benchmark, not a test.
+
+    python benchmarks/bench_inference.py                                  # Refiner-ViT-S, 224 px, batch 1 and 8
+    python benchmarks/bench_inference.py --batch-size 8 --no-compile
+    python benchmarks/bench_inference.py --model refiner-vit-l --image-size 448 --batch-size 2 --device cuda
+"""
+
+import argparse
+import copy
+import time
+
+import torch
+
+from bench_common import (
+    add_common_arguments,
+    deit_small_vit,
+    interleaved_medians,
+    machine_description,
+    refiner,
+)
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_arguments(parser)
+    parser.add_argument("--batch-size", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--dtype", nargs="+", choices=("fp32", "bf16"), default=["fp32", "bf16"])
+    parser.add_argument("--no-compile", action="store_true", help="Skip the torch.compile measurements.")
+    parser.add_argument("--rounds", type=int, default=5, help="Alternations of the three models (median kept).")
+    parser.add_argument("--seconds", type=float, default=1.0, help="Approximate length of one measurement.")
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    models = {
+        "reference": refiner(args.model, args.image_size, args.seed),
+        "deit-s": deit_small_vit(args.image_size, args.seed),
+    }
+    models["fast"] = copy.deepcopy(models["reference"])
+    models["fast"].set_fast_inference()
+    models = {name: model.to(device).eval() for name, model in models.items()}
+
+    with torch.no_grad():  # also builds the fused kernels before any timing or compilation
+        check = torch.randn(2, 3, args.image_size, args.image_size, device=device)
+        difference = (models["fast"](check).logits - models["reference"](check).logits).abs().max().item()
+    print(f"# {args.model} at {args.image_size} px on {machine_description(device)}")
+    print(f"# fast vs reference, fp32 logits: max abs difference {difference:.2e}")
+
+    modes = ["eager"] + ([] if args.no_compile else ["compiled"])
+    rows = []
+    for mode in modes:
+        runners = models
+        if mode == "compiled":
+            runners = {name: torch.compile(model) for name, model in models.items()}
+        for dtype in args.dtype:
+            for batch_size in args.batch_size:
+                pixel_values = torch.randn(batch_size, 3, args.image_size, args.image_size, device=device)
+                autocast = dtype == "bf16"
+
+                def forward(model, pixel_values=pixel_values, autocast=autocast):
+                    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                        return model(pixel_values).logits
+
+                candidates = {name: (lambda model=model: forward(model)) for name, model in runners.items()}
+                if mode == "compiled":
+                    start = time.perf_counter()
+                    for fn in candidates.values():
+                        fn()
+                    print(f"# compiled for batch {batch_size}, {dtype} in {time.perf_counter() - start:.0f} s")
+                seconds = interleaved_medians(candidates, device, args.rounds, args.seconds)
+                images = {name: batch_size / value for name, value in seconds.items()}
+                rows.append((batch_size, dtype, mode, images))
+                print(
+                    f"# batch {batch_size} {dtype} {mode}: "
+                    + ", ".join(f"{name} {value:.2f} img/s" for name, value in images.items())
+                )
+
+    print()
+    print("| batch | precision | mode | reference img/s | fast img/s | DeiT-S-size ViT img/s | fast / reference "
+          "| fast / DeiT-S |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
+    for batch_size, dtype, mode, images in rows:
+        print(
+            f"| {batch_size} | {dtype} | {mode} | {images['reference']:.2f} | {images['fast']:.2f} | "
+            f"{images['deit-s']:.2f} | {images['fast'] / images['reference']:.2f}x | "
+            f"{images['fast'] / images['deit-s']:.2f}x |"
+        )
+
+
+if __name__ == "__main__":
+    main()

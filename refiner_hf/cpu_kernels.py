@@ -1,0 +1,182 @@
+"""
+Fused C++ kernels of Refiner-ViT (`csrc/`), built the first time they are needed and registered as
+`torch.ops.refiner_hf.*` custom ops, with fake implementations (so that `torch.compile` can trace through them) and
+an autograd formula for the training op:
+
+- `refine_eval`, `refine_train`, `refine_train_backward`: the attention-map refinement (`csrc/refinement.cpp`);
+- `attention_probs`, `attention_context`: the explicit attention of the inference fast path (`csrc/attention.cpp`).
+
+Building needs a C++ compiler with OpenMP, `ninja` and the source files, and takes about a minute; the compiled
+library is cached by `torch.utils.cpp_extension` (under `$TORCH_EXTENSIONS_DIR`, by default
+`~/.cache/torch_extensions`), keyed by the sources, the PyTorch version and the instruction set. Whenever the
+kernels cannot be built or loaded (no compiler, no source files as in a model directory's copy of this code, a
+compiler without GCC vector extensions), `kernels_available()` is `False` and callers use their PyTorch
+implementations. Set `REFINER_HF_DISABLE_CPU_KERNELS=1` to never build or use them.
+"""
+
+import hashlib
+import logging
+import os
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+
+logger = logging.getLogger(__name__)
+
+DISABLE_ENV_VAR = "REFINER_HF_DISABLE_CPU_KERNELS"
+_SOURCE_DIR = Path(__file__).parent / "csrc"
+_SOURCES = ("refinement.cpp", "attention.cpp")
+_HEADERS = ("vector.h",)
+_OPS = ("refine_eval", "refine_train", "refine_train_backward", "attention_probs", "attention_context")
+
+_lock = threading.Lock()
+_state: dict[str, bool | None] = {"available": None, "enabled": True}
+
+
+def _isa_flags() -> tuple[str, list[str]]:
+    """Instruction-set flags for the CPU PyTorch dispatches to; part of the cache key, since the code is specific."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability == "AVX512":
+        return capability, ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c"]
+    if capability == "AVX2":
+        return capability, ["-mavx2", "-mfma", "-mf16c"]
+    return capability, []
+
+
+def _ops_registered() -> bool:
+    return all(hasattr(torch.ops.refiner_hf, name) for name in _OPS)
+
+
+def _build() -> bool:
+    if _ops_registered():  # already loaded in this process (e.g. by another copy of this module)
+        _register_python_parts()
+        return True
+    files = [_SOURCE_DIR / name for name in _SOURCES + _HEADERS]
+    if not all(path.is_file() for path in files):
+        logger.info("No kernel sources in %s; using the PyTorch implementations.", _SOURCE_DIR)
+        return False
+    try:
+        from torch.utils import cpp_extension
+
+        capability, isa = _isa_flags()
+        digest = hashlib.sha256(b"".join(path.read_bytes() for path in files) + torch.__version__.encode())
+        logger.info("Building the fused Refiner-ViT kernels (once; cached by torch.utils.cpp_extension).")
+        cpp_extension.load(
+            name=f"refiner_hf_kernels_{capability.lower().replace(' ', '_')}_{digest.hexdigest()[:12]}",
+            sources=[str(_SOURCE_DIR / name) for name in _SOURCES],
+            extra_cflags=["-O3", "-fopenmp", *isa],
+            extra_ldflags=["-fopenmp"],
+            is_python_module=False,
+            verbose=False,
+        )
+    except Exception as error:  # any build or load failure: fall back to PyTorch
+        warnings.warn(
+            f"Could not build the fused Refiner-ViT kernels ({type(error).__name__}: {error}); "
+            "using the (slower) PyTorch implementations.",
+            stacklevel=3,
+        )
+        return False
+    if not _ops_registered():
+        return False
+    _register_python_parts()
+    return True
+
+
+def kernels_available() -> bool:
+    """
+    Whether the fused CPU ops can be used. The first call (outside `torch.compile` tracing) builds or loads them; under
+    tracing the answer is whatever an earlier eager call found, so that compiling never starts a build.
+    """
+    if not _state["enabled"] or os.environ.get(DISABLE_ENV_VAR, "0") not in ("", "0"):
+        return False
+    if _state["available"] is None:
+        if torch.compiler.is_compiling():
+            return False
+        with _lock:
+            if _state["available"] is None:
+                _state["available"] = _build()
+    return bool(_state["available"])
+
+
+def set_kernels_enabled(enabled: bool) -> bool:
+    """Switches the fused CPU ops on or off for this process (e.g. to compare with the PyTorch path); returns the
+    previous setting."""
+    previous = bool(_state["enabled"])
+    _state["enabled"] = enabled
+    return previous
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Fake (shape) implementations and the training op's autograd formula.
+
+
+def _fake_refine_eval(x, w_expand, b_expand, w_depthwise, b_depthwise, w_project, b_project, residual_scale, padding):
+    return x.new_empty(x.shape)
+
+
+def _fake_attention_probs(qkv, previous, heads, scale, alpha):
+    batch, tokens, _ = qkv.shape
+    return qkv.new_empty((batch, heads, tokens, tokens))
+
+
+def _fake_attention_context(probs, values, value_offset):
+    batch, heads, tokens, _ = probs.shape
+    return probs.new_empty((batch, tokens, values.shape[-1] - value_offset))
+
+
+def _stats_shapes(x: torch.Tensor, w_expand: torch.Tensor | None, w_depthwise: torch.Tensor) -> list[tuple[int, int]]:
+    channels, heads = w_depthwise.shape[0], x.shape[1]
+    return [(2, channels if w_expand is not None else 0), (2, channels), (2, heads), (2, heads)]
+
+
+def _fake_refine_train(x, w_expand, bn1_weight, bn1_bias, w_depthwise, *rest):
+    stats = [x.new_empty(shape, dtype=torch.float32) for shape in _stats_shapes(x, w_expand, w_depthwise)]
+    return (x.new_empty(x.shape), *stats)
+
+
+def _fake_refine_train_backward(grad_out, x, w_expand, bn1_weight, bn1_bias, w_depthwise, bn2_weight, bn2_bias,
+                                w_project, bn3_weight, bn3_bias, bna_weight, bna_bias, *rest):  # fmt: skip
+    def like(t: torch.Tensor | None) -> torch.Tensor:
+        return x.new_empty((0,) if t is None else t.shape, dtype=torch.float32)
+
+    return [
+        x.new_empty(x.shape),
+        *(like(t) for t in (w_expand, bn1_weight, bn1_bias)),
+        *(like(t) for t in (w_depthwise, bn2_weight, bn2_bias, w_project, bn3_weight, bn3_bias, bna_weight, bna_bias)),
+    ]
+
+
+def _setup_refine_train(ctx, inputs, output) -> None:
+    x, *params, eps, scale, padding = inputs
+    ctx.save_for_backward(x, *params, *output[1:])
+    ctx.eps, ctx.scale, ctx.padding = eps, scale, padding
+    ctx.has_expansion = params[0] is not None
+    ctx.mark_non_differentiable(*output[1:])
+
+
+def _backward_refine_train(ctx, grad_out, *unused_stat_grads):
+    x, *saved = ctx.saved_tensors
+    params, stats = saved[:11], saved[11:]
+    grads = torch.ops.refiner_hf.refine_train_backward(
+        grad_out, x, *params, *stats, ctx.eps, ctx.scale, ctx.padding
+    )
+    if not ctx.has_expansion:
+        grads[1:4] = [None, None, None]
+    return (*grads, None, None, None)
+
+
+def _register_python_parts() -> None:
+    # `allow_override` keeps a second copy of this module (a model directory's remote code) from failing.
+    torch.library.register_fake("refiner_hf::refine_eval", _fake_refine_eval, allow_override=True)
+    torch.library.register_fake("refiner_hf::refine_train", _fake_refine_train, allow_override=True)
+    torch.library.register_fake(
+        "refiner_hf::refine_train_backward", _fake_refine_train_backward, allow_override=True
+    )
+    torch.library.register_fake("refiner_hf::attention_probs", _fake_attention_probs, allow_override=True)
+    torch.library.register_fake("refiner_hf::attention_context", _fake_attention_context, allow_override=True)
+    torch.library.register_autograd(
+        "refiner_hf::refine_train", _backward_refine_train, setup_context=_setup_refine_train
+    )

@@ -1,0 +1,214 @@
+"""
+Token labeling in the trainer: relabeling the embedded data with a tiny teacher (examples/generate_relabel.py), training
+on the maps with MixToken and the dense loss (one and two processes), the checks before training, and the geometry of
+the dense labels a batch carries.
+"""
+
+import importlib.util
+import json
+import math
+import pickle
+import sys
+
+import numpy as np
+import pytest
+import torch
+from training_utils import (
+    RELABEL_SCRIPT,
+    TINY_MODEL,
+    read_results,
+    run_in_process,
+    run_relabel_script,
+    run_script,
+    save_tiny_teacher,
+    tiny_run_args,
+    two_process_launcher,
+)
+
+from refiner_hf.token_labeling import RelabelError, dense_soft_labels, mix_dense_labels, open_relabel_store
+from refiner_hf.training.arguments import TrainingArguments
+from refiner_hf.training.data import load_image_data
+from refiner_hf.training.loaders import SampleKey, TrainingSet, collate_training_batch
+from refiner_hf.training.token_labeling import (
+    DENSE_LABELS,
+    DenseLabelBuilder,
+    example_relabel_key,
+    iter_relabel_keys,
+    mix_batch,
+)
+from refiner_hf.training.tracking import read_metrics
+from refiner_hf.training.transforms import BatchMixing, TrainTransform
+
+
+NUM_SAMPLES = 64
+GRID = 7  # the tiny model's token grid: 28 px with 4-pixel patches
+
+
+def generate(argv: list[str]) -> dict:
+    """examples/generate_relabel.py's `main(argv)` in this process (accelerate's state reset afterwards)."""
+    from accelerate.state import AcceleratorState
+
+    spec = importlib.util.spec_from_file_location("generate_relabel", RELABEL_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    try:
+        return module.main(argv)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def relabel_argv(teacher, output, **overrides) -> list[str]:
+    values = {"teacher": teacher, "output": output, "max_train_samples": NUM_SAMPLES, "teacher_image_size": 56,
+              "batch_size": 16, "shard_size": 24, "dataloader_num_workers": 0, **overrides}  # fmt: skip
+    return [item for key, value in values.items() for item in (f"--{key}", str(value))]
+
+
+def token_labeling_args(output_dir, store, **overrides) -> list[str]:
+    """A tiny run (2 epochs of 8 steps, no augmentation besides the crop and flip) with token labeling."""
+    values = dict(relabel_root=store, relabel_size=GRID, mix_token=True, dense_weight=0.5, aa="", reprob=0.0, lr=3e-3)
+    return tiny_run_args(output_dir, **{**values, **overrides})
+
+
+def training_keys(num_samples: int = NUM_SAMPLES) -> list[str]:
+    data = load_image_data(TrainingArguments(max_train_samples=num_samples))
+    return list(iter_relabel_keys(data.train, "image"))
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """A packed store of the tiny teacher's maps of the 64 training images of the tiny runs."""
+    root = tmp_path_factory.mktemp("relabel")
+    teacher = save_tiny_teacher(root / "teacher")
+    results = generate(relabel_argv(teacher, root / "store"))
+    assert results == {"written": NUM_SAMPLES, "skipped": 0, "stored": NUM_SAMPLES, "num_classes": 10}
+    return root
+
+
+def test_generated_store_covers_the_training_set_and_resumes(store):
+    relabel = open_relabel_store(store / "store", num_classes=10)
+    keys = training_keys()
+    assert len(relabel) == NUM_SAMPLES and all(key in relabel for key in keys)
+    assert keys[0].startswith("fashion_mnist/train_")
+    assert relabel.map_shape == (5, GRID, GRID)
+    first = relabel[keys[0]]
+    assert first.indices.min() >= 0 and first.indices.max() < 10 and torch.isfinite(first.scores).all()
+    # Started again, it finds everything stored and only rewrites the store's description.
+    again = generate(relabel_argv(store / "teacher", store / "store"))
+    assert again["written"] == 0 and again["stored"] == NUM_SAMPLES
+
+
+def test_training_with_token_labeling_lowers_the_loss(store, tmp_path):
+    results = run_in_process(token_labeling_args(tmp_path, store / "store"))
+    losses = [r["train/loss"] for r in read_metrics(tmp_path / "logs") if "train/loss" in r]
+    assert len(losses) == 16 and all(math.isfinite(loss) for loss in losses)
+    assert np.mean(losses[-4:]) < np.mean(losses[:4]) - 0.05, losses
+    assert results["global_step"] == 16
+    config = json.loads((tmp_path / "model" / "config.json").read_text())
+    assert config["use_mix_token"] is True and config["aux_loss_weight"] == 0.5
+
+
+def test_relabeling_and_training_on_two_processes(store, tmp_path):
+    output = tmp_path / "store"
+    run_relabel_script(relabel_argv(store / "teacher", output), launcher=two_process_launcher(29531))
+    relabel = open_relabel_store(output, num_classes=10)
+    assert all(key in relabel for key in training_keys()) and len(relabel) == NUM_SAMPLES
+    assert {path.name.split("-")[0] for path in output.glob("*.keys.txt")} == {"rank0", "rank1"}
+
+    run_dir = tmp_path / "run"
+    stdout = run_script(token_labeling_args(run_dir, output, epochs=3), launcher=two_process_launcher(29532)).stdout
+    assert "8 per process x 2 processes" in stdout and "MixToken on" in stdout, stdout
+    losses = [r["train/loss"] for r in read_metrics(run_dir / "logs") if "train/loss" in r]
+    assert len(losses) == 12 and all(math.isfinite(loss) for loss in losses)
+    assert np.mean(losses[-3:]) < np.mean(losses[:3]), losses
+    assert read_results(run_dir)["global_step"] == 12
+
+
+def test_missing_maps_and_mismatches_fail_before_training(store, tmp_path):
+    # 80 training images: the first 64 are the relabeled ones (the same seeded shuffle), 16 have no map.
+    with pytest.raises(RelabelError, match=r"16 of 80 training images have no relabel map \(e\.g\. fashion_mnist/"):
+        run_in_process(token_labeling_args(tmp_path / "missing", store / "store", max_train_samples=80))
+    missing = sorted(set(training_keys(80)) - set(training_keys()))
+    with pytest.raises(RelabelError) as error:
+        run_in_process(token_labeling_args(tmp_path / "missing", store / "store", max_train_samples=80))
+    assert any(key in str(error.value) for key in missing)
+    with pytest.raises(ValueError, match="--relabel_size 14 differs from the model's token grid 7 x 7"):
+        run_in_process(token_labeling_args(tmp_path / "size", store / "store", relabel_size=14))
+    without_aux = json.dumps({**TINY_MODEL, "use_aux_head": False})
+    with pytest.raises(ValueError, match="the model has none"):
+        run_in_process(
+            token_labeling_args(tmp_path / "aux", store / "store", config_overrides=without_aux, mix_token=False)
+        )
+    with pytest.raises(RelabelError, match="index 10 classes but the model has 12"):
+        run_in_process(token_labeling_args(tmp_path / "classes", store / "store",
+                                           config_overrides=json.dumps({**TINY_MODEL, "num_labels": 12})))  # fmt: skip
+    assert not any((tmp_path / name / "checkpoints").exists() for name in ("missing", "size", "aux", "classes"))
+
+
+def test_batch_dense_labels_follow_the_crop_flip_and_cutmix_box(store):
+    data = load_image_data(TrainingArguments(max_train_samples=NUM_SAMPLES))
+    relabel = open_relabel_store(store / "store", num_classes=10)
+    builder = DenseLabelBuilder(store / "store", "image", GRID, 10, "softmax")
+    builder = pickle.loads(pickle.dumps(builder))  # as DataLoader workers get it under spawn
+    transform = TrainTransform(
+        28, mean=(0.5,) * 3, std=(0.5,) * 3, scale=(0.2, 0.6), auto_augment="rand-m9", re_prob=0.5
+    )
+    train_set = TrainingSet(data.train, "image", "label", transform, seed=0, target_builders={DENSE_LABELS: builder})
+    samples = [train_set[SampleKey(0, index)] for index in range(8)]
+    batch = collate_training_batch(samples)
+    assert batch[DENSE_LABELS].shape == (8, 10, GRID, GRID)
+    keys = training_keys()
+    assert any(s["crop"].flipped for s in samples) and not all(s["crop"].flipped for s in samples)
+    for i, sample in enumerate(samples):
+        crop = sample["crop"]
+        expected = dense_soft_labels(
+            relabel[keys[i]], (crop.top, crop.left, crop.height, crop.width), (28, 28), GRID, 10, flipped=crop.flipped
+        )
+        torch.testing.assert_close(batch[DENSE_LABELS][i], expected)
+
+    # CutMix: the box pasted into the images is the one the dense labels are mixed with, on the token grid.
+    torch.manual_seed(3)
+    np.random.seed(3)
+    mixing = BatchMixing(10, mixup_alpha=0.0, cutmix_alpha=1.0, prob=1.0)
+    original = batch["pixel_values"].clone()
+    dense = batch[DENSE_LABELS].clone()
+    pixel_values, targets, mixed = mix_batch(mixing, batch, epoch=0)
+    record = mixing.last_mix
+    assert record is not None and record.cutmix_box is not None
+    y_low, y_high, x_low, x_high = record.cutmix_box
+    inside = torch.zeros(28, 28, dtype=torch.bool)
+    inside[y_low:y_high, x_low:x_high] = True
+    assert inside.any() and not inside.all()
+    assert torch.equal(pixel_values[..., inside], original.flip(0)[..., inside])
+    assert torch.equal(pixel_values[..., ~inside], original[..., ~inside])
+    torch.testing.assert_close(mixed, mix_dense_labels(dense, record.lam, record.cutmix_box, (28, 28)))
+    token_inside = torch.zeros(GRID, GRID, dtype=torch.bool)
+    scale = GRID / 28
+    token_inside[round(y_low * scale) : round(y_high * scale), round(x_low * scale) : round(x_high * scale)] = True
+    torch.testing.assert_close(mixed[..., token_inside], dense.flip(0)[..., token_inside])
+    torch.testing.assert_close(mixed[..., ~token_inside], dense[..., ~token_inside])
+    assert targets.shape == (8, 10)
+
+    # Mixup blends every token's label with the same λ as the images.
+    mixing = BatchMixing(10, mixup_alpha=1.0, cutmix_alpha=0.0, prob=1.0)
+    batch = collate_training_batch(samples)
+    _, _, mixed = mix_batch(mixing, batch, epoch=0)
+    lam = mixing.last_mix.lam
+    torch.testing.assert_close(mixed, lam * dense + (1 - lam) * dense.flip(0))
+
+
+def test_imagenet_and_image_folder_examples_are_keyed_by_file_name():
+    import datasets
+
+    paths = ["n01440764_10026.JPEG", "/data/train/n01443537/n01443537_2.JPEG"]
+    features = datasets.Features({"image": datasets.Image(decode=False), "label": datasets.Value("int64")})
+    split = datasets.Dataset.from_dict(
+        {"image": [{"path": path, "bytes": b""} for path in paths], "label": [0, 1]}, features=features
+    )
+    expected = ["n01440764/n01440764_10026", "n01443537/n01443537_2"]
+    # The keys checked before training are the keys the target builder looks up for each example.
+    assert list(iter_relabel_keys(split, "image")) == expected
+    assert [example_relabel_key(split[i], "image") for i in range(2)] == expected
+    nameless = datasets.Dataset.from_dict({"image": [{"path": None, "bytes": b""}], "label": [0]}, features=features)
+    with pytest.raises(RelabelError, match="Training example 0 has no file name"):
+        list(iter_relabel_keys(nameless, "image"))
