@@ -14,7 +14,6 @@ import copy
 import time
 
 import torch
-
 from bench_common import (
     add_common_arguments,
     deit_small_vit,

@@ -22,7 +22,6 @@ import sys
 import time
 
 import torch
-
 from bench_common import add_common_arguments, machine_description, refiner, synchronize
 
 
