@@ -23,7 +23,7 @@ TOLERANCE = 1e-4
 def backend(request):
     """Runs a test with the fused C++ kernels (when they can be built here) and with the PyTorch fallbacks."""
     if request.param == "kernels" and not kernels_available():
-        pytest.skip("the fused CPU kernels cannot be built on this machine")
+        pytest.skip(reason="the fused CPU kernels cannot be built on this machine")
     previous = set_kernels_enabled(request.param == "kernels")
     yield request.param
     set_kernels_enabled(previous)
