@@ -58,6 +58,9 @@ def main() -> None:
     for mode in modes:
         runners = models
         if mode == "compiled":
+            # Every model, batch size and precision is its own graph of the same transformers wrapper: without room
+            # for them all, dynamo would fall back to eager after the default limit of 8 and time the wrong thing.
+            torch._dynamo.config.recompile_limit = 64
             runners = {name: torch.compile(model) for name, model in models.items()}
         for dtype in args.dtype:
             for batch_size in args.batch_size:

@@ -19,6 +19,7 @@ import logging
 import os
 import threading
 import warnings
+from inspect import signature
 from pathlib import Path
 
 import torch
@@ -52,8 +53,7 @@ def _ops_registered() -> bool:
 
 def _build() -> bool:
     if _ops_registered():  # already loaded in this process (e.g. by another copy of this module)
-        _register_python_parts()
-        return True
+        return _register_python_parts()
     files = [_SOURCE_DIR / name for name in _SOURCES + _HEADERS]
     if not all(path.is_file() for path in files):
         logger.info("No kernel sources in %s; using the PyTorch implementations.", _SOURCE_DIR)
@@ -79,10 +79,7 @@ def _build() -> bool:
             stacklevel=3,
         )
         return False
-    if not _ops_registered():
-        return False
-    _register_python_parts()
-    return True
+    return _ops_registered() and _register_python_parts()
 
 
 def kernels_available() -> bool:
@@ -160,23 +157,34 @@ def _setup_refine_train(ctx, inputs, output) -> None:
 def _backward_refine_train(ctx, grad_out, *unused_stat_grads):
     x, *saved = ctx.saved_tensors
     params, stats = saved[:11], saved[11:]
-    grads = torch.ops.refiner_hf.refine_train_backward(
-        grad_out, x, *params, *stats, ctx.eps, ctx.scale, ctx.padding
-    )
+    grads = torch.ops.refiner_hf.refine_train_backward(grad_out, x, *params, *stats, ctx.eps, ctx.scale, ctx.padding)
     if not ctx.has_expansion:
         grads[1:4] = [None, None, None]
     return (*grads, None, None, None)
 
 
-def _register_python_parts() -> None:
-    # `allow_override` keeps a second copy of this module (a model directory's remote code) from failing.
-    torch.library.register_fake("refiner_hf::refine_eval", _fake_refine_eval, allow_override=True)
-    torch.library.register_fake("refiner_hf::refine_train", _fake_refine_train, allow_override=True)
-    torch.library.register_fake(
-        "refiner_hf::refine_train_backward", _fake_refine_train_backward, allow_override=True
-    )
-    torch.library.register_fake("refiner_hf::attention_probs", _fake_attention_probs, allow_override=True)
-    torch.library.register_fake("refiner_hf::attention_context", _fake_attention_context, allow_override=True)
-    torch.library.register_autograd(
-        "refiner_hf::refine_train", _backward_refine_train, setup_context=_setup_refine_train
-    )
+def _register_python_parts() -> bool:
+    """Fake implementations and the autograd formula; False (kernels unused) if this PyTorch cannot register them."""
+    fakes = {
+        "refine_eval": _fake_refine_eval,
+        "refine_train": _fake_refine_train,
+        "refine_train_backward": _fake_refine_train_backward,
+        "attention_probs": _fake_attention_probs,
+        "attention_context": _fake_attention_context,
+    }
+    # Overriding keeps a second copy of this module (a model directory's remote code) from failing.
+    override = {"allow_override": True} if "allow_override" in signature(torch.library.register_fake).parameters else {}
+    try:
+        for name, fake in fakes.items():
+            torch.library.register_fake(f"refiner_hf::{name}", fake, **override)
+        torch.library.register_autograd(
+            "refiner_hf::refine_train", _backward_refine_train, setup_context=_setup_refine_train
+        )
+    except Exception as error:
+        warnings.warn(
+            f"Could not register the fused Refiner-ViT kernels ({type(error).__name__}: {error}); "
+            "using the PyTorch implementations.",
+            stacklevel=4,
+        )
+        return False
+    return True

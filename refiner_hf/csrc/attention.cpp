@@ -31,6 +31,11 @@ using at::Tensor;
 
 int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
+// Rows per register tile: (rows x 3 vectors) accumulators for the scores, (rows x 2 vectors) for the context; 24 of
+// the 32 AVX-512 registers, 12 of the 16 AVX2 ones.
+constexpr int kScoreRows = kLanes == 16 ? 8 : 4;
+constexpr int kContextRows = kLanes == 16 ? 12 : 6;
+
 // Rows [row0, row0 + R) of s * (Q K^T), Q: (N, d) packed rows, Kt: (d, n_pad) packed columns; out: R x n_pad.
 template <int R, int NQ>
 inline void scores_tile(const float* q, int64_t d, const float* kt, int64_t n_pad, int64_t col, float* out) {
@@ -102,7 +107,7 @@ void attention_probs_kernel(const T* qkv, const T* previous, T* probs, int64_t b
   const int64_t width = 3 * heads * d;  // row stride of the packed projection
   const int64_t n_pad = round_up(n, kLanes);
   at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
-    Buffer q(n * d), kt(d * n_pad, 0.f), scores(4 * n_pad);
+    Buffer q(n * d), kt(d * n_pad, 0.f), scores(kScoreRows * n_pad);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / heads, h = task % heads;
       const T* base = qkv + b * n * width + h * d;
@@ -120,9 +125,9 @@ void attention_probs_kernel(const T* qkv, const T* previous, T* probs, int64_t b
                       previous ? previous + plane + (i + r) * n : nullptr, probs + plane + (i + r) * n);
         }
       };
-      for (; i + 4 <= n; i += 4) {
-        scores_rows<4>(q.data() + i * d, d, kt.data(), n_pad, scores.data());
-        finish(4);
+      for (; i + kScoreRows <= n; i += kScoreRows) {
+        scores_rows<kScoreRows>(q.data() + i * d, d, kt.data(), n_pad, scores.data());
+        finish(kScoreRows);
       }
       for (; i < n; ++i) {
         scores_rows<1>(q.data() + i * d, d, kt.data(), n_pad, scores.data());
@@ -191,7 +196,7 @@ template <typename T>
 void attention_context_kernel(const T* probs, const T* values, int64_t value_stride, T* context, int64_t batch,
                               int64_t n, int64_t heads, int64_t d) {
   const int64_t d_pad = round_up(d, kLanes);
-  constexpr int kRows = 6;
+  constexpr int kRows = kContextRows;
   at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
     Buffer v(n * d_pad, 0.f), p(kRows * n), out(kRows * d_pad);
     for (int64_t task = begin; task < end; ++task) {

@@ -19,7 +19,10 @@
 // Data layout inside the kernels: a "row set" holds one image row of several channels as float rows of
 // `stride` floats each, with column 0 at `offset` and zeros around the valid columns, so that the depthwise
 // convolution reads its padding without bounds checks. Every row set a kernel computes has its tail (the columns
-// past `cols` up to a whole number of vectors) zeroed, so that sums over rows need no masks.
+// past `cols` up to a whole number of vectors) zeroed, so that sums and dot products over rows need no masks.
+//
+// The batch statistics are accumulated about a per-task shift and combined in double (see `Moments`), and every
+// reduction is summed in a fixed order, so results do not depend on the thread schedule.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -337,9 +340,16 @@ inline Vec tail_mask(const Layout& L) {
 
 // Adds one row (row-set channel pointer `y`) to `m`; with `x` (and its moments `mx`, already updated for this
 // row), also the cross sum.
+inline float masked_mean(const float* y, const Layout& L, const Vec& mask) {
+  Vec acc{};
+  for (int64_t q = 0; q + 1 < L.chunks; ++q) acc += load(y + L.offset + q * kLanes);
+  acc += load(y + L.offset + (L.chunks - 1) * kLanes) * mask;
+  return hsum(acc) / static_cast<float>(L.cols);
+}
+
 inline void accumulate(Moments& m, const float* y, const Layout& L, const Vec& mask, const float* x = nullptr,
                        const Moments* mx = nullptr) {
-  if (m.count == 0.0) m.shift = row_sum(y, L) / static_cast<float>(L.cols);
+  if (m.count == 0.0) m.shift = masked_mean(y, L, mask);
   const Vec shift = splat(static_cast<float>(m.shift));
   const Vec x_shift = splat(mx ? static_cast<float>(mx->shift) : 0.f);
   Vec sum{}, sum_sq{}, cross{};
@@ -815,8 +825,8 @@ void train_forward(const T* x, T* out, int64_t batch, const Layout& L, const Tra
           load_row(image, i, H, xrow.data(), L);
           for (int64_t h = 0; h < H; ++h) {
             const float* xr = xrow.data() + h * L.stride;
-            if (mx[h].count == 0.0) mx[h].shift = row_sum(xr, L) / static_cast<float>(L.cols);
-            if (my[h].count == 0.0) my[h].shift = row_sum(y.data() + h * L.stride, L) / static_cast<float>(L.cols);
+            // x's shift is needed by the cross sum before x's own first accumulation sets it.
+            if (mx[h].count == 0.0) mx[h].shift = masked_mean(xr, L, mask);
             accumulate(my[h], y.data() + h * L.stride, L, mask, xr, &mx[h]);
             accumulate(mx[h], xr, L, mask);
           }
