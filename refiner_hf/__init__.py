@@ -19,6 +19,7 @@ from .modeling_refiner_vit import (
     RefinerViTForImageClassification,
     RefinerViTImageClassifierOutput,
     RefinerViTModel,
+    RefinerViTModelOutput,
     RefinerViTPreTrainedModel,
 )
 
@@ -42,6 +43,7 @@ __all__ = [
     "RefinerViTImageProcessor",
     "RefinerViTImageProcessorPil",
     "RefinerViTModel",
+    "RefinerViTModelOutput",
     "RefinerViTPreTrainedModel",
     "convert_original_checkpoint",
     "load_original_weights",

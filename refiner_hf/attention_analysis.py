@@ -49,6 +49,21 @@ def class_token_attention(attention: torch.Tensor) -> torch.Tensor:
     return patches.reshape(*patches.shape[:-1], side, side)
 
 
+def upsample_to_image(grid_map: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """
+    A map over the patch grid `(h, w)` stretched over an image of `size` `(height, width)` (bilinear, pixel centres
+    aligned as in `F.interpolate(align_corners=False)`) and scaled to [0, 1]; a constant map gives zeros.
+    """
+    if grid_map.ndim != 2:
+        raise ValueError(f"Expected a (h, w) map, got shape {tuple(grid_map.shape)}.")
+    image_map = F.interpolate(grid_map[None, None].float(), size=size, mode="bilinear", align_corners=False)[0, 0]
+    low, high = image_map.min(), image_map.max()
+    # A constant map (up to the interpolation's rounding) has no place to show: zeros, not amplified rounding noise.
+    if high - low <= 1e-6 * max(high.abs().item(), low.abs().item(), 1e-30):
+        return torch.zeros_like(image_map)
+    return (image_map - low) / (high - low)
+
+
 def incoming_attention_maps(attentions: tuple[torch.Tensor, ...], block_types: list[str]) -> list[torch.Tensor | None]:
     """
     For each block, the map it received from the block before (`None` for the first): what a shared block refines.
@@ -65,4 +80,4 @@ def incoming_attention_maps(attentions: tuple[torch.Tensor, ...], block_types: l
     return incoming
 
 
-__all__ = ["class_token_attention", "head_similarity", "incoming_attention_maps"]
+__all__ = ["class_token_attention", "head_similarity", "incoming_attention_maps", "upsample_to_image"]

@@ -31,6 +31,7 @@ from .fused_refinement import (
 
 
 def _fold_into_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight and bias of `bn(conv(x))` as one convolution (evaluation mode)."""
     scale, shift = batch_norm_scale_shift(bn)
     weight = conv.weight * scale.reshape(-1, 1, 1, 1)
     bias = shift if conv.bias is None else conv.bias * scale + shift
@@ -38,32 +39,22 @@ def _fold_into_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, 
 
 
 def can_run_conv_stem(stem: nn.Module) -> bool:
+    """Whether the stem's BatchNorms can be folded (evaluation mode with running statistics)."""
     return can_fold(stem.bn1, stem.bn2, stem.bn3)
-
-
-# Images per stem pass: the stem's widest activation (128 x 112 x 112 floats per 224 px image) is kept under this
-# size, so that the allocator reuses its memory rather than mapping (and zero-filling) fresh pages on every call.
-_STEM_CHUNK_BYTES = 24 * 2**20
 
 
 def conv_stem_forward(stem: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
     """The convolutional stem with folded BatchNorms; returns a `channels_last` (batch, hidden, h, w) tensor."""
-    layers = [(conv, *_fold_into_conv(conv, bn)) for conv, bn in ((stem.conv1, stem.bn1), (stem.conv2, stem.bn2),
-                                                                  (stem.conv3, stem.bn3))]  # fmt: skip
-    batch_size, _, height, width = pixel_values.shape
-    widest = stem.conv3.out_channels * (height // 2) * (width // 2) * pixel_values.element_size()
-    chunk = max(1, _STEM_CHUNK_BYTES // widest)
-    outputs = []
-    for start in range(0, batch_size, chunk):
-        hidden = pixel_values[start : start + chunk].contiguous(memory_format=torch.channels_last)
-        for conv, weight, bias in layers:
-            hidden = F.conv2d(hidden, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
-            hidden = F.relu(hidden, inplace=True)
-        outputs.append(stem.projection(hidden))
-    return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+    hidden = pixel_values.contiguous(memory_format=torch.channels_last)
+    for conv, bn in ((stem.conv1, stem.bn1), (stem.conv2, stem.bn2), (stem.conv3, stem.bn3)):
+        weight, bias = _fold_into_conv(conv, bn)
+        hidden = F.conv2d(hidden, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+        hidden = F.relu(hidden, inplace=True)
+    return stem.projection(hidden)
 
 
 def can_run_attention(attention: nn.Module) -> bool:
+    """Whether the attention's BatchNorms, if any, can be folded (evaluation mode with running statistics)."""
     if attention.block_type == "plain":
         return True
     return can_fold(attention.adapt_bn, attention.refiner.expand_bn, attention.refiner.depthwise_bn,
@@ -78,12 +69,15 @@ def attention_forward(
         if previous_attention is None:
             raise ValueError("A shared block needs the attention map of a previous block.")
         values = attention.v_proj(hidden_states)
+        previous_attention = attention.unrefined_map(previous_attention)
         folded = fold_refinement(attention.refiner, attention.adapt_bn, attention.scaling)
         attention_map = refine_folded(previous_attention, folded)
         context = _attention_context(attention_map, values, 0, attention.num_heads)
         return attention.o_proj(context), attention_map, previous_attention
     qkv = attention.qkv(hidden_states)
-    attention_map = _attention_probs(qkv, previous_attention, attention.num_heads, attention.scaling)
+    attention_map = attention.unrefined_map(
+        _attention_probs(qkv, previous_attention, attention.num_heads, attention.scaling)
+    )
     if attention.block_type == "refined":
         attention_map = refine_folded(attention_map, fold_refinement(attention.refiner, attention.adapt_bn))
     context = _attention_context(attention_map, qkv, 2 * hidden_states.shape[-1], attention.num_heads)

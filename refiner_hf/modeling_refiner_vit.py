@@ -49,6 +49,11 @@ class RefinerViTImageClassifierOutput(ModelOutput):
         attentions (`tuple(torch.FloatTensor)`, *optional*, returned when `output_attentions=True`):
             For each block, the attention map it multiplied with the values, of shape
             `(batch_size, num_heads, num_patches + 1, num_patches + 1)`: refined maps for refined and shared blocks.
+        unrefined_attentions (`tuple(torch.FloatTensor)`, *optional*, returned when
+            `output_unrefined_attentions=True`):
+            For each block, the attention map before refinement, shaped like `attentions`: what the refinement of a
+            refined block starts from (its softmax map plus the scaled incoming map), the incoming map for a shared
+            block, and the map used (the same as in `attentions`) for a plain block.
         mix_token_box (`torch.LongTensor` of shape `(4,)`, *optional*, returned when MixToken was applied):
             Rows `[0:1]` and columns `[2:3]` (start, end) of the token-grid box whose tokens came from the reversed
             batch. `aux_logits` are already swapped back, so each lines up with its own image.
@@ -60,7 +65,25 @@ class RefinerViTImageClassifierOutput(ModelOutput):
     aux_logits: torch.FloatTensor | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
+    unrefined_attentions: tuple[torch.FloatTensor, ...] | None = None
     mix_token_box: torch.LongTensor | None = None
+
+
+@dataclass
+class RefinerViTModelOutput(BaseModelOutputWithPooling):
+    r"""
+    Output of [`RefinerViTModel`]: [`~modeling_outputs.BaseModelOutputWithPooling`] (the pooled output is the class
+    token after the final LayerNorm) with the attention maps before refinement.
+
+    Args:
+        unrefined_attentions (`tuple(torch.FloatTensor)`, *optional*, returned when
+            `output_unrefined_attentions=True`):
+            For each block, the attention map before refinement, of shape
+            `(batch_size, num_heads, num_patches + 1, num_patches + 1)`; see
+            [`RefinerViTImageClassifierOutput`].
+    """
+
+    unrefined_attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
 def drop_path(input: torch.Tensor, drop_prob: float = 0.0, training: bool = False) -> torch.Tensor:
@@ -238,6 +261,13 @@ class RefinerViTRefiner(nn.Module):
         return hidden + attention_map
 
 
+class RefinerViTUnrefinedMap(nn.Identity):
+    """
+    Marks the attention map a block starts its refinement from, so that `output_unrefined_attentions=True` can record
+    it (the identity otherwise).
+    """
+
+
 class RefinerViTAttention(nn.Module):
     """
     Self-attention of one block. Depending on the block type:
@@ -269,6 +299,7 @@ class RefinerViTAttention(nn.Module):
             expansion = config.shared_expansion if block_type == "shared" else config.refine_expansion
             self.refiner = RefinerViTRefiner(self.num_heads, expansion, config.refine_kernel_size)
             self.adapt_bn = nn.BatchNorm2d(self.num_heads)
+        self.unrefined_map = RefinerViTUnrefinedMap()
         self.attention_dropout = nn.Dropout(config.attention_probs_dropout_prob)
         self.o_proj = nn.Linear(hidden_size, hidden_size)
         self.output_dropout = nn.Dropout(config.hidden_dropout_prob)
@@ -286,6 +317,7 @@ class RefinerViTAttention(nn.Module):
                 raise ValueError("A shared block needs the attention map of a previous block.")
             value = self.v_proj(hidden_states).reshape(batch_size, seq_len, self.num_heads, self.head_dim)
             value = value.transpose(1, 2)
+            previous_attention = self.unrefined_map(previous_attention)
             if lean:
                 attention = refine_memory_lean(previous_attention, self.refiner, self.adapt_bn, self.scaling)
             else:
@@ -300,7 +332,7 @@ class RefinerViTAttention(nn.Module):
             attention = attention.softmax(dim=-1)
             if previous_attention is not None:
                 attention = attention + previous_attention * self.scaling
-            attention = self.attention_dropout(attention)
+            attention = self.unrefined_map(self.attention_dropout(attention))
             if self.block_type == "refined" and lean:
                 attention = refine_memory_lean(attention, self.refiner, self.adapt_bn)
             elif self.block_type == "refined":
@@ -397,6 +429,7 @@ class RefinerViTPreTrainedModel(PreTrainedModel):
     _can_record_outputs = {
         "hidden_states": RefinerViTLayer,
         "attentions": RefinerViTAttention,
+        "unrefined_attentions": RefinerViTUnrefinedMap,
     }
 
     def set_fast_inference(self, enabled: bool = True) -> None:
@@ -514,7 +547,7 @@ class RefinerViTModel(RefinerViTPreTrainedModel):
         interpolate_pos_encoding: bool | None = None,
         mix_token_box: MixTokenBox | None = None,
         **kwargs,
-    ) -> BaseModelOutputWithPooling:
+    ) -> RefinerViTModelOutput:
         r"""
         Args:
             pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`):
@@ -528,6 +561,8 @@ class RefinerViTModel(RefinerViTPreTrainedModel):
                 Return the embeddings and every block's output.
             output_attentions (`bool`, *optional*):
                 Return the attention map every block multiplied with its values (refined ones included).
+            output_unrefined_attentions (`bool`, *optional*):
+                Return every block's attention map before refinement (see [`RefinerViTModelOutput`]).
         """
         if pixel_values is None:
             raise ValueError("You have to specify `pixel_values`.")
@@ -541,7 +576,7 @@ class RefinerViTModel(RefinerViTPreTrainedModel):
         for layer in self.layers:
             hidden_states, attention = self._run_layer(layer, hidden_states, attention)
         sequence_output = self.layernorm(hidden_states)
-        return BaseModelOutputWithPooling(last_hidden_state=sequence_output, pooler_output=sequence_output[:, 0])
+        return RefinerViTModelOutput(last_hidden_state=sequence_output, pooler_output=sequence_output[:, 0])
 
 
 class RefinerViTForImageClassification(RefinerViTPreTrainedModel):
@@ -616,7 +651,7 @@ class RefinerViTForImageClassification(RefinerViTPreTrainedModel):
         if use_mix_token and self.training and self.aux_classifier is not None:
             grid = self.refiner_vit.embeddings.patch_embeddings.grid_size(*pixel_values.shape[-2:])
             box = sample_mix_token_box(*grid, beta=self.config.mix_token_beta)
-        outputs: BaseModelOutputWithPooling = self.refiner_vit(
+        outputs: RefinerViTModelOutput = self.refiner_vit(
             pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, mix_token_box=box, **kwargs
         )
         sequence_output = outputs.last_hidden_state
@@ -641,6 +676,7 @@ class RefinerViTForImageClassification(RefinerViTPreTrainedModel):
             aux_logits=aux_logits,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
+            unrefined_attentions=outputs.unrefined_attentions,
             mix_token_box=None if box is None else box.as_tensor(),
         )
 
@@ -701,5 +737,6 @@ __all__ = [
     "RefinerViTForImageClassification",
     "RefinerViTImageClassifierOutput",
     "RefinerViTModel",
+    "RefinerViTModelOutput",
     "RefinerViTPreTrainedModel",
 ]

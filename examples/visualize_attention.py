@@ -1,0 +1,258 @@
+#!/usr/bin/env python
+"""
+Draw what Refiner-ViT's attention refinement does to one image.
+
+For each chosen layer and head, the picture shows the class token's attention over the patch grid, overlaid on the
+image the model saw (after the processor's resize and crop): for refined and shared blocks the map before refinement
+and the refined map side by side, for plain blocks the map they used. Above them: the image with the top-5 prediction,
+and the diversity of the heads per layer (mean pairwise cosine similarity between the heads' whole maps, before and
+after refinement; 1 means identical heads), which is also printed. Everything comes from the maps the model returns
+(`output_attentions=True`, `output_unrefined_attentions=True`).
+
+With no arguments it uses the model the trainer's default run writes (outputs/refiner-vit-fashion-mnist/model) if it
+exists, otherwise the tiny original checkpoint bundled with the tests, converted on the fly (random weights: the
+picture shows the path, not a trained model), and the bundled photo:
+
+    python examples/visualize_attention.py
+    python examples/visualize_attention.py --model path/to/converted-dir --image photo.jpg --layers 0 4 8 --heads 0 1
+    python examples/visualize_attention.py --model outputs/refiner-vit-s/model --image https://example.com/cat.jpg
+
+The figure has `2 * len(heads)` columns and `len(layers) + 1` rows of `--panel-size`-inch panels plus a half-panel
+title band, so the PNG is `2 * heads * panel * dpi` by `(layers + 1.5) * panel * dpi` pixels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+
+matplotlib.use("Agg")  # files only: no display needed
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from transformers import AutoImageProcessor, AutoModelForImageClassification  # noqa: E402
+from transformers.image_utils import load_image  # noqa: E402
+from transformers.utils import logging  # noqa: E402
+
+from refiner_hf import RefinerViTForImageClassification, convert_original_checkpoint  # noqa: E402
+from refiner_hf.assets import sample_image_path  # noqa: E402
+from refiner_hf.attention_analysis import class_token_attention, head_similarity, upsample_to_image  # noqa: E402
+from refiner_hf.hub import image_processor_for_config  # noqa: E402
+
+
+TRAINED_DEFAULT = Path("outputs/refiner-vit-fashion-mnist/model")
+BUNDLED_CHECKPOINT = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "released_tiny.pth"
+DEFAULT_MAX_LAYERS = 4
+DEFAULT_MAX_HEADS = 4
+
+
+@dataclass
+class AttentionViews:
+    """What the picture is drawn from, for one image."""
+
+    image: np.ndarray  # (height, width, 3) in [0, 1]: the processed image, un-normalised
+    block_types: list[str]
+    used: list[torch.Tensor]  # per layer, (heads, tokens, tokens): the map the block multiplied with its values
+    unrefined: list[torch.Tensor]  # per layer, the map before refinement (the used one for plain blocks)
+    top5: list[tuple[str, float]]
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="A model directory or Hub id (default: see above).")
+    parser.add_argument("--image", default=str(sample_image_path()), help="Image file or URL (default: a cat photo).")
+    parser.add_argument(
+        "--layers",
+        type=int,
+        nargs="+",
+        help=f"Layer indices (default: up to {DEFAULT_MAX_LAYERS} refined/shared layers, evenly spread).",
+    )
+    parser.add_argument("--heads", type=int, nargs="+", help=f"Head indices (default: the first {DEFAULT_MAX_HEADS}).")
+    parser.add_argument("--out", type=Path, default=Path("attention.png"), help="Where to write the PNG.")
+    parser.add_argument("--panel-size", type=float, default=1.6, help="Size of one panel, in inches.")
+    parser.add_argument("--dpi", type=int, default=100)
+    parser.add_argument("--alpha", type=float, default=0.6, help="Opacity of the attention colours over the image.")
+    return parser.parse_args(argv)
+
+
+def load_model(model: str | None) -> tuple[RefinerViTForImageClassification, object, str]:
+    """The model and image processor to draw, and a line saying which they are."""
+    if model is None and TRAINED_DEFAULT.is_dir():
+        model = str(TRAINED_DEFAULT)
+    if model is not None:
+        loaded = AutoModelForImageClassification.from_pretrained(model)
+        if not isinstance(loaded, RefinerViTForImageClassification):
+            raise ValueError(f"{model} holds a {type(loaded).__name__}, not a Refiner-ViT image classifier.")
+        return loaded.eval(), AutoImageProcessor.from_pretrained(model), f"model {model}"
+    converted = convert_original_checkpoint(BUNDLED_CHECKPOINT)
+    with tempfile.TemporaryDirectory() as tmp:  # a round trip, as a converted model would be used
+        converted.save_pretrained(tmp)
+        image_processor_for_config(converted.config).save_pretrained(tmp)
+        loaded = AutoModelForImageClassification.from_pretrained(tmp)
+        processor = AutoImageProcessor.from_pretrained(tmp)
+    return loaded.eval(), processor, f"the bundled tiny checkpoint {BUNDLED_CHECKPOINT.name} (random weights)"
+
+
+def displayed_image(pixel_values: torch.Tensor, processor) -> np.ndarray:
+    """The processed image (1, 3, h, w) as the (h, w, 3) picture in [0, 1] the model saw."""
+    image = pixel_values[0].float()
+    if getattr(processor, "do_normalize", False):
+        mean = torch.tensor(processor.image_mean).reshape(-1, 1, 1)
+        std = torch.tensor(processor.image_std).reshape(-1, 1, 1)
+        image = image * std + mean
+    return image.clamp(0, 1).permute(1, 2, 0).numpy()
+
+
+@torch.no_grad()
+def attention_views(model: RefinerViTForImageClassification, processor, image) -> AttentionViews:
+    """Runs one image through the processor and the model and keeps the maps and the top 5."""
+    pixel_values = processor(images=image, return_tensors="pt")["pixel_values"]
+    outputs = model(pixel_values, output_attentions=True, output_unrefined_attentions=True)
+    probabilities = outputs.logits[0].float().softmax(-1)
+    scores, indices = probabilities.topk(min(5, probabilities.numel()))
+    labels = model.config.id2label
+    return AttentionViews(
+        image=displayed_image(pixel_values, processor),
+        block_types=list(model.config.block_types),
+        used=[maps[0].float() for maps in outputs.attentions],
+        unrefined=[maps[0].float() for maps in outputs.unrefined_attentions],
+        top5=[(labels.get(int(i), str(int(i))), float(s)) for s, i in zip(scores, indices)],
+    )
+
+
+def default_layers(block_types: Sequence[str], limit: int = DEFAULT_MAX_LAYERS) -> list[int]:
+    """Up to `limit` layers, evenly spread over the refined and shared ones (over all if there are none)."""
+    candidates = [i for i, kind in enumerate(block_types) if kind != "plain"] or list(range(len(block_types)))
+    if len(candidates) <= limit:
+        return candidates
+    picks = np.linspace(0, len(candidates) - 1, limit).round().astype(int)
+    return [candidates[i] for i in picks]
+
+
+def check_indices(name: str, indices: Sequence[int], count: int) -> list[int]:
+    bad = [i for i in indices if not 0 <= i < count]
+    if bad:
+        raise ValueError(f"--{name} {bad} out of range: the model has {count} {name} (0 to {count - 1}).")
+    return list(indices)
+
+
+def overlay_attention(
+    image: np.ndarray, grid_map: torch.Tensor, alpha: float = 0.6, colormap: str = "inferno"
+) -> np.ndarray:
+    """
+    The image with a patch-grid map drawn over it: the map is stretched over the image, scaled to [0, 1] and coloured
+    (bright where the attention is high), then blended with opacity `alpha`. Returns `(height, width, 3)` in [0, 1].
+    """
+    heat = upsample_to_image(grid_map, image.shape[:2]).numpy()
+    colours = matplotlib.colormaps[colormap](heat)[..., :3]
+    return (1 - alpha) * image + alpha * colours
+
+
+def similarity_rows(views: AttentionViews) -> list[tuple[int, str, float, float]]:
+    """Per layer: (index, block type, head similarity before refinement, after)."""
+    return [
+        (i, kind, float(head_similarity(before)), float(head_similarity(after)))
+        for i, (kind, before, after) in enumerate(zip(views.block_types, views.unrefined, views.used))
+    ]
+
+
+def draw(
+    views: AttentionViews,
+    layers: Sequence[int],
+    heads: Sequence[int],
+    out: Path,
+    panel_size: float = 1.6,
+    dpi: int = 100,
+    alpha: float = 0.6,
+) -> Path:
+    """Writes the picture (see the module docstring for its layout and size) to `out`."""
+    columns, rows = 2 * len(heads), len(layers) + 1
+    figure = plt.figure(figsize=(columns * panel_size, (rows + 0.5) * panel_size), dpi=dpi)
+    grid = figure.add_gridspec(
+        rows, columns, top=rows / (rows + 0.5), bottom=0.02, left=0.02, right=0.98, hspace=0.35, wspace=0.1
+    )
+    prediction = ", ".join(f"{label} {score:.0%}" for label, score in views.top5)
+    figure.suptitle(f"Top 5: {prediction}", fontsize=9, wrap=True)
+
+    image_axis = figure.add_subplot(grid[0, 0])
+    image_axis.imshow(views.image)
+    image_axis.set_title("input", fontsize=8)
+    image_axis.axis("off")
+    # The diversity plot leaves a column for its axis labels when there is room.
+    _draw_similarity(figure.add_subplot(grid[0, 2:] if columns >= 4 else grid[0, 1:]), similarity_rows(views))
+
+    for row, layer in enumerate(layers, start=1):
+        kind = views.block_types[layer]
+        used = class_token_attention(views.used[layer])
+        unrefined = class_token_attention(views.unrefined[layer])
+        for n, head in enumerate(heads):
+            before_axis = figure.add_subplot(grid[row, 2 * n])
+            after_axis = figure.add_subplot(grid[row, 2 * n + 1])
+            if kind == "plain":
+                before_axis.axis("off")
+                before_axis.text(
+                    0.5, 0.5, f"layer {layer}\nplain:\nno refinement", ha="center", va="center", fontsize=7
+                )
+            else:
+                before_axis.imshow(overlay_attention(views.image, unrefined[head], alpha))
+                before_axis.set_title(f"L{layer} h{head} before", fontsize=7)
+                before_axis.axis("off")
+            after_axis.imshow(overlay_attention(views.image, used[head], alpha))
+            after_title = {"plain": "(plain)", "refined": "refined", "shared": "refined (shared)"}[kind]
+            after_axis.set_title(f"L{layer} h{head} {after_title}", fontsize=7)
+            after_axis.axis("off")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out, dpi=dpi)
+    plt.close(figure)
+    return out
+
+
+def _draw_similarity(axis, rows: list[tuple[int, str, float, float]]) -> None:
+    indices = [row[0] for row in rows]
+    axis.plot(indices, [row[2] for row in rows], "o--", color="tab:gray", label="before refinement", markersize=3)
+    axis.plot(indices, [row[3] for row in rows], "o-", color="tab:orange", label="used (refined)", markersize=3)
+    axis.set_xlabel("layer", fontsize=7)
+    axis.set_ylabel("head similarity", fontsize=7)
+    axis.set_title("mean pairwise cosine similarity between heads (1: identical)", fontsize=7)
+    # Refined maps may have negative entries (the BatchNorms shift them), so their cosines can fall below zero.
+    lowest = min(min(row[2], row[3]) for row in rows)
+    axis.set_ylim(min(0.0, lowest) - 0.05, 1.05)
+    axis.tick_params(labelsize=6)
+    axis.legend(fontsize=6)
+
+
+def main(argv: Sequence[str] | None = None) -> Path:
+    args = parse_args(argv)
+    logging.disable_progress_bar()
+    model, processor, description = load_model(args.model)
+    try:
+        image = load_image(args.image)
+    except Exception as error:
+        raise SystemExit(f"Could not read the image {args.image}: {error}") from None
+    views = attention_views(model, processor, image)
+    layers = check_indices("layers", args.layers, len(views.used)) if args.layers else default_layers(views.block_types)
+    num_heads = views.used[0].shape[0]
+    heads = (
+        check_indices("heads", args.heads, num_heads) if args.heads else list(range(min(DEFAULT_MAX_HEADS, num_heads)))
+    )
+
+    print(f"Attention of {description} on {args.image}")
+    print("Top 5: " + ", ".join(f"{label} ({score:.3f})" for label, score in views.top5))
+    print("Head similarity per layer (mean pairwise cosine similarity of the heads' maps; 1 = identical heads):")
+    print(f"  {'layer':>5}  {'block':<8} {'before':>7} {'after':>7}")
+    for index, kind, before, after in similarity_rows(views):
+        print(f"  {index:>5}  {kind:<8} {before:7.3f} {after:7.3f}")
+    out = draw(views, layers, heads, args.out, args.panel_size, args.dpi, args.alpha)
+    print(f"Wrote {out}")
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""examples/visualize_attention.py: the picture's size and content, and its checks of the arguments."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import randomize_, tiny_config
+from PIL import Image
+
+from refiner_hf import RefinerViTForImageClassification
+from refiner_hf.assets import sample_image_path
+from refiner_hf.attention_analysis import class_token_attention
+from refiner_hf.hub import image_processor_for_config
+
+
+SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "visualize_attention.py"
+
+
+@pytest.fixture(scope="module")
+def visualizer():
+    spec = importlib.util.spec_from_file_location("visualize_attention", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("tiny-refiner")
+    model = randomize_(RefinerViTForImageClassification(tiny_config())).eval()
+    model.save_pretrained(directory)
+    image_processor_for_config(model.config).save_pretrained(directory)
+    return directory
+
+
+def test_writes_a_png_of_the_stated_size(visualizer, tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "maps.png"
+    written = visualizer.main(
+        ["--model", str(tiny_model_dir), "--image", str(sample_image_path()), "--layers", "0", "1", "2",
+         "--heads", "0", "3", "--out", str(out), "--panel-size", "1.0", "--dpi", "40"]
+    )  # fmt: skip
+    assert written == out
+    with Image.open(out) as picture:
+        assert picture.format == "PNG"
+        # 2 * heads columns, layers + 1 rows plus a half-panel title band, each panel 1 inch at 40 dpi.
+        assert picture.size == (2 * 2 * 40, int((3 + 1.5) * 40))
+    printed = capsys.readouterr().out
+    # The diversity table: one line per layer, similarities in [0, 1] (cosines of non-negative softmax maps).
+    rows = [line.split() for line in printed.splitlines() if line.strip()[:1].isdigit()]
+    assert [(row[0], row[1]) for row in rows] == [("0", "refined"), ("1", "shared"), ("2", "plain"), ("3", "shared")]
+    assert 0.0 <= float(rows[0][2]) <= 1.0
+    assert rows[2][2] == rows[2][3]  # a plain block's map is not refined
+
+
+def test_default_layers_spread_over_the_refined_and_shared_blocks(visualizer):
+    assert visualizer.default_layers(["refined", "shared", "plain", "shared"]) == [0, 1, 3]
+    kinds = ["plain"] + ["refined"] * 9
+    assert visualizer.default_layers(kinds) == [1, 4, 6, 9]  # positions 0, 8/3, 16/3, 8 of 9, rounded
+    assert visualizer.default_layers(["plain"] * 3) == [0, 1, 2]
+
+
+def test_overlay_lights_the_patch_the_class_token_attends_to(visualizer):
+    # A (heads, tokens, tokens) map on a 4x4 grid whose class token attends only to the patch at row 1, column 2.
+    attention = torch.full((2, 17, 17), 1 / 17)
+    attention[1, 0] = 0.0
+    attention[1, 0, 1 + 1 * 4 + 2] = 1.0
+    grid = class_token_attention(attention)[1]
+    image = np.full((64, 64, 3), 0.5)
+    overlay = visualizer.overlay_attention(image, grid, alpha=0.6)
+    assert overlay.shape == (64, 64, 3) and overlay.min() >= 0.0 and overlay.max() <= 1.0
+    brightness = overlay.mean(axis=-1)
+    row, column = np.unravel_index(brightness.argmax(), brightness.shape)
+    assert 16 <= row < 32 and 32 <= column < 48
+    inside = brightness[16:32, 32:48].mean()
+    outside = np.concatenate([brightness[:8].ravel(), brightness[48:].ravel()]).mean()
+    assert inside > outside + 0.2
+    # A head with no preference leaves a uniform picture (the map scales to zeros: the colormap's lowest colour).
+    uniform = visualizer.overlay_attention(image, class_token_attention(attention)[0], alpha=0.6)
+    assert (uniform == uniform[0, 0]).all()
+
+
+def test_rejects_layers_and_heads_the_model_does_not_have(visualizer, tiny_model_dir, tmp_path):
+    with pytest.raises(ValueError, match=r"--layers \[4\] out of range: the model has 4 layers"):
+        visualizer.main(["--model", str(tiny_model_dir), "--layers", "4", "--out", str(tmp_path / "x.png")])
+    with pytest.raises(ValueError, match=r"--heads \[-1\] out of range"):
+        visualizer.main(["--model", str(tiny_model_dir), "--heads", "-1", "--out", str(tmp_path / "x.png")])
+    with pytest.raises(SystemExit, match="Could not read the image"):
+        visualizer.main(["--model", str(tiny_model_dir), "--image", str(tmp_path / "missing.jpg")])
