@@ -156,9 +156,13 @@ def overlay_attention(
 
 
 def similarity_rows(views: AttentionViews) -> list[tuple[int, str, float, float]]:
-    """Per layer: (index, block type, head similarity before refinement, after)."""
+    """Per layer: (index, block type, head similarity before refinement, after); NaN for a single-head model."""
+
+    def similarity(maps: torch.Tensor) -> float:
+        return float(head_similarity(maps)) if maps.shape[0] > 1 else float("nan")
+
     return [
-        (i, kind, float(head_similarity(before)), float(head_similarity(after)))
+        (i, kind, similarity(before), similarity(after))
         for i, (kind, before, after) in enumerate(zip(views.block_types, views.unrefined, views.used))
     ]
 
@@ -222,8 +226,8 @@ def _draw_similarity(axis, rows: list[tuple[int, str, float, float]]) -> None:
     axis.set_ylabel("head similarity", fontsize=7)
     axis.set_title("mean pairwise cosine similarity between heads (1: identical)", fontsize=7)
     # Refined maps may have negative entries (the BatchNorms shift them), so their cosines can fall below zero.
-    lowest = min(min(row[2], row[3]) for row in rows)
-    axis.set_ylim(min(0.0, lowest) - 0.05, 1.05)
+    lowest = np.nanmin([min(row[2], row[3]) for row in rows] + [0.0])
+    axis.set_ylim(lowest - 0.05, 1.05)
     axis.tick_params(labelsize=6)
     axis.legend(fontsize=6)
 

@@ -90,3 +90,15 @@ def test_rejects_layers_and_heads_the_model_does_not_have(visualizer, tiny_model
         visualizer.main(["--model", str(tiny_model_dir), "--heads", "-1", "--out", str(tmp_path / "x.png")])
     with pytest.raises(SystemExit, match="Could not read the image"):
         visualizer.main(["--model", str(tiny_model_dir), "--image", str(tmp_path / "missing.jpg")])
+
+
+def test_single_head_model_draws_without_a_similarity(visualizer, tmp_path, capsys):
+    directory = tmp_path / "one-head"
+    model = randomize_(RefinerViTForImageClassification(tiny_config(num_attention_heads=1, hidden_size=8))).eval()
+    model.save_pretrained(directory)
+    image_processor_for_config(model.config).save_pretrained(directory)
+    out = visualizer.main(["--model", str(directory), "--out", str(tmp_path / "one.png"), "--dpi", "30"])
+    with Image.open(out) as picture:  # 1 head: 2 columns; 3 refined/shared layers + 1 row; 1.6-inch panels
+        assert picture.size == (int(2 * 1.6 * 30), int((3 + 1.5) * 1.6 * 30))
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.strip()[:1].isdigit()]
+    assert len(rows) == 4 and all(row[2] == "nan" and row[3] == "nan" for row in rows)
