@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import importlib.util
 import json
 import statistics
@@ -42,9 +43,9 @@ import matplotlib
 matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402
-import yaml  # noqa: E402
 
 from refiner_hf import RefinerViTConfig, RefinerViTForImageClassification  # noqa: E402
+from refiner_hf.training.arguments import load_recipe  # noqa: E402
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,9 +85,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+@functools.cache
+def recipe_values() -> dict[str, Any]:
+    """The embedded recipe, read and checked as the trainer reads it."""
+    return load_recipe(RECIPE)
+
+
 def model_config(block_type: str, overrides: dict[str, Any]) -> dict[str, Any]:
     """The recipe's model with every block of `block_type`."""
-    config = {**yaml.safe_load(RECIPE.read_text())["config_overrides"], **overrides}
+    config = {**json.loads(recipe_values()["config_overrides"]), **overrides}
     config["block_types"] = [block_type] * config["num_hidden_layers"]
     return config
 
@@ -110,7 +117,7 @@ def train(trainer: ModuleType, config: dict[str, Any], fraction: float, seed: in
 
     samples = max(1, round(fraction * TRAINING_IMAGES))
     # The recipe's warmup, at most half of a short run, in epochs of the full set.
-    warmup_epochs = min(yaml.safe_load(RECIPE.read_text())["warmup_epochs"], args.epochs / 2)
+    warmup_epochs = min(recipe_values()["warmup_epochs"], args.epochs / 2)
     epochs = max(1, round(args.epochs / fraction))
     argv = [
         "--recipe", str(RECIPE),

@@ -67,7 +67,9 @@ def upsample_to_image(grid_map: torch.Tensor, size: tuple[int, int]) -> torch.Te
 def incoming_attention_maps(attentions: tuple[torch.Tensor, ...], block_types: list[str]) -> list[torch.Tensor | None]:
     """
     For each block, the map it received from the block before (`None` for the first): what a shared block refines.
-    A plain or refined block passes on the map it used, a shared block passes on the map it received.
+    A plain or refined block passes on the map it used, a shared block passes on the map it received. (The model
+    returns what each block refines directly with `output_unrefined_attentions=True`; this derives the incoming maps
+    from `attentions` alone.)
     """
     if len(attentions) != len(block_types):
         raise ValueError(f"Got {len(attentions)} attention maps for {len(block_types)} blocks.")

@@ -1,6 +1,9 @@
 """Shared helpers of the test suite: fixture paths and small configurations that keep the tests fast on CPU."""
 
+import importlib.util
+import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -10,6 +13,15 @@ from refiner_hf.conversion import original_key_to_hf
 
 
 FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def load_script(path: Path) -> ModuleType:
+    """A script (examples/, benchmarks/) as a module named after its file, to call its functions in this process."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
 
 
 def tiny_config(**overrides) -> RefinerViTConfig:
@@ -80,3 +92,14 @@ def hf_to_original(model: RefinerViTForImageClassification) -> dict[str, torch.T
 @pytest.fixture
 def fixtures_dir() -> Path:
     return FIXTURES
+
+
+def loss_gradients_and_statistics(model, inputs, labels, seed=123):
+    """One seeded training forward + backward: the loss, every parameter's gradient and the buffers afterwards."""
+    torch.manual_seed(seed)
+    model.zero_grad()
+    loss = model(inputs, labels=labels).loss
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    return loss.detach(), grads, buffers

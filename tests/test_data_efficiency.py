@@ -1,12 +1,11 @@
 """benchmarks/data_efficiency.py at its smallest setting: both models through the trainer, the table and the plot."""
 
-import importlib.util
 import json
 import re
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import load_script
 from PIL import Image
 
 
@@ -24,11 +23,7 @@ TINY = json.dumps(
 
 @pytest.fixture(scope="module")
 def benchmark():
-    spec = importlib.util.spec_from_file_location("data_efficiency", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT)
 
 
 def test_smallest_setting_runs_both_models_through_the_trainer(benchmark, tmp_path, capsys):

@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import randomize_, tiny_config
+from conftest import loss_gradients_and_statistics, randomize_, tiny_config
 from PIL import Image
 from transformers import (
     AutoConfig,
@@ -110,16 +110,6 @@ def test_loss_without_aux_head(pixel_values):
     torch.testing.assert_close(out.loss, F.cross_entropy(out.cls_logits, labels))
 
 
-def _loss_grads_and_stats(model, pixel_values, labels):
-    torch.manual_seed(123)
-    model.zero_grad()
-    loss = model(pixel_values, labels=labels).loss
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-    buffers = {n: b.clone() for n, b in model.named_buffers()}
-    return loss.detach(), grads, buffers
-
-
 def test_gradient_checkpointing_gives_the_same_loss_gradients_and_statistics(pixel_values):
     config = tiny_config(drop_path_rate=0.3, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
     reference = randomize_(RefinerViTForImageClassification(config)).train()
@@ -127,8 +117,8 @@ def test_gradient_checkpointing_gives_the_same_loss_gradients_and_statistics(pix
     checkpointed.activation_checkpointing_enable()
     assert checkpointed.refiner_vit.gradient_checkpointing
     labels = torch.tensor([2, 0])
-    loss_a, grads_a, buffers_a = _loss_grads_and_stats(reference, pixel_values, labels)
-    loss_b, grads_b, buffers_b = _loss_grads_and_stats(checkpointed, pixel_values, labels)
+    loss_a, grads_a, buffers_a = loss_gradients_and_statistics(reference, pixel_values, labels)
+    loss_b, grads_b, buffers_b = loss_gradients_and_statistics(checkpointed, pixel_values, labels)
     torch.testing.assert_close(loss_a, loss_b, atol=0, rtol=0)
     for name in grads_a:
         torch.testing.assert_close(grads_a[name], grads_b[name], atol=1e-6, rtol=1e-5, msg=name)

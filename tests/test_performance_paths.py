@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import FIXTURES, randomize_, tiny_config
+from conftest import FIXTURES, loss_gradients_and_statistics, randomize_, tiny_config
 
 from refiner_hf import RefinerViTConfig, RefinerViTForImageClassification, convert_original_checkpoint
 from refiner_hf.cpu_kernels import kernels_available, set_kernels_enabled
@@ -183,16 +183,6 @@ def test_folded_refinement_matches_the_module(backend):
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Memory-lean training
-
-
-def loss_gradients_and_statistics(model, inputs, labels, seed=123):
-    torch.manual_seed(seed)
-    model.zero_grad()
-    loss = model(inputs, labels=labels).loss
-    loss.backward()
-    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
-    buffers = {name: b.clone() for name, b in model.named_buffers()}
-    return loss.detach(), grads, buffers
 
 
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["lean", "lean+checkpointing"])

@@ -4,15 +4,14 @@ on the maps with MixToken and the dense loss (one and two processes), the checks
 the dense labels a batch carries.
 """
 
-import importlib.util
 import json
 import math
 import pickle
-import sys
 
 import numpy as np
 import pytest
 import torch
+from conftest import load_script
 from training_utils import (
     RELABEL_SCRIPT,
     TINY_MODEL,
@@ -48,12 +47,8 @@ def generate(argv: list[str]) -> dict:
     """examples/generate_relabel.py's `main(argv)` in this process (accelerate's state reset afterwards)."""
     from accelerate.state import AcceleratorState
 
-    spec = importlib.util.spec_from_file_location("generate_relabel", RELABEL_SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
     try:
-        return module.main(argv)
+        return load_script(RELABEL_SCRIPT).main(argv)
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
 

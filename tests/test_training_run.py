@@ -22,7 +22,7 @@ from training_utils import (
     TINY_MODEL_WITHOUT_BATCHNORM,
     checkpoint_tensors,
     final_checkpoint,
-    load_script,
+    load_trainer,
     read_results,
     run_in_process,
     run_script,
@@ -93,7 +93,7 @@ def test_checkpoints_are_kept_and_rotated(trained):
 def test_finetuning_at_another_resolution_resizes_and_saves_the_new_size(trained, tmp_path, monkeypatch):
     pretrained, _ = trained
     uploads = []
-    script = load_script()
+    script = load_trainer()
 
     def fake_push_to_hub(*args, **kwargs):
         uploads.append((args, kwargs))

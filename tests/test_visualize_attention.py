@@ -1,13 +1,11 @@
 """examples/visualize_attention.py: the picture's size and content, and its checks of the arguments."""
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import randomize_, tiny_config
+from conftest import load_script, randomize_, tiny_config
 from PIL import Image
 
 from refiner_hf import RefinerViTForImageClassification
@@ -21,11 +19,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "visualize_attention
 
 @pytest.fixture(scope="module")
 def visualizer():
-    spec = importlib.util.spec_from_file_location("visualize_attention", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT)
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -11,6 +10,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from conftest import load_script
 from safetensors.torch import load_file
 
 
@@ -76,13 +76,9 @@ def tiny_run_args(output_dir: Path, model: dict[str, Any] | None = None, **overr
     return argv
 
 
-def load_script() -> ModuleType:
+def load_trainer() -> ModuleType:
     """examples/run_imagenet.py as a module, to call its `main(argv)` in this process."""
-    spec = importlib.util.spec_from_file_location("run_imagenet", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT)
 
 
 def run_in_process(argv: list[str]) -> dict[str, Any]:
@@ -90,7 +86,7 @@ def run_in_process(argv: list[str]) -> dict[str, Any]:
     from accelerate.state import AcceleratorState
 
     try:
-        return load_script().main(argv)
+        return load_trainer().main(argv)
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
 

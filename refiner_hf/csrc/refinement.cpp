@@ -415,9 +415,18 @@ std::vector<double> covariance(const std::vector<Moments>& ys, const std::vector
 // ----------------------------------------------------------------------------------------------------------------
 // Work split and per-task buffers.
 
+// A task's share of the work: rows [first, end) of one image of the batch.
+struct RowSpan {
+  int64_t image, first, end;
+};
+
 struct Tasks {
-  int64_t batch = 0, blocks = 0, block_rows = 0;
+  int64_t batch = 0, blocks = 0, block_rows = 0, rows = 0;
   int64_t count() const { return batch * blocks; }
+  RowSpan span(int64_t task) const {
+    const int64_t first = (task % blocks) * block_rows;
+    return {task / blocks, first, std::min(rows, first + block_rows)};
+  }
 };
 
 // Blocks of rows per image, so that a batch of one still keeps every thread busy; each block recomputes a halo of
@@ -428,6 +437,7 @@ Tasks make_tasks(int64_t batch, int64_t rows) {
   blocks = std::min(blocks, std::max<int64_t>(1, rows / 16));
   Tasks t;
   t.batch = batch;
+  t.rows = rows;
   t.block_rows = (rows + blocks - 1) / blocks;
   t.blocks = (rows + t.block_rows - 1) / t.block_rows;
   return t;
@@ -595,9 +605,7 @@ void run_folded(const T* x, T* out, int64_t batch, const Layout& L, const Folded
     Buffer t2(L.row_set(C), 0.f), acc(L.row_set(H), 0.f);
     std::vector<const float*> rows(k);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / tasks.blocks;
-      const int64_t r0 = (task % tasks.blocks) * tasks.block_rows;
-      const int64_t r1 = std::min(L.rows, r0 + tasks.block_rows);
+      const auto [b, r0, r1] = tasks.span(task);
       const T* image = x + b * H * L.plane();
       T* out_image = out + b * H * L.plane();
       ring.reset();
@@ -755,9 +763,7 @@ void train_forward(const T* x, T* out, int64_t batch, const Layout& L, const Tra
     at::parallel_for(0, tasks.count(), 1, [&](int64_t begin, int64_t end) {
       Buffer xrow(L.row_set(H), 0.f), y(L.row_set(C), 0.f);
       for (int64_t task = begin; task < end; ++task) {
-        const int64_t b = task / tasks.blocks;
-        const int64_t r0 = (task % tasks.blocks) * tasks.block_rows;
-        const int64_t r1 = std::min(L.rows, r0 + tasks.block_rows);
+        const auto [b, r0, r1] = tasks.span(task);
         Moments* m = parts.data() + task * C;
         for (int64_t i = r0; i < r1; ++i) {
           load_row(x + b * H * L.plane(), i, H, xrow.data(), L);
@@ -781,9 +787,7 @@ void train_forward(const T* x, T* out, int64_t batch, const Layout& L, const Tra
       Buffer y(L.row_set(C), 0.f);
       std::vector<const float*> rows(k);
       for (int64_t task = begin; task < end; ++task) {
-        const int64_t b = task / tasks.blocks;
-        const int64_t r0 = (task % tasks.blocks) * tasks.block_rows;
-        const int64_t r1 = std::min(L.rows, r0 + tasks.block_rows);
+        const auto [b, r0, r1] = tasks.span(task);
         const T* image = x + b * H * L.plane();
         const auto fill = [&](int64_t r, float* dst) { expansion.fill(image, r, dst); };
         Moments* m = parts.data() + task * C;
@@ -810,9 +814,7 @@ void train_forward(const T* x, T* out, int64_t batch, const Layout& L, const Tra
       Buffer t2(L.row_set(C), 0.f), y(L.row_set(H), 0.f), xrow(L.row_set(H), 0.f);
       std::vector<const float*> rows(k);
       for (int64_t task = begin; task < end; ++task) {
-        const int64_t b = task / tasks.blocks;
-        const int64_t r0 = (task % tasks.blocks) * tasks.block_rows;
-        const int64_t r1 = std::min(L.rows, r0 + tasks.block_rows);
+        const auto [b, r0, r1] = tasks.span(task);
         const T* image = x + b * H * L.plane();
         const auto fill = [&](int64_t r, float* dst) { expansion.fill(image, r, dst); };
         Moments* my = parts_y.data() + task * H;
@@ -963,9 +965,7 @@ void train_backward(const T* x, const T* grad_out, float* grad_x, int64_t batch,
         zhat(L.row_set(H), 0.f), xrow(L.row_set(H), 0.f), grow(L.row_set(H), 0.f);
     std::vector<const float*> rows(k);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / tasks.blocks;
-      const int64_t r0 = (task % tasks.blocks) * tasks.block_rows;
-      const int64_t r1 = std::min(L.rows, r0 + tasks.block_rows);
+      const auto [b, r0, r1] = tasks.span(task);
       const T* image = x + b * H * L.plane();
       const auto fill = [&](int64_t r, float* dst) { expansion.fill(image, r, dst); };
       double* acc = partial1.data() + task * kSums1 * H;
@@ -1027,9 +1027,7 @@ void train_backward(const T* x, const T* grad_out, float* grad_x, int64_t batch,
         xrow(L.row_set(H), 0.f), grow(L.row_set(H), 0.f), gy3(L.row_set(H), 0.f);
     std::vector<const float*> rows(k);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / tasks.blocks;
-      const int64_t r0 = (task % tasks.blocks) * tasks.block_rows;
-      const int64_t r1 = std::min(L.rows, r0 + tasks.block_rows);
+      const auto [b, r0, r1] = tasks.span(task);
       const T* image = x + b * H * L.plane();
       const auto fill = [&](int64_t r, float* dst) { expansion.fill(image, r, dst); };
       double* acc = partial2.data() + task * kSums2;
@@ -1096,9 +1094,9 @@ void train_backward(const T* x, const T* grad_out, float* grad_x, int64_t batch,
     Buffer y2(L.row_set(C), 0.f), yhat2(L.row_set(C), 0.f), gt1(L.row_set(C), 0.f), gy3(L.row_set(H), 0.f);
     std::vector<const float*> rows(k), grows(k);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / tasks.blocks;
-      const int64_t r0 = (task % tasks.blocks) * tasks.block_rows;
-      const int64_t r1 = std::min(L.rows, r0 + tasks.block_rows);
+      // Named variables, not a structured binding: C++17 lambdas (fill_gy2) cannot capture bindings.
+      const RowSpan span = tasks.span(task);
+      const int64_t b = span.image, r0 = span.first, r1 = span.end;
       const T* image = x + b * H * L.plane();
       const auto fill = [&](int64_t r, float* dst) { expansion.fill(image, r, dst); };
       double* acc = partial3.data() + task * kSums3;
@@ -1180,9 +1178,7 @@ void train_backward(const T* x, const T* grad_out, float* grad_x, int64_t batch,
     Buffer xrow(L.row_set(H), 0.f), y1(L.row_set(C), 0.f), yhat1(L.row_set(C), 0.f),
         gy1(L.row_set(C), 0.f), gx(L.row_set(H), 0.f);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / tasks.blocks;
-      const int64_t r0 = (task % tasks.blocks) * tasks.block_rows;
-      const int64_t r1 = std::min(L.rows, r0 + tasks.block_rows);
+      const auto [b, r0, r1] = tasks.span(task);
       double* acc = partial4.data() + task * C * H;
       for (int64_t i = r0; i < r1; ++i) {
         load_row(x + b * H * L.plane(), i, H, xrow.data(), L);

@@ -15,6 +15,7 @@ and flipped with the image; the collator stacks each of them into the batch unde
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import datasets
@@ -29,6 +30,48 @@ from .transforms import CropRecord, TrainTransform, seeded_rng
 
 
 TargetBuilder = Callable[[Mapping[str, Any], CropRecord], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class SampleRecipe:
+    """How both training sets turn a decoded example into a sample (see [`TrainingSet`] for the fields)."""
+
+    image_column: str
+    label_column: str
+    transform: TrainTransform
+    seed: int
+    num_labels: int | None = None
+    skip_bad_images: bool = False
+    target_builders: Mapping[str, TargetBuilder] = field(default_factory=dict)
+
+    def make_sample(
+        self,
+        example: Mapping[str, Any],
+        image: PIL.Image.Image,
+        seed_words: Sequence[int],
+        index: int,
+        bad_images: int = 0,
+    ) -> dict[str, Any]:
+        """The augmented sample of `example` (decoded as `image`), under the random state of `seed_words`."""
+        label = example[self.label_column]
+        if label is None or isinstance(label, bool) or not isinstance(label, (int, np.integer)):
+            raise DataError(f"Training example {index} has label {label!r}, not a class index.")
+        if label < 0 or (self.num_labels is not None and label >= self.num_labels):
+            raise DataError(
+                f"Training example {index} has label {label}, outside the model's {self.num_labels} classes."
+            )
+        with seeded_rng(*seed_words):
+            pixel_values, crop = self.transform(image)
+        sample = {
+            "pixel_values": pixel_values,
+            "labels": int(label),
+            "crop": crop,
+            "index": index,
+            "bad_images": bad_images,
+        }
+        for name, build in self.target_builders.items():
+            sample[name] = build(example, crop)
+        return sample
 
 
 # Training data
@@ -94,13 +137,9 @@ class TrainingSet(Dataset):
         target_builders: Mapping[str, TargetBuilder] | None = None,
     ) -> None:
         self.source = source
-        self.num_labels = num_labels
-        self.image_column = image_column
-        self.label_column = label_column
-        self.transform = transform
-        self.seed = seed
-        self.skip_bad_images = skip_bad_images
-        self.target_builders = dict(target_builders or {})
+        self.recipe = SampleRecipe(
+            image_column, label_column, transform, seed, num_labels, skip_bad_images, dict(target_builders or {})
+        )
 
     def __len__(self) -> int:
         return len(self.source)
@@ -113,45 +152,15 @@ class TrainingSet(Dataset):
             position = (index + offset) % len(self.source)
             example = self.source[position]
             try:
-                image = decode_image(example[self.image_column], position)
+                image = decode_image(example[self.recipe.image_column], position)
             except BadImageError:
-                if not self.skip_bad_images:
+                if not self.recipe.skip_bad_images:
                     raise
                 bad_images += 1
                 continue
-            return make_training_sample(
-                example, image, self, seed_words=(self.seed, epoch, position), index=position, bad_images=bad_images
-            )
+            seed_words = (self.recipe.seed, epoch, position)
+            return self.recipe.make_sample(example, image, seed_words, index=position, bad_images=bad_images)
         raise BadImageError(f"None of the {len(self.source)} training images can be decoded.")
-
-
-def make_training_sample(
-    example: Mapping[str, Any],
-    image: PIL.Image.Image,
-    dataset: TrainingSet | StreamingTrainingSet,
-    seed_words: Sequence[int],
-    index: int,
-    bad_images: int = 0,
-) -> dict[str, Any]:
-    label = example[dataset.label_column]
-    if label is None or isinstance(label, bool) or not isinstance(label, (int, np.integer)):
-        raise DataError(f"Training example {index} has label {label!r}, not a class index.")
-    if label < 0 or (dataset.num_labels is not None and label >= dataset.num_labels):
-        raise DataError(
-            f"Training example {index} has label {label}, outside the model's {dataset.num_labels} classes."
-        )
-    with seeded_rng(*seed_words):
-        pixel_values, crop = dataset.transform(image)
-    sample = {
-        "pixel_values": pixel_values,
-        "labels": int(label),
-        "crop": crop,
-        "index": index,
-        "bad_images": bad_images,
-    }
-    for name, build in dataset.target_builders.items():
-        sample[name] = build(example, crop)
-    return sample
 
 
 class StreamingTrainingSet(IterableDataset):
@@ -180,16 +189,12 @@ class StreamingTrainingSet(IterableDataset):
         target_builders: Mapping[str, TargetBuilder] | None = None,
     ) -> None:
         self.stream = stream
-        self.num_labels = num_labels
-        self.image_column = image_column
-        self.label_column = label_column
-        self.transform = transform
-        self.seed = seed
+        self.recipe = SampleRecipe(
+            image_column, label_column, transform, seed, num_labels, skip_bad_images, dict(target_builders or {})
+        )
         self.process_index = process_index
         self.batch_size = batch_size
         self.batches_per_epoch = batches_per_epoch
-        self.skip_bad_images = skip_bad_images
-        self.target_builders = dict(target_builders or {})
         self.epoch = 0
         self.skip_batches = 0
 
@@ -221,16 +226,16 @@ class StreamingTrainingSet(IterableDataset):
                 if position <= skip:
                     continue
                 try:
-                    image = decode_image(example[self.image_column], position - 1)
+                    image = decode_image(example[self.recipe.image_column], position - 1)
                 except BadImageError:
-                    if not self.skip_bad_images:
+                    if not self.recipe.skip_bad_images:
                         raise
                     # Not counted: the next example takes its place. (Skipped batches are not decoded, so a resumed
                     # streamed epoch that had bad images before the checkpoint is shifted by that many examples.)
                     position -= 1
                     continue
-                key = (self.seed, self.epoch, self.process_index, worker_id, position - 1)
-                yield make_training_sample(example, image, self, seed_words=key, index=position - 1)
+                key = (self.recipe.seed, self.epoch, self.process_index, worker_id, position - 1)
+                yield self.recipe.make_sample(example, image, key, index=position - 1)
             if not produced_this_pass:
                 raise DataError("The streamed training set is empty for this process.")
 
