@@ -49,7 +49,8 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from refiner_hf import RefinerViTForImageClassification
-from refiner_hf.hub import image_processor_for_config, push_to_hub, save_model_directory
+from refiner_hf.hub import image_processor_for_config, push_to_hub
+from refiner_hf.model_directory import save_model_directory
 from refiner_hf.training.arguments import TrainingArguments, parse_args
 from refiner_hf.training.card import training_model_card
 from refiner_hf.training.checkpointing import CheckpointManager, TrainingProgress

@@ -116,6 +116,9 @@ class RefinerViTConfig(PreTrainedConfig):
     """
 
     model_type = "refiner-vit"
+    # `save_pretrained` writes this module next to `config.json` and names it in `auto_map`, so that a saved directory
+    # loads with `trust_remote_code=True` where the package is not installed (the models and processors do the same).
+    _auto_class = "AutoConfig"
 
     image_size: int = 224
     patch_size: int = 16

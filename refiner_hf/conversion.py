@@ -23,6 +23,7 @@ from typing import Literal
 
 import torch
 from huggingface_hub.errors import StrictDataclassError
+from safetensors import SafetensorError
 
 from .configuration_refiner_vit import RefinerViTConfig
 from .modeling_refiner_vit import RefinerViTForImageClassification
@@ -32,6 +33,15 @@ from .modeling_refiner_vit import RefinerViTForImageClassification
 SAFE_CHECKPOINT_GLOBALS = [argparse.Namespace]
 _DDP_PREFIX = "module."
 _MAX_KEYS_SHOWN = 8
+
+# Bounds checked before anything is allocated from what a file declares. PyTorch stores tensors uncompressed in its
+# zip archives, and float weights barely compress, so an archive that would inflate to more than twice its size is
+# not a checkpoint but a decompression bomb.
+MAX_INFLATION = 2.0
+# The converted model runs once on a photo to check it; its attention maps grow with the square of the tokens implied
+# by the position embedding. 1 + 64 x 64 tokens (1024 px at patch 16) is four times the released L at 448 px (785).
+MAX_TOKENS = 4097
+_SAFETENSORS_MAX_HEADER = 100_000_000  # safetensors' own limit on its JSON header
 
 
 class CheckpointError(ValueError):
@@ -73,11 +83,19 @@ def load_checkpoint_file(path: str | os.PathLike) -> object:
             weights-only load refuses (a pickle that would run code is refused this way and never executed).
     """
     path = Path(path)
+    if path.is_dir():
+        suffixes = (".pth", ".pt", ".tar", ".bin", ".safetensors")
+        candidates = sorted(p.name for p in path.iterdir() if p.suffix in suffixes)
+        hint = f" (it holds {', '.join(candidates[:5])})" if candidates else ""
+        raise CheckpointError(f"{path} is a directory: pass the checkpoint file itself{hint}.")
     if not path.is_file():
         raise FileNotFoundError(f"Checkpoint file not found: {path}")
+    check_declared_sizes(path)
     try:
         with torch.serialization.safe_globals(SAFE_CHECKPOINT_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
+    except SafetensorError as error:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({error}).") from None
     except pickle.UnpicklingError as error:
         if "Weights only load failed" in str(error):
             first_line = str(error).strip().splitlines()[0]
@@ -90,6 +108,40 @@ def load_checkpoint_file(path: str | os.PathLike) -> object:
         raise CheckpointError(
             f"{path}: cannot be read as a PyTorch checkpoint; the file looks truncated or corrupt ({error})."
         ) from None
+
+
+def check_declared_sizes(path: str | os.PathLike) -> None:
+    """
+    Refuses a checkpoint file whose declared sizes would make loading it allocate far more than the file holds: a zip
+    archive (PyTorch's format) that inflates to more than [`MAX_INFLATION`] times its size, or a safetensors file whose
+    header claims more than the file has. (PyTorch's legacy format checks its storages against the file itself.)
+
+    Raises:
+        `CheckpointError`: naming the file and the sizes.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    if zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                declared = sum(info.file_size for info in archive.infolist())
+        except (zipfile.BadZipFile, OSError, ValueError) as error:
+            raise CheckpointError(f"{path}: a damaged zip archive ({error}).") from None
+        if declared > MAX_INFLATION * size:
+            raise CheckpointError(
+                f"{path}: the archive would inflate to {declared:,} bytes from a {size:,}-byte file. PyTorch stores "
+                "tensors uncompressed, so this is not a checkpoint as torch.save writes it; refusing to inflate it."
+            )
+        return
+    with path.open("rb") as file:
+        head = file.read(9)
+    if len(head) == 9 and head[8:9] == b"{":  # safetensors: an 8-byte header length, then the JSON header
+        header_size = int.from_bytes(head[:8], "little")
+        if header_size > min(size - 8, _SAFETENSORS_MAX_HEADER):
+            raise CheckpointError(
+                f"{path}: a safetensors header of {header_size:,} bytes in a {size:,}-byte file; the file is "
+                "truncated or corrupt."
+            )
 
 
 def extract_original_weights(
@@ -347,7 +399,8 @@ def convert_state_dict(
 ) -> dict[str, torch.Tensor]:
     """
     Renames an original state dict to `model`'s names and checks that it covers the model exactly: every original
-    tensor maps to exactly one parameter or buffer of the same shape, and every parameter and buffer gets one.
+    tensor maps to exactly one parameter or buffer of the same shape, and every parameter and buffer gets one. `model`
+    may live on the meta device: only its names and shapes are read.
 
     Raises:
         `CheckpointError`: naming the unexpected, missing or mis-shaped keys.
@@ -380,20 +433,98 @@ def convert_state_dict(
         raise CheckpointError(f"{source}: does not match the inferred Refiner-ViT architecture: {'; '.join(problems)}.")
     for key in expected:
         if key not in converted:
-            converted[key] = expected[key]
+            converted[key] = torch.zeros(expected[key].shape, dtype=expected[key].dtype)
     return converted
+
+
+def check_data_held(
+    state_dict: Mapping[str, torch.Tensor], model: RefinerViTForImageClassification, source: str = "checkpoint"
+) -> None:
+    """
+    Refuses tensors whose shapes claim far more values than the checkpoint holds (broadcast views with zero strides
+    saved from a tiny storage), before a model of those shapes is allocated: the model may take at most
+    [`MAX_INFLATION`] times the bytes of the checkpoint's data (float16 weights become float32).
+
+    Raises:
+        `CheckpointError`: naming both sizes.
+    """
+    storages = {}
+    for tensor in state_dict.values():
+        storage = tensor.untyped_storage()
+        storages[(storage.data_ptr(), storage.nbytes())] = storage.nbytes()
+    held = sum(storages.values())
+    needed = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    if needed > MAX_INFLATION * held:
+        raise CheckpointError(
+            f"{source}: the tensors' shapes describe a model of {needed:,} bytes, but the checkpoint holds only "
+            f"{held:,} bytes of data (tensors broadcast from a few values); refusing to build it."
+        )
+
+
+def check_finite(state_dict: Mapping[str, torch.Tensor], source: str = "checkpoint") -> None:
+    """
+    Refuses weights with NaN or infinite values (a diverged run, a damaged file), naming every such tensor.
+
+    Raises:
+        `CheckpointError`: listing the tensors and how many values of each are not finite.
+    """
+    bad = {}
+    for key, tensor in state_dict.items():
+        if tensor.is_floating_point() or tensor.is_complex():
+            count = tensor.numel() - int(torch.isfinite(tensor).sum())
+            if count:
+                bad[key] = count
+    if bad:
+        listed = ", ".join(f"{key!r} ({count:,} of {state_dict[key].numel():,})" for key, count in sorted(bad.items()))
+        raise CheckpointError(
+            f"{source}: non-finite values (NaN or infinity) in {len(bad)} tensors: {listed}. The checkpoint is damaged "
+            "or comes from a diverged run; convert it anyway only if that is what you want (--allow-non-finite, "
+            "`allow_non_finite=True`)."
+        )
 
 
 def model_from_original_state_dict(
     state_dict: Mapping[str, torch.Tensor],
     num_attention_heads: int | None = None,
     source: str = "checkpoint",
+    allow_non_finite: bool = False,
+    max_tokens: int | None = MAX_TOKENS,
     **config_kwargs,
 ) -> RefinerViTForImageClassification:
-    """Infers the configuration of an original state dict, builds the model and loads every tensor into it."""
+    """
+    Infers the configuration of an original state dict, checks every tensor against the model it implies, and builds
+    that model holding them. Nothing the size of the model is allocated before the checkpoint's tensors have matched
+    its architecture exactly (the model is laid out on the meta device first), so a small file whose shapes imply a
+    huge model is refused, not built.
+
+    Args:
+        state_dict (`Mapping[str, torch.Tensor]`): the original tensors, without `module.` prefix.
+        num_attention_heads (`int`, *optional*): only needed when no block refines its attention.
+        source (`str`, *optional*): name of the checkpoint for error messages.
+        allow_non_finite (`bool`, *optional*, defaults to `False`): convert weights with NaN or infinite values.
+        max_tokens (`int`, *optional*, defaults to [`MAX_TOKENS`]): refuse a position embedding of more tokens (the
+            attention maps of one image grow with their square); `None` for no bound.
+        config_kwargs: further configuration fields that shapes cannot tell.
+
+    Raises:
+        `CheckpointError`: naming the tensors or sizes that do not fit.
+    """
     config = infer_config(state_dict, num_attention_heads=num_attention_heads, source=source, **config_kwargs)
-    model = RefinerViTForImageClassification(config)
-    converted = convert_state_dict(state_dict, model, source=source)
+    tokens = config.num_patches + 1
+    if max_tokens is not None and tokens > max_tokens:
+        raise CheckpointError(
+            f"{source}: the position embedding implies {tokens:,} tokens ({config.image_size} px at patch "
+            f"{config.patch_size}), more than the {max_tokens:,} allowed: each attention map of one image would take "
+            f"{config.num_attention_heads * tokens**2 * 4 / 2**30:,.1f} GiB. Raise the bound (--max-tokens, "
+            "`max_tokens`) only for a model that really is that large."
+        )
+    with torch.device("meta"):
+        layout = RefinerViTForImageClassification(config)
+    converted = convert_state_dict(state_dict, layout, source=source)
+    check_data_held(state_dict, layout, source=source)
+    if not allow_non_finite:
+        check_finite(state_dict, source=source)
+    model = layout.to_empty(device="cpu")
     model.load_state_dict(converted, strict=True)
     return model.eval()
 
@@ -402,6 +533,8 @@ def convert_original_checkpoint(
     checkpoint: str | os.PathLike | Mapping,
     weights: Literal["ema", "raw"] | None = None,
     num_attention_heads: int | None = None,
+    allow_non_finite: bool = False,
+    max_tokens: int | None = MAX_TOKENS,
     **config_kwargs,
 ) -> RefinerViTForImageClassification:
     """
@@ -415,8 +548,16 @@ def convert_original_checkpoint(
             `"ema"` or `"raw"`; by default the EMA weights when present.
         num_attention_heads (`int`, *optional*):
             Only needed when no block refines its attention.
+        allow_non_finite (`bool`, *optional*, defaults to `False`):
+            Convert weights that hold NaN or infinite values instead of refusing them.
+        max_tokens (`int`, *optional*, defaults to [`MAX_TOKENS`]):
+            Refuse a model whose position embedding implies more tokens; `None` for no bound.
         config_kwargs:
             Configuration fields that shapes cannot tell (e.g. `layer_norm_eps`, `id2label`).
+
+    Raises:
+        `CheckpointError`: the file cannot be read, holds objects a weights-only load refuses, or does not match a
+            Refiner-ViT; the message names the file and the tensors.
 
     Example:
 
@@ -428,13 +569,23 @@ def convert_original_checkpoint(
     """
     original = load_original_weights(checkpoint, weights)
     return model_from_original_state_dict(
-        original.state_dict, num_attention_heads=num_attention_heads, source=original.source, **config_kwargs
+        original.state_dict,
+        num_attention_heads=num_attention_heads,
+        source=original.source,
+        allow_non_finite=allow_non_finite,
+        max_tokens=max_tokens,
+        **config_kwargs,
     )
 
 
 __all__ = [
+    "MAX_INFLATION",
+    "MAX_TOKENS",
     "CheckpointError",
     "OriginalWeights",
+    "check_data_held",
+    "check_declared_sizes",
+    "check_finite",
     "convert_original_checkpoint",
     "convert_state_dict",
     "extract_original_weights",

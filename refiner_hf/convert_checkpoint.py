@@ -4,39 +4,41 @@ Command line: convert an original Refiner-ViT checkpoint into a Hub model direct
     refiner-vit-convert --checkpoint Refiner_ViT_L_448.pth
     python convert/convert_refiner_timm_to_hf.py --checkpoint run/model_best.pth.tar --weights raw --output-dir my-model
 
-The configuration is inferred from the tensors. Before anything is reported as done, the written directory is loaded
-back from disk and must reproduce the in-memory converted model's logits on a real photo; the directory is only then
-moved into place, so a failure leaves nothing behind.
+The configuration is inferred from the tensors. Before anything is reported as done, the written directory is proved:
+every tensor in the weights file equals the converted one bit for bit, the configuration and both image-processor
+backends load back equal, the remote code is there, and the model loaded back from disk reproduces the converted
+model's logits on a real photo within float rounding. Only then is the directory moved into place, so a failure (or an
+interruption) leaves nothing behind.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
-import torch
 from PIL import Image
-from transformers import AutoImageProcessor, AutoModelForImageClassification
 from transformers.utils import logging
 
 from .assets import sample_image_path
-from .conversion import load_original_weights, model_from_original_state_dict
-from .hub import (
-    PUBLISHED_TOP1,
-    build_model_card,
-    image_processor_for_config,
-    imagenet_1k_id2label,
-    push_to_hub,
+from .conversion import MAX_TOKENS, CheckpointError, load_original_weights, model_from_original_state_dict
+from .hub import PUBLISHED_TOP1, build_model_card, image_processor_for_config, imagenet_1k_id2label, push_to_hub
+from .model_directory import (
+    ModelDirectoryError,
+    check_output_directory,
+    logits_on_image,
     save_model_directory,
+    verify_model_directory,
 )
 from .modeling_refiner_vit import RefinerViTForImageClassification
 
 
-# The reloaded model must reproduce the converted one's logits to this (it is the same weights and code path).
-RELOAD_TOLERANCE = 1e-6
+class Terminated(BaseException):
+    """SIGTERM, raised where the converter is so that it unwinds (and cleans up) like Ctrl-C does."""
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -68,6 +70,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--layer-norm-eps", type=float, default=1e-6, help="LayerNorm epsilon (1e-6 in the released models)."
     )
+    parser.add_argument(
+        "--allow-non-finite",
+        action="store_true",
+        help="Convert weights with NaN or infinite values (refused by default, naming the tensors).",
+    )
+    parser.add_argument(
+        "--max-tokens",
+        type=int,
+        default=MAX_TOKENS,
+        help=f"Refuse a position embedding of more tokens than this (default {MAX_TOKENS}: 1024 px at patch 16); the "
+        "attention maps of the check on a photo grow with its square.",
+    )
     parser.add_argument("--image", type=Path, default=sample_image_path(), help="Photo for the sanity check.")
     parser.add_argument("--push-to-hub", metavar="REPO_ID", help="Upload the directory to this Hub model repository.")
     parser.add_argument("--private", action="store_true", help="Create the Hub repository as private.")
@@ -77,7 +91,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=True,
         help="Write the weights as safetensors (always done; kept for familiarity with other converters).",
     )
-    parser.add_argument("--overwrite", action="store_true", help="Replace a non-empty output directory.")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="Replace a model directory written before at --output-dir (never a folder holding other files).",
+    )
     return parser.parse_args(argv)
 
 
@@ -87,24 +105,6 @@ def sha256_of(path: Path) -> str:
         for block in iter(lambda: file.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def logits_on_image(model, processor, image: Image.Image) -> torch.Tensor:
-    with torch.no_grad():
-        return model(**processor(image, return_tensors="pt")).logits
-
-
-def check_reload(directory: Path, expected: torch.Tensor, image: Image.Image) -> float:
-    """Loads `directory` as a user would and returns the largest logit difference to the in-memory model's."""
-    model = AutoModelForImageClassification.from_pretrained(directory).eval()
-    processor = AutoImageProcessor.from_pretrained(directory)
-    difference = (logits_on_image(model, processor, image) - expected).abs().max().item()
-    if difference > RELOAD_TOLERANCE:
-        raise RuntimeError(
-            f"The written model does not reproduce the converted one: logits differ by {difference:.3g} "
-            f"(> {RELOAD_TOLERANCE:g}). Nothing was written."
-        )
-    return difference
 
 
 def model_card(
@@ -139,6 +139,12 @@ def model_card(
 
 
 def convert(args: argparse.Namespace) -> Path:
+    def check_output(directory: Path) -> None:
+        check_output_directory(directory, args.overwrite, protected=[args.checkpoint], overwrite_flag="--overwrite")
+
+    if args.output_dir is not None:  # refused before minutes of work, not after
+        check_output(args.output_dir)
+    image = load_photo(args.image)
     original = load_original_weights(args.checkpoint, args.weights)
     print(
         f"Loaded {args.checkpoint}: {len(original.state_dict)} tensors, using the {original.weights.upper()} weights"
@@ -148,6 +154,8 @@ def convert(args: argparse.Namespace) -> Path:
         original.state_dict,
         num_attention_heads=args.num_attention_heads,
         source=str(args.checkpoint),
+        allow_non_finite=args.allow_non_finite,
+        max_tokens=args.max_tokens,
         layer_norm_eps=args.layer_norm_eps,
     )
     print(f"Every original tensor was mapped exactly once with its shape ({len(original.state_dict)} tensors).")
@@ -160,23 +168,34 @@ def convert(args: argparse.Namespace) -> Path:
     processor = image_processor_for_config(model.config, args.crop_pct)
     name = model.config.matching_preset() or f"{args.checkpoint.stem}-hf"
     output_dir = args.output_dir or Path(name)
+    if args.output_dir is None:
+        check_output(output_dir)
     print(
         f"Architecture: {model.config.matching_preset() or 'custom'}; block types {model.config.block_types}; "
         f"{model.num_parameters():,} parameters; crop_pct {processor.crop_pct}."
     )
 
-    image = Image.open(args.image).convert("RGB")
     expected = logits_on_image(model, processor, image)
     card = model_card(model, args, original.weights, processor.crop_pct, sha256_of(args.checkpoint), output_dir.name)
 
     def verify(directory: Path) -> None:
-        difference = check_reload(directory, expected, image)
+        check = verify_model_directory(directory, model, processor, image, expected_logits=expected)
         print(
-            f"Reloaded from disk: logits on {args.image.name} match the converted model (max difference "
-            f"{difference:.1g})."
+            f"Reloaded from disk: all {check.num_tensors} tensors bitwise equal, configuration and both processor "
+            f"backends load back equal; logits on {args.image.name} match the converted model (max difference "
+            f"{check.max_difference:.1g}, tolerance {check.tolerance:.1g})."
         )
 
-    save_model_directory(model, processor, output_dir, model_card=card, overwrite=args.overwrite, verify=verify)
+    save_model_directory(
+        model,
+        processor,
+        output_dir,
+        model_card=card,
+        overwrite=args.overwrite,
+        verify=verify,
+        protected=[args.checkpoint],
+        overwrite_flag="--overwrite",
+    )
     if model.config.num_labels == 1000:
         top = expected.softmax(-1)[0].topk(5)
         print(f"Top 5 on {args.image.name}:")
@@ -184,24 +203,65 @@ def convert(args: argparse.Namespace) -> Path:
             print(f"  {probability:.3f}  {model.config.id2label[index]}")
     print(f"Wrote {output_dir}")
     if args.push_to_hub:
-        commit = push_to_hub(
-            output_dir,
-            args.push_to_hub,
-            private=args.private or None,
-            commit_message=f"Convert {args.checkpoint.name} ({original.weights} weights)",
-        )
+        try:
+            commit = push_to_hub(
+                output_dir,
+                args.push_to_hub,
+                private=args.private or None,
+                commit_message=f"Convert {args.checkpoint.name} ({original.weights} weights)",
+            )
+        except Exception as error:  # network, authentication, permissions: all reported the same way
+            raise UploadError(
+                f"Uploading {output_dir} to {args.push_to_hub} failed ({type(error).__name__}: {error}). The model "
+                f"directory is complete; upload it again with `hf upload {args.push_to_hub} {output_dir}`."
+            ) from None
         print(f"Uploaded to {args.push_to_hub}: {commit.commit_url}")
     return output_dir
+
+
+class UploadError(OSError):
+    """The model directory was written but its upload to the Hub failed."""
+
+
+def load_photo(path: Path) -> Image.Image:
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except OSError as error:  # missing, unreadable or not an image (PIL's UnidentifiedImageError is an OSError)
+        raise OSError(f"Cannot read the check photo {path} ({error}); pass a readable image with --image.") from None
+
+
+@contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    """Turns SIGTERM into an exception for the duration, so that a stopped conversion cleans up what it started."""
+
+    def raise_terminated(signum, frame):
+        raise Terminated
+
+    try:
+        previous = signal.signal(signal.SIGTERM, raise_terminated)
+    except ValueError:  # not the main thread: signals cannot be handled here
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logging.disable_progress_bar()
     try:
-        convert(args)
-    except (ValueError, OSError, RuntimeError) as error:  # CheckpointError is a ValueError
+        with _sigterm_unwinds():
+            convert(args)
+    except (CheckpointError, ModelDirectoryError, ValueError, OSError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    except (KeyboardInterrupt, Terminated) as stop:
+        signal_name = "SIGTERM" if isinstance(stop, Terminated) else "an interrupt"
+        print(f"error: stopped by {signal_name}; nothing half-written was left behind.", file=sys.stderr)
+        return 128 + (signal.SIGTERM if isinstance(stop, Terminated) else signal.SIGINT)
     return 0
 
 

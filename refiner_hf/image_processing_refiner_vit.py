@@ -159,6 +159,9 @@ class RefinerViTImageProcessingMixin:
     """
 
     valid_kwargs = RefinerViTImageProcessorKwargs
+    # `save_pretrained` writes both backends' code (and what it imports) beside `preprocessor_config.json`, named in its
+    # `auto_map` (see `to_dict`), so that a saved directory loads either backend with `trust_remote_code=True`.
+    _auto_class = "AutoImageProcessor"
 
     resample = PILImageResampling.BICUBIC
     image_mean = [0.5, 0.5, 0.5]
@@ -185,6 +188,13 @@ class RefinerViTImageProcessingMixin:
     def _validate_preprocess_kwargs(self, crop_pct: float | None = None, **kwargs) -> None:
         self._validate_crop_pct(crop_pct)
         super()._validate_preprocess_kwargs(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        output = super().to_dict()
+        # Both backends, whichever one is saved (transformers would name only the saved one, and `backend="pil"` would
+        # then silently load the torchvision processor).
+        output["auto_map"] = {"AutoImageProcessor": image_processor_auto_map()}
+        return output
 
     def fetch_images(self, image_url_or_urls: ImageInput | str | list) -> ImageInput:
         """Load file paths, URLs and base64 strings with PIL, leaving already-loaded images untouched."""
@@ -367,6 +377,19 @@ class RefinerViTImageProcessor(RefinerViTImageProcessingMixin, TorchvisionBacken
             processed_images = self.pad(processed_images, pad_size=pad_size, disable_grouping=disable_grouping)
 
         return BatchFeature(data={"pixel_values": processed_images}, tensor_type=return_tensors)
+
+
+def image_processor_auto_map() -> dict[str, str]:
+    """The `auto_map` entry of `preprocessor_config.json`: each backend's class, in the files saved beside it."""
+    # Imported here because that module imports this one. As a relative import it also has transformers' remote-code
+    # loader fetch the PIL backend's file with this one, so that a directory re-saved where the package is not
+    # installed still carries both backends.
+    from .image_processing_pil_refiner_vit import RefinerViTImageProcessorPil
+
+    return {
+        backend: f"{cls.__module__.rsplit('.', 1)[-1]}.{cls.__name__}"
+        for backend, cls in (("torchvision", RefinerViTImageProcessor), ("pil", RefinerViTImageProcessorPil))
+    }
 
 
 __all__ = ["RefinerViTImageProcessor", "RefinerViTImageProcessorKwargs"]

@@ -2,6 +2,7 @@
 
 import contextlib
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -432,29 +433,61 @@ class RefinerViTPreTrainedModel(PreTrainedModel):
         "unrefined_attentions": RefinerViTUnrefinedMap,
     }
 
-    def set_fast_inference(self, enabled: bool = True) -> None:
+    def get_correct_attn_implementation(self, requested_attention: str | None, is_init_check: bool = False) -> str:
+        """Refiner-ViT has one attention implementation, the explicit one; other requests get an error saying why."""
+        if requested_attention not in (None, "eager"):
+            raise ValueError(
+                f"Refiner-ViT cannot use attn_implementation={requested_attention!r}: its blocks need every attention "
+                "map as a tensor (the refinement convolves it and shared blocks reuse it), which fused attention "
+                "kernels such as SDPA, flash or flex attention never form. Leave `attn_implementation` unset (or "
+                '"eager"); for fast inference call `model.set_fast_inference()`, for lean training memory '
+                "`model.set_memory_lean_training()`."
+            )
+        return "eager"
+
+    @classmethod
+    def _can_set_attn_implementation(cls) -> bool:
+        # So that `set_attn_implementation` asks `get_correct_attn_implementation` too (and says why it refuses)
+        # instead of warning that the request is ignored.
+        return True
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs):
+        """
+        [`~PreTrainedModel.save_pretrained`], always writing a self-contained directory: the configuration and modeling
+        files (and what they import) beside the weights, named in `config.json`'s `auto_map` for the configuration
+        and both model classes. The directory then loads with `trust_remote_code=True` where the package is not
+        installed, whether the model was built here, converted, or itself loaded from remote code; `push_to_hub`
+        uploads the same files.
+        """
+        self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **model_auto_map()}
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+    def set_fast_inference(self, enabled: bool = True) -> "RefinerViTPreTrainedModel":
         """
         Chooses the evaluation-mode computation. With `enabled`, BatchNorms and constant scales are folded into the
         adjacent layers, and the attention and the attention-map refinement run as fused CPU kernels (built on first
         use, with PyTorch fallbacks; see `fast_inference`): 3-4x faster than the reference on CPU for
         Refiner-ViT-S. Folding is redone from the parameters on every forward, so saved weights, `from_pretrained`
         and training mode are unaffected. By default (and with `enabled=False`) the reference computation runs,
-        operation by operation as in the original code. Both agree to float rounding (within 1e-4).
+        operation by operation as in the original code. Both agree to float rounding (within 1e-4). Returns the
+        model, so that it chains like `.eval()`: `model.eval().set_fast_inference()`.
         """
         for module in self.modules():
             if isinstance(module, (RefinerViTConvStem, RefinerViTAttention, RefinerViTLayer)):
                 module.fast_inference = enabled
+        return self
 
-    def set_memory_lean_training(self, enabled: bool = True) -> None:
+    def set_memory_lean_training(self, enabled: bool = True) -> "RefinerViTPreTrainedModel":
         """
         Has training-mode refinements keep only their input map for the backward pass and recompute the rest
         (`fused_refinement.refine_memory_lean`): the activation memory per image drops by more than half, with the
         same gradients and BatchNorm statistics up to float rounding, and on CPU a faster step (fused kernels). Off
-        by default; combines with activation checkpointing (`activation_checkpointing_enable`).
+        by default; combines with activation checkpointing (`activation_checkpointing_enable`). Returns the model.
         """
         for module in self.modules():
             if isinstance(module, RefinerViTAttention):
                 module.memory_lean_training = enabled
+        return self
 
     def resize_position_embeddings(self, image_size: int) -> None:
         """
@@ -510,6 +543,8 @@ class RefinerViTModel(RefinerViTPreTrainedModel):
     The Refiner-ViT encoder: stem, class token and position embedding, the blocks, and the final LayerNorm. Returns
     the normalised tokens (`last_hidden_state`) and the class token among them (`pooler_output`).
     """
+
+    _auto_class = "AutoModel"  # `save_pretrained` writes this class's code and names it in `auto_map`
 
     def __init__(self, config: RefinerViTConfig) -> None:
         config.check_architecture()
@@ -585,6 +620,8 @@ class RefinerViTForImageClassification(RefinerViTPreTrainedModel):
     classifier applied to every patch token (the dense head of token labeling). The prediction combines both:
     `logits = cls_logits + config.aux_logits_weight * aux_logits.max(dim=1)`.
     """
+
+    _auto_class = "AutoModelForImageClassification"  # see `RefinerViTModel._auto_class`
 
     def __init__(self, config: RefinerViTConfig) -> None:
         super().__init__(config)
@@ -731,6 +768,20 @@ class RefinerViTForImageClassification(RefinerViTPreTrainedModel):
             token_targets = dense_labels.reshape(-1, num_labels).to(aux_logits.dtype)
         dense_loss = F.cross_entropy(aux_logits.reshape(-1, num_labels), token_targets)
         return loss + self.config.aux_loss_weight * dense_loss
+
+
+def _code_reference(cls: type) -> str:
+    """How `auto_map` names a class: its module's file name (without `.py`) and the class name."""
+    return f"{cls.__module__.rsplit('.', 1)[-1]}.{cls.__name__}"
+
+
+def model_auto_map() -> dict[str, str]:
+    """The `auto_map` of `config.json`: the configuration and both model classes, in the files saved beside it."""
+    return {
+        "AutoConfig": _code_reference(RefinerViTConfig),
+        "AutoModel": _code_reference(RefinerViTModel),
+        "AutoModelForImageClassification": _code_reference(RefinerViTForImageClassification),
+    }
 
 
 __all__ = [

@@ -209,3 +209,14 @@ def test_non_tensor_entries_are_refused():
     state_dict["blocks.0.norm1.weight"] = [1.0, 2.0]
     with pytest.raises(CheckpointError, match="not tensors: 'blocks.0.norm1.weight'"):
         convert_original_checkpoint(state_dict)
+
+
+def test_safetensors_checkpoint(tmp_path):
+    from safetensors.torch import save_file
+
+    fixture = expected_outputs("paper_tiny")
+    bare = {k.removeprefix("module."): v for k, v in torch.load(PAPER, weights_only=True).items()}
+    save_file(bare, tmp_path / "paper_tiny.safetensors")
+    assert_matches(
+        convert_original_checkpoint(tmp_path / "paper_tiny.safetensors"), fixture["input"], fixture["expected"]
+    )

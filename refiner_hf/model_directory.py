@@ -1,0 +1,420 @@
+"""
+Writing model directories safely, and proving what was written.
+
+[`save_model_directory`] writes a model with its image processor (and model card) under a temporary name beside the
+target, has the result checked, and only then moves it into place; an existing directory is replaced only when it is
+recognisably a model directory written before, and only after its replacement is complete. A writer killed half way
+leaves a hidden staging (or set-aside) directory, which the next write to the same place recognises as its own
+leftover and cleans up, putting a set-aside model directory back where its replacement never arrived.
+
+[`verify_model_directory`] proves a written directory: every tensor in the weights file equals the in-memory model's
+bit for bit, the configuration and both image-processor backends load back equal, the code named in `auto_map` is
+there, and the reloaded model reproduces the in-memory model's logits within float rounding.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import socket
+import tempfile
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from transformers import AutoImageProcessor, AutoModelForImageClassification
+from transformers.dynamic_module_utils import get_relative_import_files, get_relative_imports
+
+from . import image_processing_refiner_vit, modeling_refiner_vit
+from .image_processing_pil_refiner_vit import RefinerViTImageProcessorPil
+from .image_processing_refiner_vit import RefinerViTImageProcessor, image_processor_auto_map
+from .modeling_refiner_vit import RefinerViTPreTrainedModel, model_auto_map
+
+
+# Reloaded logits must match the in-memory model's within this, relative to the logits' scale (max(1, max |logit|)):
+# the same weights and code, but float rounding can differ between two model objects (e.g. with the alignment of
+# their tensors), by a few units in the last place of float32 (about 1.2e-7 relative), never by more.
+RELOAD_RELATIVE_TOLERANCE = 1e-5
+
+WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+_SHARD_PATTERN = re.compile(r"model-\d+-of-\d+\.safetensors")
+_STAGING, _SET_ASIDE = "partial", "replaced"
+
+
+class ModelDirectoryError(OSError):
+    """A model directory that cannot be written where asked, or that does not prove what it should hold."""
+
+
+def remote_code_files() -> list[str]:
+    """
+    The package files a saved model directory carries: the configuration, modeling and both processing modules, and
+    every module they import relatively (what transformers' `trust_remote_code` loading needs).
+    """
+    files = set()
+    for module in (modeling_refiner_vit, image_processing_refiner_vit):
+        files.add(Path(module.__file__))
+        files.update(Path(path) for path in get_relative_import_files(module.__file__))
+    return sorted(path.name for path in files)
+
+
+def _is_model_directory_entry(path: Path) -> bool:
+    """Whether `path` is a file that a model directory written by this package (or the Hub) holds."""
+    if path.is_symlink() or not path.is_file():
+        return False
+    name = path.name
+    known = {"config.json", "preprocessor_config.json", WEIGHTS_NAME, WEIGHTS_INDEX_NAME, "README.md", ".gitattributes"}
+    return name in known or bool(_SHARD_PATTERN.fullmatch(name)) or name in remote_code_files()
+
+
+def check_output_directory(
+    output_dir: str | os.PathLike,
+    overwrite: bool = False,
+    protected: Iterable[str | os.PathLike] = (),
+    overwrite_flag: str = "overwrite=True",
+) -> None:
+    """
+    Refuses an output directory that writing a model there could harm. It may not be the current directory or one of
+    its parents, nor contain a `protected` path (e.g. the checkpoint being converted). An existing non-empty directory
+    is replaced only with `overwrite`, and only when it is a model directory written before: `config.json`, weights,
+    and nothing but the files such a directory holds.
+
+    Args:
+        output_dir: the directory to write.
+        overwrite: whether a previous model directory there may be replaced.
+        protected: paths that must survive the write.
+        overwrite_flag: how the caller's user says "overwrite" (`--overwrite` on a command line), for messages.
+
+    Raises:
+        `ModelDirectoryError`: naming the directory, the reason and what to do.
+    """
+    output = Path(output_dir)
+    resolved = output.resolve()
+    if resolved == Path.cwd().resolve() or resolved in Path.cwd().resolve().parents:
+        raise ModelDirectoryError(
+            f"{output_dir} is the current directory or one of its parents; a model directory needs a folder of its "
+            "own: choose a new output directory."
+        )
+    for path in protected:
+        kept = Path(path).resolve()
+        if resolved == kept or resolved in kept.parents:
+            raise ModelDirectoryError(
+                f"{output_dir} holds {path}, which this command reads: choose an output directory that does not "
+                "contain it."
+            )
+    if not output.exists() and not output.is_symlink():
+        return
+    if not output.is_dir():
+        raise ModelDirectoryError(f"{output_dir} exists and is not a directory: choose another output directory.")
+    entries = sorted(output.iterdir())
+    if not entries:
+        return
+    if not overwrite:
+        raise ModelDirectoryError(
+            f"{output_dir} exists and is not empty: pass {overwrite_flag} to replace the model directory there, or "
+            "choose another output directory."
+        )
+    foreign = [entry.name for entry in entries if not _is_model_directory_entry(entry)]
+    names = {entry.name for entry in entries}
+    has_weights = WEIGHTS_NAME in names or WEIGHTS_INDEX_NAME in names
+    if foreign or "config.json" not in names or not has_weights:
+        reason = (
+            f"it holds other files ({', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''})"
+            if foreign
+            else "it has no config.json and weights"
+        )
+        raise ModelDirectoryError(
+            f"{output_dir} is not a model directory ({reason}); {overwrite_flag} replaces only a model directory "
+            "written before, never other files: choose another output directory."
+        )
+
+
+def _leftover_owner(entry: Path, prefix: str) -> tuple[int, str] | None:
+    """The (pid, host) a staging or set-aside directory name records, or `None` if it is not such a name."""
+    if not entry.name.startswith(prefix):
+        return None
+    owner, _, _ = entry.name[len(prefix) :].rpartition(".")
+    pid, _, host = owner.partition("@")
+    return (int(pid), host) if pid.isdigit() and host else None
+
+
+def _process_is_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def _recover_from_dead_writers(output_dir: Path) -> None:
+    """
+    Cleans up what a writer of `output_dir` on this host that died (SIGKILL, power loss) left beside it: its staging
+    directory is removed; a model directory it had set aside is put back if its replacement never arrived, else
+    removed.
+    """
+    if not output_dir.parent.is_dir():
+        return
+    host = socket.gethostname()
+    for entry in output_dir.parent.iterdir():
+        for kind in (_STAGING, _SET_ASIDE):
+            owner = _leftover_owner(entry, f".{output_dir.name}.{kind}.")
+            if owner is None or owner[1] != host or _process_is_alive(owner[0]):
+                continue
+            if kind == _SET_ASIDE and not output_dir.exists():
+                entry.rename(output_dir)
+            else:
+                shutil.rmtree(entry, ignore_errors=True)
+
+
+def _sibling_prefix(output_dir: Path, kind: str) -> str:
+    """Hidden names beside `output_dir` say whose they are: the directory, their purpose, this process and host."""
+    return f".{output_dir.name}.{kind}.{os.getpid()}@{socket.gethostname()}."
+
+
+def _staging_directory(output_dir: Path) -> Path:
+    path = Path(tempfile.mkdtemp(prefix=_sibling_prefix(output_dir, _STAGING), dir=output_dir.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod(0o777 & ~umask)  # mkdtemp's 0700 would make the final directory private
+    return path
+
+
+def save_model_directory(
+    model: RefinerViTPreTrainedModel,
+    image_processor: RefinerViTImageProcessor | RefinerViTImageProcessorPil,
+    output_dir: str | os.PathLike,
+    model_card: str | None = None,
+    overwrite: bool = False,
+    verify: Callable[[Path], None] | None = None,
+    protected: Iterable[str | os.PathLike] = (),
+    overwrite_flag: str = "overwrite=True",
+) -> Path:
+    """
+    Writes a complete, self-contained model directory: `model.safetensors`, `config.json` and
+    `preprocessor_config.json` (both with `auto_map`), the package's configuration / modeling / processing files, and
+    `README.md` when a model card is given.
+
+    The directory is written under a hidden name beside `output_dir`, checked by `verify`, and renamed into place; a
+    previous model directory there is set aside first and removed once the new one is in place. A failure or an
+    interruption (an exception, Ctrl-C, a signal turned into an exception) leaves what was there before.
+
+    Args:
+        model: the model to save.
+        image_processor: its evaluation image processor.
+        output_dir: the directory to create.
+        model_card: the text of `README.md`.
+        overwrite: replace a previous model directory at `output_dir` (see [`check_output_directory`]).
+        verify: called with the written (hidden) directory before it is moved into place; raising there leaves
+            nothing.
+        protected: paths that `output_dir` may not contain (e.g. the checkpoint being converted).
+        overwrite_flag: how the caller's user says "overwrite", for messages.
+
+    Raises:
+        `ModelDirectoryError`: the output directory is refused, or writing failed (e.g. a full disk); nothing was
+            left behind.
+    """
+    output_dir = Path(output_dir)
+    _recover_from_dead_writers(output_dir)
+    check_output_directory(output_dir, overwrite=overwrite, protected=protected, overwrite_flag=overwrite_flag)
+    try:
+        output_dir.parent.mkdir(parents=True, exist_ok=True)
+        staging = _staging_directory(output_dir)
+    except OSError as error:
+        raise ModelDirectoryError(f"Cannot create {output_dir}: {error}") from None
+    set_aside = None
+    try:
+        try:
+            model.save_pretrained(staging)
+            image_processor.save_pretrained(staging)
+            if model_card is not None:
+                (staging / "README.md").write_text(model_card)
+        except (OSError, SafetensorError) as error:
+            raise ModelDirectoryError(
+                f"Writing {output_dir} failed: {error}. Check the free space and permissions there; nothing was "
+                "written."
+            ) from None
+        if verify is not None:
+            verify(staging)
+        if output_dir.exists():
+            set_aside = output_dir.parent / (_sibling_prefix(output_dir, _SET_ASIDE) + secrets.token_hex(4))
+            output_dir.rename(set_aside)
+        staging.rename(output_dir)
+    except BaseException:
+        if set_aside is not None and set_aside.exists() and not output_dir.exists():
+            set_aside.rename(output_dir)
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if set_aside is not None:
+        shutil.rmtree(set_aside, ignore_errors=True)
+    return output_dir
+
+
+@dataclass
+class ReloadCheck:
+    """
+    What [`verify_model_directory`] proved.
+
+    Args:
+        num_tensors (`int`): tensors in the weights file, each equal to the in-memory one bit for bit.
+        max_difference (`float`): largest difference between the reloaded and the in-memory model's logits.
+        tolerance (`float`): what that difference was allowed to be.
+    """
+
+    num_tensors: int
+    max_difference: float
+    tolerance: float
+
+
+def _bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    return torch.equal(a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8))
+
+
+def _weight_files(directory: Path) -> list[Path]:
+    index = directory / WEIGHTS_INDEX_NAME
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [directory / shard for shard in shards]
+    return [directory / WEIGHTS_NAME]
+
+
+def _check_weights(directory: Path, state_dict: dict[str, torch.Tensor]) -> int:
+    written = {}
+    for path in _weight_files(directory):
+        with safe_open(path, framework="pt") as file:
+            written.update({key: file.get_tensor(key) for key in file.keys()})
+    if set(written) != set(state_dict):
+        missing, extra = sorted(set(state_dict) - set(written)), sorted(set(written) - set(state_dict))
+        raise ModelDirectoryError(
+            f"{directory}: the weights file does not hold the model's tensors (missing {missing[:5]}, unexpected "
+            f"{extra[:5]})."
+        )
+    differing = [key for key, tensor in state_dict.items() if not _bitwise_equal(written[key], tensor.cpu())]
+    if differing:
+        raise ModelDirectoryError(
+            f"{directory}: {len(differing)} written tensors differ from the model's, e.g. {differing[:5]}."
+        )
+    return len(written)
+
+
+def _check_configs(directory: Path, model: RefinerViTPreTrainedModel, image_processor) -> None:
+    volatile = {"_name_or_path", "transformers_version"}
+    saved = type(model.config).from_pretrained(directory).to_dict()
+    expected = model.config.to_dict()
+    differing = sorted(k for k in set(saved) | set(expected) if k not in volatile and saved.get(k) != expected.get(k))
+    if differing:
+        raise ModelDirectoryError(f"{directory}: config.json does not load back equal (fields {differing}).")
+    for backend, cls in (("torchvision", RefinerViTImageProcessor), ("pil", RefinerViTImageProcessorPil)):
+        loaded = AutoImageProcessor.from_pretrained(directory, backend=backend)
+        if type(loaded).__name__ != cls.__name__:
+            raise ModelDirectoryError(
+                f"{directory}: backend={backend!r} loads a {type(loaded).__name__}, not a {cls.__name__}."
+            )
+        saved, expected = loaded.to_dict(), image_processor.to_dict()
+        differing = sorted(k for k in set(saved) | set(expected) if saved.get(k) != expected.get(k))
+        if differing:
+            raise ModelDirectoryError(
+                f"{directory}: preprocessor_config.json does not load back equal with backend={backend!r} (fields "
+                f"{differing})."
+            )
+
+
+def _check_code(directory: Path) -> None:
+    """`auto_map` names the configuration, both models and both processor backends, and their code is all there."""
+    expected = {
+        "config.json": model_auto_map(),
+        "preprocessor_config.json": {"AutoImageProcessor": image_processor_auto_map()},
+    }
+    references = []
+    for name, auto_map in expected.items():
+        written = json.loads((directory / name).read_text()).get("auto_map")
+        if written != auto_map:
+            raise ModelDirectoryError(f"{directory}: the `auto_map` of {name} is {written}, expected {auto_map}.")
+        for entry in auto_map.values():
+            references += entry.values() if isinstance(entry, dict) else [entry]
+    for reference in references:
+        pending, seen = [directory / (reference.rsplit(".", 1)[0] + ".py")], set()
+        while pending:  # the module and, recursively, what it imports relatively
+            module = pending.pop()
+            if module in seen:
+                continue
+            seen.add(module)
+            if not module.is_file():
+                raise ModelDirectoryError(f"{directory}: `auto_map` names {reference} but {module.name} is missing.")
+            pending += [module.with_name(f"{name}.py") for name in get_relative_imports(module)]
+
+
+def logits_on_image(model: torch.nn.Module, image_processor, image) -> torch.Tensor:
+    """The model's logits for one image prepared by `image_processor`."""
+    with torch.no_grad():
+        return model(**image_processor(image, return_tensors="pt")).logits
+
+
+def compare_logits(actual: torch.Tensor, expected: torch.Tensor) -> tuple[float, float]:
+    """
+    The largest difference between two models' logits and the tolerance it must meet (relative to the logits' scale);
+    non-finite logits must be non-finite in the same places. Raises a `ModelDirectoryError` when they differ more.
+    """
+    finite = torch.isfinite(expected)
+    scale = max(1.0, expected[finite].abs().max().item() if finite.any() else 0.0)
+    tolerance = RELOAD_RELATIVE_TOLERANCE * scale
+    if not all(torch.equal(test(actual), test(expected)) for test in (torch.isnan, torch.isposinf, torch.isneginf)):
+        raise ModelDirectoryError("The reloaded model's logits are not finite where the in-memory model's are.")
+    difference = (actual[finite] - expected[finite]).abs().max().item() if finite.any() else 0.0
+    if not difference <= tolerance:
+        raise ModelDirectoryError(
+            f"The reloaded model's logits differ from the in-memory model's by {difference:.3g} (more than "
+            f"{tolerance:.3g}, {RELOAD_RELATIVE_TOLERANCE:g} of their scale {scale:.3g})."
+        )
+    return difference, tolerance
+
+
+def verify_model_directory(
+    directory: str | os.PathLike,
+    model: RefinerViTPreTrainedModel,
+    image_processor,
+    image,
+    expected_logits: torch.Tensor | None = None,
+) -> ReloadCheck:
+    """
+    Proves that `directory` holds `model` and `image_processor`: the weights file bit for bit, the configuration and
+    both processor backends as they load back, the code `auto_map` names, and the reloaded model's logits on `image`
+    (through the reloaded processor) against `expected_logits` (by default the in-memory model's) within
+    [`RELOAD_RELATIVE_TOLERANCE`] of their scale.
+
+    Raises:
+        `ModelDirectoryError`: naming what does not hold.
+    """
+    directory = Path(directory)
+    num_tensors = _check_weights(directory, model.state_dict())
+    _check_configs(directory, model, image_processor)
+    _check_code(directory)
+    if expected_logits is None:
+        training = model.training
+        expected_logits = logits_on_image(model.eval(), image_processor, image)
+        model.train(training)
+    reloaded = AutoModelForImageClassification.from_pretrained(directory).eval()
+    actual = logits_on_image(reloaded, AutoImageProcessor.from_pretrained(directory), image)
+    difference, tolerance = compare_logits(actual, expected_logits)
+    return ReloadCheck(num_tensors=num_tensors, max_difference=difference, tolerance=tolerance)
+
+
+__all__ = [
+    "RELOAD_RELATIVE_TOLERANCE",
+    "ModelDirectoryError",
+    "ReloadCheck",
+    "check_output_directory",
+    "compare_logits",
+    "logits_on_image",
+    "remote_code_files",
+    "save_model_directory",
+    "verify_model_directory",
+]
