@@ -12,6 +12,7 @@
 """Image processor class for Refiner-ViT (PIL backend)."""
 
 import numpy as np
+import PIL.Image
 from transformers.image_processing_backends import PilBackend
 from transformers.image_processing_utils import BatchFeature
 from transformers.image_utils import (
@@ -29,7 +30,9 @@ from transformers.utils import TensorType
 from .image_processing_refiner_vit import (
     RefinerViTImageProcessingMixin,
     RefinerViTImageProcessorKwargs,
+    check_float_pixels,
     get_refiner_vit_resize_output_size,
+    integer_pixels_to_uint8,
     pil_image_to_refiner_vit_array,
 )
 
@@ -84,9 +87,10 @@ class RefinerViTImageProcessorPil(RefinerViTImageProcessingMixin, PilBackend):
             input_data_format = ChannelDimension.LAST
         elif image_type == ImageType.TORCH:
             image = image.detach().cpu().numpy()
-        if image.dtype == np.bool_:
-            # Binary masks follow PIL's mode "1" convention: True is white
-            image = image.astype(np.uint8) * 255
+        if image.dtype.kind in "biu":
+            image = integer_pixels_to_uint8(image)
+        else:
+            check_float_pixels(float(image.min()), float(image.max()), kwargs.get("do_rescale"))
 
         if image.ndim == 2:
             image = image[None]
@@ -132,6 +136,15 @@ class RefinerViTImageProcessorPil(RefinerViTImageProcessingMixin, PilBackend):
             height, width = image.shape[-2:]
             new_height, new_width = get_refiner_vit_resize_output_size(height, width, size, crop_pct)
             size = SizeDict(height=new_height, width=new_width)
+        if image.dtype.kind == "f":
+            # Float images are resampled as floats, channel by channel in PIL's mode "F" (the base class would round
+            # them to 8 bits and clip the overshoot), as the torchvision backend does with float tensors.
+            resample = PILImageResampling.BICUBIC if resample is None else resample
+            channels = [
+                PIL.Image.fromarray(channel.astype(np.float32), mode="F").resize((size.width, size.height), resample)
+                for channel in image
+            ]
+            return np.stack([np.asarray(channel) for channel in channels])
         return super().resize(image, size=size, resample=resample, **kwargs)
 
     def center_crop(self, image: np.ndarray, size: SizeDict, **kwargs) -> np.ndarray:

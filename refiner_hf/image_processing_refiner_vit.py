@@ -16,6 +16,7 @@ import binascii
 import io
 import math
 import os
+import warnings
 from typing import Any
 
 import numpy as np
@@ -138,13 +139,74 @@ def standardize_refiner_vit_images(images: Any) -> Any:
     return images[None] if images.ndim == 2 else images
 
 
+def integer_pixels_to_uint8(pixels: np.ndarray) -> np.ndarray:
+    """
+    The 8-bit values of an integer (or boolean) image: uint8 as it is, uint16 as a 16-bit image (0..65535 scaled to
+    0..255 and rounded), booleans as black and white (PIL's mode "1" convention), and any other integer type as 8-bit
+    values, which it must then hold: a value outside 0..255 there is an error rather than a guess at the range.
+    """
+    pixels = pixels.astype(pixels.dtype.newbyteorder("="), copy=False)
+    if pixels.dtype == np.bool_:
+        return pixels.astype(np.uint8) * 255
+    if pixels.dtype == np.uint8:
+        return pixels
+    if pixels.dtype == np.uint16:
+        return np.round(pixels.astype(np.float32) / 257).astype(np.uint8)  # 65535 / 255 = 257
+    low, high = int(pixels.min()), int(pixels.max())
+    if low < 0 or high > 255:
+        raise ValueError(
+            f"An image of {pixels.dtype} values from {low} to {high}: integer images must hold 8-bit values (0 to "
+            "255), or be uint16 for 16-bit ones (scaled from 0..65535). Convert it to uint8, uint16 or float first."
+        )
+    return pixels.astype(np.uint8)
+
+
+def check_float_pixels(low: float, high: float, do_rescale: bool | None) -> None:
+    """
+    Refuses non-finite pixel values, and warns, as transformers' processors do, when an image about to be rescaled by
+    1/255 already holds values in [0, 1].
+    """
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise ValueError(f"An image with non-finite values (from {low} to {high}); pixel values must be finite.")
+    if do_rescale and 0.0 <= low and high <= 1.0:
+        warnings.warn(
+            "It looks like you are trying to rescale already rescaled images: the float pixel values are in [0, 1] "
+            "and `do_rescale=True` divides them by 255 again. If they are brightness in [0, 1], pass "
+            "`do_rescale=False`; float images are read in the 0..255 range otherwise.",
+            UserWarning,
+            stacklevel=2,
+        )
+
+
+def pil_image_to_8_bits(image: PIL.Image.Image) -> PIL.Image.Image:
+    """
+    `image` with 8 bits per channel, its brightness kept: 16-bit images (modes "I;16*") scaled from 0..65535, 32-bit
+    integer ones (mode "I") read as 8-bit values, which they must then hold, float ones (mode "F") read as brightness in
+    [0, 1], which they must then hold. PIL's own conversion clips these (a 16-bit image turns white, a float one in
+    [0, 1] black).
+    """
+    if image.mode.startswith("I"):
+        return PIL.Image.fromarray(integer_pixels_to_uint8(np.asarray(image)), mode="L")
+    if image.mode == "F":
+        pixels = np.asarray(image)
+        low, high = float(pixels.min()), float(pixels.max())
+        if not (math.isfinite(low) and math.isfinite(high)) or low < 0 or high > 1:
+            raise ValueError(
+                f"A float image (PIL mode F) with values from {low} to {high}: float images are read as brightness in "
+                "[0, 1]. Scale it to [0, 1], or convert it to 8 or 16 bits, first."
+            )
+        return PIL.Image.fromarray(np.round(pixels * 255).astype(np.uint8), mode="L")
+    return image
+
+
 def pil_image_to_refiner_vit_array(image: PIL.Image.Image, do_convert_rgb: bool | None) -> np.ndarray:
-    """Decode a PIL image to an `(H, W)` or `(H, W, C)` array, converting it to RGB when `do_convert_rgb`."""
+    """Decode a PIL image to an 8-bit `(H, W)` or `(H, W, C)` array, converting it to RGB when `do_convert_rgb`."""
     try:
         image.load()
     except (OSError, SyntaxError, ValueError) as error:
         name = getattr(image, "filename", "") or "<in-memory image>"
         raise ValueError(f"Could not decode image {name!r}: {error}") from error
+    image = pil_image_to_8_bits(image)
     if do_convert_rgb and image.mode != "RGB":
         # Same as the `Image.open(path).convert("RGB")` of timm's and torchvision's dataset loaders: alpha is dropped
         # rather than composited onto white, and palette/CMYK/grayscale images use PIL's own conversions.
@@ -262,12 +324,15 @@ class RefinerViTImageProcessor(RefinerViTImageProcessingMixin, TorchvisionBacken
             image = torch.from_numpy(pil_image_to_refiner_vit_array(image, do_convert_rgb))
             input_data_format = ChannelDimension.LAST
         elif image_type == ImageType.NUMPY:
+            if image.dtype.kind in "biu":
+                image = integer_pixels_to_uint8(image)
             image = np.ascontiguousarray(image)
             # torch cannot wrap read-only buffers (e.g. `np.asarray(pil_image)`) without copying
             image = torch.from_numpy(image if image.flags.writeable else image.copy())
-        if image.dtype == torch.bool:
-            # Binary masks follow PIL's mode "1" convention: True is white
-            image = image.to(torch.uint8) * 255
+        elif not (image.dtype.is_floating_point or image.dtype == torch.uint8):
+            image = torch.from_numpy(integer_pixels_to_uint8(image.cpu().numpy())).to(image.device)
+        if image.dtype.is_floating_point:
+            check_float_pixels(image.min().item(), image.max().item(), kwargs.get("do_rescale"))
 
         if image.ndim == 2:
             image = image.unsqueeze(0)

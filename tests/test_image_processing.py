@@ -232,6 +232,87 @@ def test_arrays_convert_like_pil(cls):
     assert torch.equal(_pixels(processor, rgb), _pixels(processor, Image.fromarray(rgb)))
 
 
+def _saved_and_reopened(image: Image.Image, format: str) -> Image.Image:
+    buffer = io.BytesIO()
+    image.save(buffer, format=format)
+    buffer.seek(0)
+    return Image.open(buffer)
+
+
+def _deep_images() -> dict[str, tuple[object, Image.Image]]:
+    """Images of more than 8 bits per channel, with the 8-bit image each must read as."""
+    gray = np.array(_mode_images()["L"])
+    rgb = skimage.data.astronaut()[::4, ::4]
+    return {
+        "16-bit PNG": (
+            _saved_and_reopened(Image.fromarray(gray.astype(np.uint16) * 257), "PNG"),
+            Image.fromarray(gray),
+        ),
+        "16-bit big-endian": (Image.fromarray(gray.astype(">u2") * 257), Image.fromarray(gray)),
+        "32-bit integer image, 8-bit values": (Image.fromarray(gray.astype(np.int32)), Image.fromarray(gray)),
+        "float TIFF in [0, 1]": (
+            _saved_and_reopened(Image.fromarray(gray.astype(np.float32) / 255, mode="F"), "TIFF"),
+            Image.fromarray(gray),
+        ),
+        "uint16 array": (rgb.astype(np.uint16) * 257, Image.fromarray(rgb)),
+        "uint16 tensor": (torch.from_numpy(rgb.astype(np.int32) * 257).to(torch.uint16), Image.fromarray(rgb)),
+        "int64 array, 8-bit values": (rgb.astype(np.int64), Image.fromarray(rgb)),
+        "int16 tensor, 8-bit values": (torch.from_numpy(rgb.astype(np.int16)), Image.fromarray(rgb)),
+    }
+
+
+@pytest.mark.parametrize("cls", BACKENDS)
+@pytest.mark.parametrize("kind", list(_deep_images()))
+def test_deep_images_keep_their_brightness(cls, kind):
+    image, expected = _deep_images()[kind]
+    processor = cls()
+    # A 16-bit image used to come out white and a [0, 1] float one black; each now reads as its 8-bit image.
+    assert torch.equal(_pixels(processor, image), _pixels(processor, expected.convert("RGB")))
+
+
+@pytest.mark.parametrize("cls", BACKENDS)
+@pytest.mark.parametrize(
+    ("image", "message"),
+    [
+        (np.full((8, 8, 3), 300, dtype=np.int32), r"int32 values from 300 to 300: integer images must hold 8-bit"),
+        (torch.full((3, 8, 8), -1, dtype=torch.int16), r"int16 values from -1 to -1"),
+        (Image.fromarray(np.full((8, 8), 1000, dtype=np.int32)), r"int32 values from 1000 to 1000"),
+        (Image.fromarray(np.full((8, 8), 255.0, dtype=np.float32), mode="F"), r"mode F\) with values from 255.0"),
+        (np.full((8, 8, 3), np.nan, dtype=np.float32), r"non-finite values"),
+        (torch.full((3, 8, 8), float("inf")), r"non-finite values"),
+    ],
+)
+def test_pixel_values_of_unknown_range_are_refused(cls, image, message):
+    with pytest.raises(ValueError, match=message):
+        cls()(image, return_tensors="pt")
+
+
+@pytest.mark.parametrize("cls", BACKENDS)
+def test_float_images_in_unit_range_warn_and_read_right_without_rescaling(cls):
+    rgb = skimage.data.astronaut()[::4, ::4]
+    unit = rgb.astype(np.float32) / 255
+    processor = cls()
+    expected = _pixels(processor, rgb.astype(np.float32))
+    for image in (unit, torch.from_numpy(unit).permute(2, 0, 1)):
+        with pytest.warns(UserWarning, match="already rescaled images.*pass `do_rescale=False`"):
+            wrong = _pixels(processor, image)
+        assert wrong.max() < -0.98  # divided by 255 twice: nearly black, as the warning says
+        torch.testing.assert_close(_pixels(processor, image, do_rescale=False), expected, atol=1e-5, rtol=0)
+
+
+def test_both_backends_agree_on_float_images():
+    rng = np.random.default_rng(0)
+    for shape in ((40, 48, 3), (20, 24, 3), (50, 30)):
+        image = rng.uniform(0, 255, shape).astype(np.float32)
+        for crop_pct in (0.9, 1.2):
+            torchvision_pixels, pil_pixels = (
+                _pixels(_processor(cls, 32, crop_pct), image)
+                for cls in (RefinerViTImageProcessor, RefinerViTImageProcessorPil)
+            )
+            # Both resample floats as floats (no rounding to 8 bits, no clipping of the bicubic overshoot)
+            torch.testing.assert_close(torchvision_pixels, pil_pixels, atol=1e-4, rtol=0)
+
+
 @pytest.mark.parametrize("cls", BACKENDS)
 def test_batch_equals_single_images(cls):
     processor = cls()
