@@ -1,5 +1,6 @@
 """Token labeling data: relabel stores (per-file and packed), dense-label geometry and mixing."""
 
+import json
 import os
 import re
 import subprocess
@@ -240,3 +241,119 @@ def test_writer_resumes_after_an_interruption(tmp_path):
     for key, (scores, indices) in maps.items():
         assert torch.equal(store[key].scores, scores) and torch.equal(store[key].indices, indices)
     assert torch.equal(store["n00000009/img_9"].scores, torch.zeros(2, 3, 3))
+
+
+def packed_store(tmp_path: Path, name: str = "packed") -> Path:
+    write_relabel_dir(tmp_path / "relabel")
+    pack_relabel_store(tmp_path / "relabel", tmp_path / name, num_classes=10, shard_size=5)
+    return tmp_path / name
+
+
+def edit_meta(store: Path, **fields) -> None:
+    meta = json.loads((store / "relabel_meta.json").read_text())
+    meta.update(fields)
+    (store / "relabel_meta.json").write_text(json.dumps(meta))
+
+
+def rewrite_shard(store: Path, name: str, part: str, edit) -> None:
+    path = store / f"{name}.{part}.npy"
+    array = np.load(path)
+    np.save(path, edit(array))
+
+
+STORE_DAMAGE = {
+    "duplicate key": (
+        lambda store: (store / "shard-00001.keys.txt").write_text(
+            (store / "shard-00000.keys.txt").read_text().splitlines()[0]
+            + "\n"
+            + "\n".join((store / "shard-00001.keys.txt").read_text().splitlines()[1:])
+            + "\n"
+        ),
+        r"key 'n00000001/n00000001_0' is stored twice \(shards shard-00000 and shard-00001\)",
+    ),
+    "shard outside": (lambda store: edit_meta(store, shards=["../elsewhere"]), r"`shards` must list shard names"),
+    "complex scores": (
+        lambda store: rewrite_shard(store, "shard-00000", "scores", lambda a: a.astype(np.complex64)),
+        r"shard-00000.scores.npy: scores must be real floats, found complex64",
+    ),
+    "float indices": (
+        lambda store: rewrite_shard(store, "shard-00000", "indices", lambda a: a.astype(np.float32) + 0.5),
+        r"shard-00000.indices.npy: class indices must be integers, found float32",
+    ),
+    "shape against metadata": (
+        lambda store: edit_meta(store, map_shape=[5, 7, 7]),
+        r"shard-00000.scores.npy: shape \(5, 5, 6, 6\), but the store describes maps of \(k, h, w\) = \(5, 7, 7\)",
+    ),
+    "fewer keys": (
+        lambda store: (store / "shard-00000.keys.txt").write_text("n00000001/a\n"),
+        r"the shard lists 1 keys",
+    ),
+    "bad metadata": (lambda store: edit_meta(store, num_classes="ten"), r"`num_classes` must be a positive integer"),
+}
+
+
+@pytest.mark.parametrize("damage", list(STORE_DAMAGE))
+def test_a_damaged_packed_store_is_refused_when_opened(tmp_path, damage):
+    store = packed_store(tmp_path)
+    edit, message = STORE_DAMAGE[damage]
+    edit(store)
+    with pytest.raises(RelabelError, match=message):
+        PackedRelabelStore(store)
+
+
+def test_bad_values_are_named_by_key_when_read_and_by_the_full_check(tmp_path):
+    store = packed_store(tmp_path)
+    keys = (store / "shard-00001.keys.txt").read_text().splitlines()
+
+    def poison(array):
+        array = array.astype(np.float32)
+        array[2, 0, 1, 1] = np.nan
+        return array
+
+    rewrite_shard(store, "shard-00001", "scores", poison)
+    opened = PackedRelabelStore(store)  # the cheap checks pass: no value is read
+    with pytest.raises(RelabelError, match=rf"map '{keys[2]}': scores contain NaN"):
+        opened[keys[2]]
+    assert torch.isfinite(opened[keys[1]].scores).all()
+    with pytest.raises(RelabelError, match=rf"map '{keys[2]}': scores contain NaN"):
+        PackedRelabelStore(store, full_check=True)
+
+    rewrite_shard(store, "shard-00001", "scores", lambda a: np.nan_to_num(a))
+    rewrite_shard(store, "shard-00002", "indices", lambda a: np.where(a == a.max(), 10, a))
+    last = (store / "shard-00002.keys.txt").read_text().splitlines()
+    with pytest.raises(RelabelError, match=rf"map '{last[0]}': class indices range over \[0, 10\], expected \[0, 10\)"):
+        PackedRelabelStore(store, full_check=True)
+
+
+def test_the_writer_refuses_bad_maps_and_finalize_checks_everything(tmp_path):
+    writer = PackedRelabelWriter(tmp_path / "store", shard_size=4)
+    writer.add("n0/a", torch.randn(2, 3, 3), torch.randint(0, 9, (2, 3, 3)))
+    nan = torch.randn(2, 3, 3)
+    nan[0, 0, 0] = float("nan")
+    with pytest.raises(RelabelError, match="n0/b: scores contain NaN"):
+        writer.add("n0/b", nan, torch.zeros(2, 3, 3, dtype=torch.long))
+    with pytest.raises(RelabelError, match=r"n0/c: map shape \(2, 4, 4\), the others have \(2, 3, 3\)"):
+        writer.add("n0/c", torch.randn(2, 4, 4), torch.zeros(2, 4, 4, dtype=torch.long))
+    writer.add("n0/d", torch.randn(2, 3, 3), torch.full((2, 3, 3), 12))
+    writer.flush()
+    with pytest.raises(RelabelError, match=r"map 'n0/d': class indices range over \[12, 12\], expected \[0, 10\)"):
+        finalize_packed_store(tmp_path / "store", num_classes=10)
+    assert not (tmp_path / "store" / "relabel_meta.json").exists()
+    assert finalize_packed_store(tmp_path / "store", num_classes=13) == 2
+
+
+def test_the_packer_reads_only_regular_files_inside_the_tree(tmp_path):
+    root = tmp_path / "relabel"
+    write_relabel_dir(root)
+    os.mkfifo(root / "n00000001" / "n00000001_fifo.pt")  # reading it would block forever
+    outside = tmp_path / "elsewhere.pt"
+    torch.save(torch.zeros(2, 5, 6, 6), outside)
+    (root / "n00000002" / "n00000002_link.pt").symlink_to(outside)
+    report = pack_relabel_store(root, tmp_path / "packed", num_classes=10)
+    assert report.packed == 12 and len(report.bad) == 2
+    assert any("n00000001_fifo.pt: not a regular file" in problem for problem in report.bad)
+    assert any(re.search(r"n00000002_link.pt: a symbolic link to .*elsewhere.pt, outside", p) for p in report.bad)
+    store = PerFileRelabelStore(root)
+    assert "n00000001/n00000001_fifo" not in store
+    with pytest.raises(RelabelError, match="outside the relabel directory"):
+        store["n00000002/n00000002_link"]

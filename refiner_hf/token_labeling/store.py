@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from itertools import repeat
 from pathlib import Path
 from typing import Protocol
 
@@ -31,6 +33,8 @@ import torch
 PACKED_FORMAT = "refiner-relabel-packed"
 PACKED_VERSION = 1
 META_FILE = "relabel_meta.json"
+_INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+_SHARD_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
 
 class RelabelError(ValueError):
@@ -56,6 +60,27 @@ def relabel_key(file_name: str) -> str:
     return f"{folder}/{stem}"
 
 
+def check_relabel_values(
+    scores: torch.Tensor, indices: torch.Tensor, name: str, num_classes: int | None = None
+) -> None:
+    """
+    Checks the values of relabel maps (any leading shape): real, finite scores, and integral class indices in
+    `[0, num_classes)`; raises [`RelabelError`] naming `name` otherwise.
+    """
+    if scores.is_complex() or not scores.is_floating_point():
+        raise RelabelError(f"{name}: scores must be real floats, found {scores.dtype}.")
+    if not torch.isfinite(scores).all():
+        raise RelabelError(f"{name}: scores contain NaN or infinite values.")
+    if indices.is_complex():
+        raise RelabelError(f"{name}: class indices must be integers, found {indices.dtype}.")
+    if indices.is_floating_point() and (not torch.isfinite(indices).all() or not torch.equal(indices, indices.round())):
+        raise RelabelError(f"{name}: class indices are not integers.")
+    low, high = indices.min().item(), indices.max().item()
+    if low < 0 or (num_classes is not None and high >= num_classes):
+        limit = f"[0, {num_classes})" if num_classes is not None else "non-negative"
+        raise RelabelError(f"{name}: class indices range over [{low:g}, {high:g}], expected {limit}.")
+
+
 def validate_relabel_tensor(tensor: object, name: str, num_classes: int | None = None) -> RelabelMap:
     """
     Checks one relabel tensor (shape `(2, k, h, w)`, finite scores, integral indices in `[0, num_classes)`) and
@@ -65,21 +90,26 @@ def validate_relabel_tensor(tensor: object, name: str, num_classes: int | None =
         raise RelabelError(f"{name}: expected a tensor, found {type(tensor).__name__}.")
     if tensor.ndim != 4 or tensor.shape[0] != 2 or 0 in tensor.shape:
         raise RelabelError(f"{name}: expected shape (2, k, h, w), found {tuple(tensor.shape)}.")
+    if tensor.is_complex() or not (tensor.is_floating_point() or tensor.dtype in _INTEGER_DTYPES):
+        raise RelabelError(f"{name}: expected a real tensor, found {tensor.dtype}.")
     scores, indices = tensor[0].float(), tensor[1]
-    if not torch.isfinite(scores).all():
-        raise RelabelError(f"{name}: scores contain NaN or infinite values.")
-    if not torch.isfinite(indices).all() or not torch.equal(indices, indices.round()):
-        raise RelabelError(f"{name}: class indices are not integers.")
-    low, high = indices.min().item(), indices.max().item()
-    if low < 0 or (num_classes is not None and high >= num_classes):
-        limit = f"[0, {num_classes})" if num_classes is not None else "non-negative"
-        raise RelabelError(f"{name}: class indices range over [{low:g}, {high:g}], expected {limit}.")
+    check_relabel_values(scores, indices, name, num_classes)
     return RelabelMap(scores=scores, indices=indices.long())
 
 
-def read_relabel_file(path: str | os.PathLike, num_classes: int | None = None) -> RelabelMap:
-    """Reads and checks one per-file relabel map, without executing anything in the pickle."""
+def read_relabel_file(path: str | os.PathLike, num_classes: int | None = None, root: Path | None = None) -> RelabelMap:
+    """
+    Reads and checks one per-file relabel map, without executing anything in the pickle. Only a regular file is read
+    (a FIFO or a device would block or stream forever), and, given the relabel `root`, only one inside it.
+    """
     path = Path(path)
+    if root is not None and not path.resolve().is_relative_to(root.resolve()):
+        raise RelabelError(
+            f"{path}: a symbolic link to {path.resolve()}, outside the relabel directory {root}; copy the file in, or "
+            "point --relabel_root at the tree it belongs to."
+        )
+    if path.exists() and not path.is_file():
+        raise RelabelError(f"{path}: not a regular file.")
     try:
         tensor = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -125,7 +155,7 @@ class PerFileRelabelStore:
         return self.path(key).is_file()
 
     def __getitem__(self, key: str) -> RelabelMap:
-        relabel = read_relabel_file(self.path(key), self.num_classes)
+        relabel = read_relabel_file(self.path(key), self.num_classes, root=self.root)
         shape = tuple(relabel.scores.shape)
         if self._map_shape is None:
             self._map_shape = shape
@@ -134,7 +164,7 @@ class PerFileRelabelStore:
         return relabel
 
     def keys(self) -> Iterator[str]:
-        """Every key under the root, in sorted order."""
+        """Every key under the root, in sorted order (reading a key checks that it is a regular file in the tree)."""
         for path in sorted(self.root.glob("*/*.pt")):
             yield f"{path.parent.name}/{path.stem}"
 
@@ -152,32 +182,104 @@ class PackedRelabelStore:
     """
     Relabel maps packed by [`pack_relabel_store`] or [`PackedRelabelWriter`]: memory-mapped `.npy` shards of scores
     and indices, each with its list of keys, and a small JSON description. Nothing is unpickled
-    (`allow_pickle=False`); a read is a slice of a memory map.
+    (`allow_pickle=False`); a read is a slice of a memory map, whose values are checked (finite scores, class indices
+    in range) naming the key.
+
+    Opening checks what costs no scan of the data: the description, shard names that stay inside the store, real
+    float scores and integer indices, every shard's shape against the description and its key list, and keys that
+    appear once. `full_check=True` also reads every value (finite scores, indices in `[0, num_classes)`), naming the
+    first bad key; the pack command and [`finalize_packed_store`] do so once, when the store is written.
+
+    Args:
+        directory: the store.
+        full_check: also check every stored value now.
     """
 
-    def __init__(self, directory: str | os.PathLike) -> None:
+    def __init__(self, directory: str | os.PathLike, full_check: bool = False) -> None:
         self.directory = Path(directory)
         meta_path = self.directory / META_FILE
         if not meta_path.is_file():
             raise RelabelError(f"{self.directory}: not a packed relabel store (no {META_FILE}).")
-        meta = json.loads(meta_path.read_text())
-        if meta.get("format") != PACKED_FORMAT or meta.get("version") != PACKED_VERSION:
-            raise RelabelError(f"{meta_path}: unsupported store format {meta.get('format')!r} v{meta.get('version')}.")
-        self.num_classes: int = meta["num_classes"]
-        self._map_shape = tuple(meta["map_shape"])
-        self._rows: dict[str, tuple[int, int]] = {}
-        self._shards = []
-        for number, name in enumerate(meta["shards"]):
-            scores, indices, keys = _shard_paths(self.directory, name)
-            shard = (
-                np.load(scores, mmap_mode="r", allow_pickle=False),
-                np.load(indices, mmap_mode="r", allow_pickle=False),
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, ValueError) as error:
+            raise RelabelError(f"{meta_path}: unreadable ({error}).") from None
+        if not isinstance(meta, dict) or meta.get("format") != PACKED_FORMAT or meta.get("version") != PACKED_VERSION:
+            found = (meta.get("format"), meta.get("version")) if isinstance(meta, dict) else type(meta).__name__
+            raise RelabelError(f"{meta_path}: unsupported store format {found}.")
+        num_classes, map_shape, shards = meta.get("num_classes"), meta.get("map_shape"), meta.get("shards")
+        if not (isinstance(num_classes, int) and num_classes > 0):
+            raise RelabelError(f"{meta_path}: `num_classes` must be a positive integer, found {num_classes!r}.")
+        if not (isinstance(map_shape, list) and len(map_shape) == 3 and all(_positive_int(n) for n in map_shape)):
+            raise RelabelError(
+                f"{meta_path}: `map_shape` must be three positive integers (k, h, w), found {map_shape!r}."
             )
-            shard_keys = keys.read_text().splitlines()
-            if not len(shard[0]) == len(shard[1]) == len(shard_keys):
-                raise RelabelError(f"{self.directory}: shard {name} holds a different number of maps than it lists.")
-            self._shards.append(shard)
-            self._rows.update((key, (number, offset)) for offset, key in enumerate(shard_keys))
+        if not (
+            isinstance(shards, list) and shards and all(isinstance(n, str) and _SHARD_NAME.fullmatch(n) for n in shards)
+        ):
+            raise RelabelError(
+                f"{meta_path}: `shards` must list shard names (letters, digits, '_', '-', '.': files inside the "
+                f"store), found {shards!r}."
+            )
+        self.num_classes: int = num_classes
+        self._map_shape = tuple(map_shape)
+        self._rows: dict[str, tuple[int, int]] = {}
+        self._shards: list[tuple[np.ndarray, np.ndarray]] = []
+        self._shard_keys: list[list[str]] = []
+        for number, name in enumerate(shards):
+            shard_keys = self._open_shard(name)
+            for offset, key in enumerate(shard_keys):
+                if key in self._rows:
+                    other = shards[self._rows[key][0]]
+                    raise RelabelError(f"{self.directory}: key {key!r} is stored twice (shards {other} and {name}).")
+                self._rows[key] = (number, offset)
+        if full_check:
+            self.check_all_values()
+
+    def _open_shard(self, name: str) -> list[str]:
+        """Maps a shard after checking its files, dtypes and shapes; returns its keys."""
+        paths = _shard_paths(self.directory, name)
+        for path in paths:
+            if not path.resolve().is_relative_to(self.directory.resolve()) or not path.is_file():
+                raise RelabelError(f"{self.directory}: shard file {path.name} is missing or not a file in the store.")
+        try:
+            scores, indices = (np.load(path, mmap_mode="r", allow_pickle=False) for path in paths[:2])
+            shard_keys = paths[2].read_text().splitlines()
+        except (OSError, ValueError) as error:
+            raise RelabelError(f"{self.directory}: shard {name} cannot be read ({error}).") from None
+        if scores.dtype.kind != "f":
+            raise RelabelError(f"{paths[0]}: scores must be real floats, found {scores.dtype}.")
+        if indices.dtype.kind not in "iu":
+            raise RelabelError(f"{paths[1]}: class indices must be integers, found {indices.dtype}.")
+        expected = (len(shard_keys), *self._map_shape)
+        for path, array in zip(paths, (scores, indices)):
+            if array.shape != expected:
+                raise RelabelError(
+                    f"{path}: shape {array.shape}, but the store describes maps of (k, h, w) = {self._map_shape} and "
+                    f"the shard lists {len(shard_keys)} keys."
+                )
+        if "" in shard_keys:
+            raise RelabelError(f"{paths[2]}: an empty key.")
+        self._shards.append((scores, indices))
+        self._shard_keys.append(shard_keys)
+        return shard_keys
+
+    def check_all_values(self, rows_per_read: int = 4096) -> None:
+        """Reads every map: finite scores and class indices in `[0, num_classes)`, naming the first bad key."""
+        for (scores, indices), keys in zip(self._shards, self._shard_keys):
+            for start in range(0, len(keys), rows_per_read):
+                block_scores = torch.from_numpy(np.array(scores[start : start + rows_per_read], dtype=np.float32))
+                block_indices = torch.from_numpy(np.array(indices[start : start + rows_per_read], dtype=np.int64))
+                try:
+                    check_relabel_values(block_scores, block_indices, "", self.num_classes)
+                except RelabelError:
+                    for row in range(len(block_scores)):  # find and name the map
+                        check_relabel_values(
+                            block_scores[row], block_indices[row], self._name(keys[start + row]), self.num_classes
+                        )
+
+    def _name(self, key: str) -> str:
+        return f"{self.directory}: map {key!r}"
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -197,10 +299,16 @@ class PackedRelabelStore:
         if location is None:
             raise KeyError(f"No relabel map for {key!r} in {self.directory}.")
         scores, indices = self._shards[location[0]]
-        return RelabelMap(
+        relabel = RelabelMap(
             scores=torch.from_numpy(np.array(scores[location[1]], dtype=np.float32)),
             indices=torch.from_numpy(np.array(indices[location[1]], dtype=np.int64)),
         )
+        check_relabel_values(relabel.scores, relabel.indices, self._name(key), self.num_classes)
+        return relabel
+
+
+def _positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def _shard_paths(directory: Path, name: str) -> tuple[Path, Path, Path]:
@@ -248,10 +356,18 @@ class PackedRelabelWriter:
         return keys
 
     def add(self, key: str, scores: torch.Tensor | np.ndarray, indices: torch.Tensor | np.ndarray) -> None:
-        """Adds one map: `scores` and `indices` of shape (k, h, w)."""
+        """Adds one map: `scores` and `indices` of shape (k, h, w), checked (finite, integral, shapes) first."""
+        scores, indices = torch.as_tensor(scores), torch.as_tensor(indices)
+        if scores.ndim != 3 or scores.shape != indices.shape:
+            raise RelabelError(
+                f"{key}: scores {tuple(scores.shape)} and indices {tuple(indices.shape)} must be one (k, h, w) shape."
+            )
+        if self._scores and scores.shape != self._scores[0].shape:
+            raise RelabelError(f"{key}: map shape {tuple(scores.shape)}, the others have {self._scores[0].shape}.")
+        check_relabel_values(scores, indices, key)
         self._keys.append(key)
-        self._scores.append(np.asarray(scores, dtype=np.float32))
-        self._indices.append(np.asarray(indices, dtype=np.int64))
+        self._scores.append(scores.numpy().astype(np.float32))
+        self._indices.append(indices.numpy().astype(np.int64))
         if len(self._keys) >= self.shard_size:
             self.flush()
 
@@ -293,10 +409,15 @@ def finalize_packed_store(directory: str | os.PathLike, num_classes: int) -> int
         "format": PACKED_FORMAT,
         "version": PACKED_VERSION,
         "num_classes": num_classes,
-        "map_shape": list(shapes.pop()),
+        "map_shape": [int(n) for n in shapes.pop()],
         "shards": names,
     }
     (directory / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    try:
+        PackedRelabelStore(directory, full_check=True)  # duplicate keys, values out of range: refused, named
+    except RelabelError:
+        (directory / META_FILE).unlink()
+        raise
     return count
 
 
@@ -339,9 +460,9 @@ class PackReport:
     bad: list[str]
 
 
-def _read_for_packing(path: Path, num_classes: int) -> tuple[np.ndarray, np.ndarray] | str:
+def _read_for_packing(path: Path, num_classes: int, root: Path) -> tuple[np.ndarray, np.ndarray] | str:
     try:
-        relabel = read_relabel_file(path, num_classes)
+        relabel = read_relabel_file(path, num_classes, root=root)
     except RelabelError as error:
         return str(error)
     return relabel.scores.numpy(), relabel.indices.numpy()
@@ -375,9 +496,10 @@ def pack_relabel_store(
     def results() -> Iterator[tuple[Path, tuple[np.ndarray, np.ndarray] | str]]:
         if num_workers > 0:
             with ProcessPoolExecutor(num_workers) as pool:
-                yield from zip(paths, pool.map(_read_for_packing, paths, [num_classes] * len(paths), chunksize=256))
+                reads = pool.map(_read_for_packing, paths, repeat(num_classes), repeat(source.root), chunksize=256)
+                yield from zip(paths, reads)
         else:
-            yield from ((path, _read_for_packing(path, num_classes)) for path in paths)
+            yield from ((path, _read_for_packing(path, num_classes, source.root)) for path in paths)
 
     iterator = results()
     if progress:
