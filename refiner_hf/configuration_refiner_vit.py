@@ -1,6 +1,7 @@
 """Refiner-ViT model configuration."""
 
 import copy
+import math
 
 from huggingface_hub.dataclasses import strict
 from transformers.configuration_utils import PreTrainedConfig
@@ -204,8 +205,21 @@ class RefinerViTConfig(PreTrainedConfig):
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "drop_path_rate"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"`{name}` must be in [0, 1), got {getattr(self, name)}.")
-        if self.residual_scale <= 0:
-            raise ValueError(f"`residual_scale` must be positive, got {self.residual_scale}.")
+        # Loaded from a file these can hold anything JSON does; NaN passes every comparison, so ask for finite values.
+        for name, low, allow_low in (
+            ("residual_scale", 0.0, False),
+            ("layer_norm_eps", 0.0, False),
+            ("mlp_ratio", 0.0, False),
+            ("mix_token_beta", 0.0, False),
+            ("aux_loss_weight", 0.0, True),
+            ("initializer_range", 0.0, True),
+            ("aux_logits_weight", -math.inf, True),
+            ("layer_scale_init_value", -math.inf, True),
+        ):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and (value >= low if allow_low else value > low)):
+                bound = "finite" if low == -math.inf else ("finite and >= 0" if allow_low else "finite and positive")
+                raise ValueError(f"`{name}` must be {bound}, got {value}.")
 
     def validate_architecture(self) -> None:
         """Part of the `@strict` validation run at construction and before saving."""

@@ -240,15 +240,51 @@ class RefinerViTImageProcessingMixin:
 
     def __init__(self, **kwargs: Unpack[RefinerViTImageProcessorKwargs]):
         super().__init__(**kwargs)
-        self._validate_crop_pct(self.crop_pct)
+        # Checked here too, not only per call: a processor loaded from a damaged preprocessor_config.json says so.
+        self._validate_settings(
+            crop_pct=self.crop_pct,
+            size=self.size,
+            crop_size=self.crop_size,
+            image_mean=self.image_mean,
+            image_std=self.image_std,
+            rescale_factor=self.rescale_factor,
+        )
 
     @staticmethod
-    def _validate_crop_pct(crop_pct: float | None) -> None:
-        if crop_pct is not None and (isinstance(crop_pct, bool) or not crop_pct > 0):
+    def _validate_settings(
+        crop_pct: float | None = None,
+        size: SizeDict | None = None,
+        crop_size: SizeDict | None = None,
+        image_mean: float | list[float] | None = None,
+        image_std: float | list[float] | None = None,
+        rescale_factor: float | None = None,
+        **kwargs,
+    ) -> None:
+        """Raises a `ValueError` naming the setting that no image could be processed with."""
+
+        def numbers(value) -> list:
+            return list(value) if isinstance(value, (list, tuple)) else [value]
+
+        def is_number(value) -> bool:
+            return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+        if crop_pct is not None and not (is_number(crop_pct) and crop_pct > 0):
             raise ValueError(f"`crop_pct` must be a positive number or None, got {crop_pct!r}.")
+        for name, sizes in (("size", size), ("crop_size", crop_size)):
+            given = {key: value for key, value in dict(sizes or {}).items() if value is not None}
+            if any(not isinstance(value, int) or value <= 0 for value in given.values()):
+                raise ValueError(f"`{name}` must hold positive whole numbers of pixels, got {given}.")
+        if image_mean is not None and not all(is_number(value) for value in numbers(image_mean)):
+            raise ValueError(f"`image_mean` must hold finite numbers, got {image_mean!r}.")
+        if image_std is not None and not all(is_number(value) and value > 0 for value in numbers(image_std)):
+            raise ValueError(
+                f"`image_std` must hold positive finite numbers (normalizing divides by it), got {image_std!r}."
+            )
+        if rescale_factor is not None and not (is_number(rescale_factor) and rescale_factor > 0):
+            raise ValueError(f"`rescale_factor` must be a positive finite number, got {rescale_factor!r}.")
 
     def _validate_preprocess_kwargs(self, crop_pct: float | None = None, **kwargs) -> None:
-        self._validate_crop_pct(crop_pct)
+        self._validate_settings(crop_pct=crop_pct, **kwargs)
         super()._validate_preprocess_kwargs(**kwargs)
 
     def to_dict(self) -> dict[str, Any]:

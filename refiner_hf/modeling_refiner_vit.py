@@ -426,6 +426,9 @@ class RefinerViTPreTrainedModel(PreTrainedModel):
     main_input_name = "pixel_values"
     input_modalities = ("image",)
     supports_gradient_checkpointing = True
+    # Models of more parameters are refused before anything is allocated (a typo such as `num_hidden_layers: 100000`
+    # would otherwise be built until the process is killed); None lifts the bound.
+    max_parameters: int | None = 2_000_000_000
     _no_split_modules = ["RefinerViTEmbeddings", "RefinerViTLayer"]
     _can_record_outputs = {
         "hidden_states": RefinerViTLayer,
@@ -538,6 +541,49 @@ class RefinerViTPreTrainedModel(PreTrainedModel):
             init.constant_(module.layer_scale, self.config.layer_scale_init_value)
 
 
+def count_parameters(config: RefinerViTConfig, heads: bool = True) -> int:
+    """
+    The number of parameters of [`RefinerViTForImageClassification`] (of [`RefinerViTModel`] without `heads`) built
+    from `config`, counted from the configuration alone, before anything is allocated.
+    """
+    hidden, heads_count, labels = config.hidden_size, config.num_attention_heads, config.num_labels
+    total = hidden + (config.num_patches + 1) * hidden  # class token, position embedding
+    if config.stem_type == "conv":
+        c1, c2, c3 = config.stem_hidden_sizes
+        total += config.num_channels * c1 * 49 + c1 * c2 * 9 + c2 * c3 * 9 + 2 * (c1 + c2 + c3)
+        total += c3 * hidden * (config.patch_size // 2) ** 2 + hidden
+    else:
+        total += config.num_channels * hidden * config.patch_size**2 + hidden
+    linear = hidden * hidden + (hidden if config.qkv_bias else 0)  # one of q, k, v
+    mlp = 2 * hidden * config.intermediate_size + config.intermediate_size + 2 * hidden  # fc1, fc2, layer scale
+    for block_type in config.block_types:
+        total += 4 * hidden + (linear if block_type == "shared" else 3 * linear) + hidden * hidden + hidden + mlp
+        if block_type != "plain":
+            expansion = config.shared_expansion if block_type == "shared" else config.refine_expansion
+            expanded = heads_count * expansion
+            if expansion != 1:
+                total += heads_count * expanded + 2 * expanded  # expand conv and its BatchNorm
+            total += expanded * config.refine_kernel_size**2 + 2 * expanded  # depthwise conv and its BatchNorm
+            total += expanded * heads_count + 4 * heads_count  # project conv, its BatchNorm, adapt_bn
+    total += 2 * hidden  # final LayerNorm
+    if heads and labels > 0:
+        total += (hidden * labels + labels) * (2 if config.use_aux_head else 1)
+    return total
+
+
+def check_model_size(config: RefinerViTConfig) -> None:
+    """Refuses to build a model of more than `RefinerViTPreTrainedModel.max_parameters` parameters."""
+    limit = RefinerViTPreTrainedModel.max_parameters
+    count = count_parameters(config)
+    if limit is not None and count > limit:
+        raise ValueError(
+            f"This configuration describes a model of {count:,} parameters ({count * 4 / 2**30:,.1f} GiB in float32), "
+            f"more than the {limit:,} built without being asked (the largest Refiner-ViT has 81 million): check "
+            "`num_hidden_layers`, `hidden_size`, `intermediate_size` and `image_size`. To build it anyway, set "
+            "`RefinerViTPreTrainedModel.max_parameters` to a larger number (or None) first."
+        )
+
+
 class RefinerViTModel(RefinerViTPreTrainedModel):
     """
     The Refiner-ViT encoder: stem, class token and position embedding, the blocks, and the final LayerNorm. Returns
@@ -548,6 +594,7 @@ class RefinerViTModel(RefinerViTPreTrainedModel):
 
     def __init__(self, config: RefinerViTConfig) -> None:
         config.check_architecture()
+        check_model_size(config)
         super().__init__(config)
         self.embeddings = RefinerViTEmbeddings(config)
         rates = torch.linspace(0, config.drop_path_rate, config.num_hidden_layers, device="cpu").tolist()

@@ -1,10 +1,17 @@
 """RefinerViTConfig: presets, defaults, validation and serialisation."""
 
+import json
+import time
+
 import pytest
 import torch
 from conftest import tiny_config
+from safetensors.torch import save_file
+from transformers import AutoModelForImageClassification
 
-from refiner_hf import RefinerViTConfig, RefinerViTForImageClassification
+import refiner_hf  # noqa: F401  (registers the Auto classes)
+from refiner_hf import RefinerViTConfig, RefinerViTForImageClassification, RefinerViTModel, RefinerViTPreTrainedModel
+from refiner_hf.modeling_refiner_vit import count_parameters
 
 
 @pytest.mark.parametrize(
@@ -71,3 +78,59 @@ def test_json_round_trip(tmp_path):
     assert loaded.to_dict() == config.to_dict()
     assert loaded.block_types == ["refined", "shared", "plain", "shared"]
     assert loaded.id2label[4] == "e"
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("layer_norm_eps", float("nan"), r"`layer_norm_eps` must be finite and positive, got nan"),
+        ("layer_norm_eps", 0.0, r"`layer_norm_eps` must be finite and positive, got 0.0"),
+        ("aux_logits_weight", float("inf"), r"`aux_logits_weight` must be finite, got inf"),
+        ("residual_scale", float("nan"), r"`residual_scale` must be finite and positive, got nan"),
+        ("aux_loss_weight", -0.5, r"`aux_loss_weight` must be finite and >= 0"),
+        ("mix_token_beta", 0.0, r"`mix_token_beta` must be finite and positive"),
+    ],
+)
+def test_non_finite_and_out_of_range_fields_are_refused_when_loaded(tmp_path, field, value, message):
+    tiny_config().save_pretrained(tmp_path)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), field: value}))  # NaN and Infinity, as Python writes
+    with pytest.raises(ValueError, match=message):
+        RefinerViTConfig.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"stem_type": "patch", "qkv_bias": False, "use_aux_head": False},
+        {"refine_expansion": 1, "shared_expansion": 1, "refine_kernel_size": 4, "num_labels": 0},
+        {"block_types": ["plain", "refined", "refined", "shared"], "image_size": 48, "mlp_ratio": 3.5},
+    ],
+)
+def test_parameters_are_counted_from_the_configuration_alone(overrides):
+    config = tiny_config(**overrides)
+    with torch.device("meta"):
+        model, base = RefinerViTForImageClassification(config), RefinerViTModel(config)
+    assert count_parameters(config) == sum(p.numel() for p in model.parameters())
+    assert count_parameters(config, heads=False) == sum(p.numel() for p in base.parameters())
+
+
+def test_a_model_too_large_to_be_meant_is_refused_before_anything_is_built(tmp_path, monkeypatch):
+    huge = RefinerViTConfig(num_hidden_layers=100_000)
+    start = time.perf_counter()
+    with pytest.raises(
+        ValueError, match=r"describes a model of 133,243,521,764 parameters .* more than the 2,000,000,000"
+    ):
+        RefinerViTForImageClassification(huge)
+    assert time.perf_counter() - start < 10  # refused from the numbers, not after building blocks
+    huge.save_pretrained(tmp_path)  # a model directory whose config.json asks for it, with a tiny weights file
+    save_file({"classifier.bias": torch.zeros(1000)}, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="RefinerViTPreTrainedModel.max_parameters"):
+        AutoModelForImageClassification.from_pretrained(tmp_path)
+    config = tiny_config()
+    monkeypatch.setattr(RefinerViTPreTrainedModel, "max_parameters", count_parameters(config) - 1)
+    with pytest.raises(ValueError, match="more than the"):
+        RefinerViTForImageClassification(config)
+    monkeypatch.setattr(RefinerViTPreTrainedModel, "max_parameters", None)
+    assert RefinerViTForImageClassification(config).num_parameters() == count_parameters(config)

@@ -356,6 +356,31 @@ def test_bad_crop_pct_raises(cls):
 
 
 @pytest.mark.parametrize("cls", BACKENDS)
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("image_std", [0.5, 0.0, 0.5], r"`image_std` must hold positive finite numbers .*0.5, 0.0, 0.5"),
+        ("image_mean", [0.5, float("nan"), 0.5], r"`image_mean` must hold finite numbers"),
+        ("crop_size", {"height": -224, "width": 224}, r"`crop_size` must hold positive whole numbers of pixels"),
+        ("size", {"shortest_edge": 0}, r"`size` must hold positive whole numbers of pixels"),
+        ("rescale_factor", float("inf"), r"`rescale_factor` must be a positive finite number"),
+        ("crop_pct", float("nan"), r"`crop_pct` must be a positive number or None, got nan"),
+    ],
+)
+def test_settings_no_image_can_use_are_refused_when_loaded_and_per_call(cls, tmp_path, field, value, message):
+    cls().save_pretrained(tmp_path)
+    path = tmp_path / "preprocessor_config.json"
+    config = json.loads(path.read_text())
+    config[field] = value
+    path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=message):
+        cls.from_pretrained(tmp_path)
+    if field not in ("size", "crop_size"):  # sizes given per call are converted by transformers first
+        with pytest.raises(ValueError, match=message):
+            cls()(IMAGES["chelsea"], **{field: value})
+
+
+@pytest.mark.parametrize("cls", BACKENDS)
 def test_files_and_base64(cls, tmp_path):
     image = IMAGES["chelsea"]
     processor = cls()
