@@ -1,0 +1,130 @@
+"""
+One writer per run directory.
+
+Two trainers writing into one output directory corrupt each other's checkpoints and model. A run takes
+`OUTPUT_DIR/.run.lock` before it writes anything: the file is created exclusively (`O_EXCL`) and names its holder
+(host, process, start time), and a background thread refreshes it while the run lives. Another run finds it and is
+refused with the holder's name. A lock whose holder is gone is recognised as stale and taken over, with a message: on
+the same host when the process no longer exists, from any host when the lock has not been refreshed for
+`stale_after` seconds (a run killed on one node and restarted on another).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+
+LOCK_FILE = ".run.lock"
+
+
+class RunLockedError(RuntimeError):
+    """Another live run holds the output directory."""
+
+
+def _process_is_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class RunLock:
+    """
+    The lock of one run directory, held from [`acquire`] to [`release`] (or the process' end).
+
+    Args:
+        directory: the run's output directory (created if needed).
+        refresh_every: seconds between refreshes of the lock while it is held.
+        stale_after: seconds without a refresh after which any run may take the lock over.
+    """
+
+    def __init__(self, directory: str | os.PathLike, refresh_every: float = 30.0, stale_after: float = 600.0) -> None:
+        self.path = Path(directory) / LOCK_FILE
+        self.refresh_every = refresh_every
+        self.stale_after = stale_after
+        self.holder = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        self.taken_over: dict[str, Any] | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def describe(self, holder: dict[str, Any]) -> str:
+        return f"process {holder.get('pid')} on {holder.get('host')}, started {holder.get('started')}"
+
+    def _read(self) -> tuple[dict[str, Any], float] | None:
+        try:
+            age = time.time() - self.path.stat().st_mtime
+            return json.loads(self.path.read_text()), age
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            return {}, time.time() - self.path.stat().st_mtime  # half written: judged by its age alone
+
+    def _stale(self, holder: dict[str, Any], age: float) -> bool:
+        if age > self.stale_after:
+            return True
+        same_host = holder.get("host") == self.holder["host"]
+        return same_host and isinstance(holder.get("pid"), int) and not _process_is_alive(holder["pid"])
+
+    def acquire(self) -> RunLock:
+        """Takes the lock, taking over a stale one; raises [`RunLockedError`] naming a live holder."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(3):  # a race with another run taking over the same stale lock: look again
+            try:
+                descriptor = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                found = self._read()
+                if found is None:
+                    continue
+                holder, age = found
+                if holder == self.holder:
+                    return self  # already ours
+                if not self._stale(holder, age):
+                    raise RunLockedError(
+                        f"{self.path.parent} is being written by another run ({self.describe(holder)}; its lock "
+                        f"{self.path} was refreshed {age:.0f} s ago). Wait for it to finish, or choose another "
+                        "--output_dir."
+                    ) from None
+                self.taken_over = holder
+                self.path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(descriptor, "w") as file:
+                json.dump(self.holder, file)
+            self._thread = threading.Thread(target=self._refresh, name="run-lock-refresh", daemon=True)
+            self._thread.start()
+            return self
+        raise RunLockedError(f"Could not take the lock {self.path}: other runs keep taking it.")
+
+    def _refresh(self) -> None:
+        while not self._stop.wait(self.refresh_every):
+            try:
+                os.utime(self.path)
+            except OSError:  # removed from under us: nothing to refresh
+                return
+
+    def release(self) -> None:
+        """Gives the lock up (only if it is still this run's)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        found = self._read()
+        if found is not None and found[0] == self.holder:
+            self.path.unlink(missing_ok=True)
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc_info) -> None:
+        self.release()
+
+
+__all__ = ["LOCK_FILE", "RunLock", "RunLockedError"]
