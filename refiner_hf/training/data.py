@@ -16,14 +16,17 @@ import numpy as np
 import PIL.Image
 import PIL.ImageOps
 
+from .embedded_data import SUBSET_FILE
+from .errors import UsageError
 
-EMBEDDED_DATA = Path(__file__).parent / "embedded_data" / "fashion_mnist_subset.npz"
+
+EMBEDDED_DATA = SUBSET_FILE
 EMBEDDED_DATASET_NAME = "fashion-mnist (embedded subset)"
 # The column naming each embedded image (the arrays have no file names).
 EMBEDDED_ID_COLUMN = "image_id"
 
 
-class DataError(ValueError):
+class DataError(UsageError):
     """A data set that cannot be trained on as configured (missing column, labels that do not fit the head, ...)."""
 
 
@@ -223,8 +226,7 @@ def check_labels(data: ImageData, label_column: str, num_labels: int) -> None:
     if data.num_labels > num_labels:
         raise DataError(
             f"{data.description} has {data.num_labels} classes (labels 0..{data.num_labels - 1}) but the model's "
-            f"head has {num_labels} outputs. Train a new head (--ignore_mismatched_sizes with --model_name_or_path) "
-            "or use a model with enough labels."
+            f"head has {num_labels} outputs; give the model at least {data.num_labels} labels."
         )
 
 
