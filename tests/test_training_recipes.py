@@ -197,7 +197,7 @@ def test_help_shows_the_defaults_that_apply(capsys):
 
     finetuning = help_text(["--model_name_or_path", "m"], capsys)
     assert "finetune_own_data.yaml (the fine-tuning recipe" in finetuning
-    assert "--lr LR Peak learning rate. (default: 0.0005)" in finetuning
+    assert "--lr LR Peak learning rate. (default: 0.0001)" in finetuning
 
     imagenet = help_text(["--recipe", "refiner_vit_s.yaml"], capsys)
     assert (

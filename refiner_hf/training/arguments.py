@@ -292,7 +292,7 @@ class TrainingArguments:
         return overrides
 
     def validate(self) -> None:
-        """Raises a `ValueError` naming the first inconsistent argument."""
+        """Raises a [`UsageError`] naming the first inconsistent argument (or a missing directory)."""
         sources = [name for name in ("model", "model_name_or_path", "config_name") if getattr(self, name)]
         if len(sources) > 1:
             raise UsageError(f"Give at most one of --model, --model_name_or_path, --config_name (got {sources}).")
