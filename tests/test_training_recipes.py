@@ -223,6 +223,7 @@ def test_help_shows_the_defaults_that_apply(capsys):
         (["--lr_schedule_unit", "hour"], "invalid choice: 'hour' (choose from 'epoch', 'step')"),
         (["--dataset_name", "x", "3"], "unexpected value '3': every value follows its --argument."),
         (["--train_dir", "/no/such/dir"], "--train_dir /no/such/dir: no such directory."),
+        (["--resume_from_checkpoint", "/no/such/step"], "--resume_from_checkpoint /no/such/step: no such checkpoint"),
     ],
 )
 def test_usage_errors_name_the_problem_and_the_fix(argv, message):

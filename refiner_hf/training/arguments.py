@@ -31,7 +31,7 @@ from transformers import HfArgumentParser
 from transformers.hf_argparser import string_to_bool
 
 from ..configuration_refiner_vit import RefinerViTConfig
-from .errors import OneLineErrors, UsageError, did_you_mean
+from .errors import OneLineErrors, UsageError, did_you_mean, looks_like_a_path
 
 
 # Fields a recipe may not set: the recipe itself, where it came from, and the Hub token (a secret that does not belong
@@ -303,6 +303,16 @@ class TrainingArguments:
         for name in ("train_dir", "validation_dir", "relabel_root"):
             if getattr(self, name) is not None and not Path(getattr(self, name)).is_dir():
                 raise UsageError(f"--{name} {getattr(self, name)}: no such directory.")
+        if self.dataset_name and looks_like_a_path(self.dataset_name) and not Path(self.dataset_name).exists():
+            raise UsageError(
+                f"--dataset_name {self.dataset_name}: no such directory (give a local data set directory or a Hub id "
+                "such as ILSVRC/imagenet-1k)."
+            )
+        if self.resume_from_checkpoint not in (None, "latest") and not Path(self.resume_from_checkpoint).is_dir():
+            raise UsageError(
+                f"--resume_from_checkpoint {self.resume_from_checkpoint}: no such checkpoint directory (`latest` takes "
+                "the newest of OUTPUT_DIR/checkpoints)."
+            )
         for name in ("scale", "ratio") + (("cutmix_minmax",) if self.cutmix_minmax is not None else ()):
             values = getattr(self, name)
             if len(values) != 2 or values[0] > values[1]:

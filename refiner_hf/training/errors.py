@@ -56,7 +56,7 @@ def run_command(main: Callable[[], T], usage_errors: tuple[type[BaseException], 
         raise SystemExit(2) from None
 
 
-def _looks_like_a_path(value: str) -> bool:
+def looks_like_a_path(value: str) -> bool:
     """Whether a model argument is meant as a local path rather than a Hub id (`name` or `namespace/name`)."""
     return value.startswith(("/", ".", "~")) or value.count("/") > 1 or (os.sep != "/" and os.sep in value)
 
@@ -75,7 +75,7 @@ def check_model_path(flag: str, value: str) -> None:
                 f"{flag} {value}: no config.json in this directory; give a directory written by `save_pretrained` "
                 "(the trainer's OUTPUT_DIR/model, or the converter's output)."
             )
-    elif _looks_like_a_path(value):
+    elif looks_like_a_path(value):
         raise UsageError(f"{flag} {value}: no such directory.")
 
 
@@ -120,6 +120,7 @@ __all__ = [
     "check_model_path",
     "did_you_mean",
     "loading_error",
+    "looks_like_a_path",
     "one_line",
     "run_command",
 ]
