@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import textwrap
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -539,17 +540,23 @@ class ArgumentParser(OneLineErrors, HfArgumentParser):
         return UsageError(f"unknown argument {option}.{hint} (--help lists the arguments)")
 
 
-DESCRIPTION = f"""\
-Train or fine-tune Refiner-ViT on an image classification data set with accelerate.
+DESCRIPTION = (
+    "Train or fine-tune Refiner-ViT on an image classification data set with accelerate.",
+    "Values come from the argument defaults, then a recipe (--recipe FILE), then the command line. Without --recipe, "
+    f"a run with no data, model or recipe argument (a bare run) uses {EMBEDDED_RECIPE} (the embedded Fashion-MNIST "
+    f"run); a run with --model_name_or_path uses {FINETUNE_RECIPE} (fine-tuning on your data); any other run uses "
+    f"{DEFAULTS_DESCRIPTION}. The ImageNet recipes (refiner_vit_s.yaml, ...) apply only when named.",
+)
 
-Values come from the argument defaults, then a recipe (--recipe FILE), then the command line. Without --recipe:
-a run with no data, model or recipe argument (a bare run) uses {EMBEDDED_RECIPE} (the embedded Fashion-MNIST
-run); a run with --model_name_or_path uses {FINETUNE_RECIPE} (fine-tuning on your data); any other run uses
-{DEFAULTS_DESCRIPTION}. The ImageNet recipes (refiner_vit_s.yaml, ...) apply only when named."""
+
+def _paragraphs(*paragraphs: str) -> str:
+    return "\n\n".join(textwrap.fill(paragraph, width=100) for paragraph in paragraphs)
 
 
 def build_parser(add_help: bool = True) -> ArgumentParser:
-    return ArgumentParser(TrainingArguments, aliases=ARGUMENT_ALIASES, description=DESCRIPTION, add_help=add_help)
+    return ArgumentParser(
+        TrainingArguments, aliases=ARGUMENT_ALIASES, description=_paragraphs(*DESCRIPTION), add_help=add_help
+    )
 
 
 def default_recipe(args: argparse.Namespace) -> tuple[str | None, str]:
@@ -586,7 +593,9 @@ def parse_args(argv: Sequence[str] | None = None, recipe_dirs: Iterable[str | Pa
             source = reason if name is None else f"none: {DEFAULTS_DESCRIPTION} ({name} not found)"
     if recipe_path is not None:
         parser.set_defaults(**load_recipe(recipe_path, parser))
-    parser.description += f"\n\nThe defaults shown below are those of this run's recipe: {source}."
+    parser.description = _paragraphs(
+        *DESCRIPTION, f"The defaults shown below are those of this run's recipe: {source}."
+    )
     args = parser.parse_dataclass(argv)
     if recipe_path is not None:
         args.recipe = str(recipe_path)
