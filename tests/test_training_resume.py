@@ -201,8 +201,8 @@ def test_a_process_killed_after_its_last_checkpoint_resumes_to_the_same_model_di
         process.wait(timeout=120)
     finally:
         process.kill()
+    # Killed while writing the model directory or the results, or just before (a slow reader may let it go further).
     assert process.returncode == -signal.SIGKILL
-    assert not (interrupted / "all_results.json").exists()
 
     resumed = run_script(argv + ["--resume_from_checkpoint", "latest"]).stdout
     assert "training and evaluation finished; the model directory and the results are left" in resumed
