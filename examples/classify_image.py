@@ -20,13 +20,14 @@ from transformers.utils import logging
 from refiner_hf import convert_original_checkpoint
 from refiner_hf.assets import sample_image_path
 from refiner_hf.hub import image_processor_for_config
+from refiner_hf.training.errors import ArgumentParser, UsageError, check_model_path, loading_error, run_command
 
 
 BUNDLED_CHECKPOINT = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "released_tiny.pth"
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--model", help="A converted model directory or Hub id.")
     source.add_argument(
@@ -35,11 +36,25 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--image", default=str(sample_image_path()), help="Image file or URL.")
     parser.add_argument("--top-k", type=int, default=5)
     parser.add_argument("--weights", choices=("ema", "raw"), help="Weights of a timm checkpoint (default: EMA).")
-    return parser.parse_args()
+    args = parser.parse_args()
+    if args.top_k < 1:
+        parser.error(f"--top-k must be at least 1, got {args.top_k}")
+    return args
+
+
+def check_inputs(args: argparse.Namespace) -> None:
+    """One-line errors for a model, checkpoint or image that is not there, before anything is loaded."""
+    if args.model is not None:
+        check_model_path("--model", args.model)
+    elif not args.checkpoint.is_file():
+        raise UsageError(f"--checkpoint {args.checkpoint}: no such file.")
+    if not args.image.startswith(("http://", "https://")) and not Path(args.image).is_file():
+        raise UsageError(f"--image {args.image}: no such file (give an image file or an http(s) URL).")
 
 
 def main() -> None:
     args = parse_args()
+    check_inputs(args)
     logging.disable_progress_bar()
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model
@@ -52,11 +67,14 @@ def main() -> None:
                 f"Converted {args.checkpoint} ({model.config.matching_preset() or 'custom architecture'}, "
                 f"{model.num_parameters():,} parameters)"
             )
-        classifier = pipeline("image-classification", model=model_dir)
+        try:
+            classifier = pipeline("image-classification", model=model_dir)
+        except (OSError, ValueError) as error:  # not there, or a model type transformers does not know
+            raise loading_error("--model", model_dir, error) from None
         print(f"Top {args.top_k} for {args.image}:")
         for rank, prediction in enumerate(classifier(args.image, top_k=args.top_k), start=1):
             print(f"  {rank}. {prediction['label']:<30} {prediction['score']:.4f}")
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -31,14 +31,15 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 from tqdm.auto import tqdm
-from transformers import AutoImageProcessor, AutoModelForImageClassification, HfArgumentParser
+from transformers import AutoImageProcessor, AutoModelForImageClassification
 
 import refiner_hf  # noqa: F401  (registers Refiner-ViT with the Auto classes)
 from refiner_hf.token_labeling import PackedRelabelWriter, RelabelError, finalize_packed_store
 from refiner_hf.token_labeling.teacher import dense_teacher_logits, top_k_maps
-from refiner_hf.training.arguments import TrainingArguments
+from refiner_hf.training.arguments import ArgumentParser, TrainingArguments
 from refiner_hf.training.data import decode_image, load_image_data
 from refiner_hf.training.distributed import processes_without_accelerators
+from refiner_hf.training.errors import UsageError, check_model_path, loading_error, run_command
 from refiner_hf.training.token_labeling import iter_relabel_keys
 
 
@@ -58,8 +59,10 @@ def _arg(help: str, default: Any = None) -> Any:
 class RelabelArguments:
     """Arguments of `examples/generate_relabel.py`."""
 
-    teacher: str = _arg("The teacher: a Hub id or a directory of any AutoModelForImageClassification.")
-    output: str = _arg("Directory of the packed relabel store to write (or to complete).")
+    teacher: str = field(
+        metadata={"help": "The teacher: a Hub id or a directory of any AutoModelForImageClassification."}
+    )
+    output: str = field(metadata={"help": "Directory of the packed relabel store to write (or to complete)."})
     top_k: int = _arg("Classes kept per position.", default=5)
     teacher_image_size: int | None = _arg(
         "Side the whole images are resized to (default: the teacher's image processor's size, else its config's)."
@@ -82,16 +85,19 @@ class RelabelArguments:
     cache_dir: str | None = _arg("Where `datasets` caches downloaded and prepared data.")
 
     def validate(self) -> None:
-        if not self.teacher or not self.output:
-            raise ValueError("--teacher and --output are required.")
         for name in ("top_k", "batch_size", "shard_size"):
             if getattr(self, name) < 1:
-                raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}.")
+                raise UsageError(f"--{name} must be at least 1, got {getattr(self, name)}.")
+        check_model_path("--teacher", self.teacher)
+        if Path(self.output).exists() and not Path(self.output).is_dir():
+            raise UsageError(f"--output {self.output} is a file; give a directory for the relabel store.")
 
     def training_arguments(self) -> TrainingArguments:
-        """The trainer's arguments with this run's data selection, for loading the same training images."""
+        """The trainer's arguments with this run's data selection (checked as the trainer checks them)."""
         names = {f.name for f in fields(TrainingArguments)}
-        return TrainingArguments(**{name: getattr(self, name) for name in DATA_FIELDS if name in names})
+        args = TrainingArguments(**{name: getattr(self, name) for name in DATA_FIELDS if name in names})
+        args.validate()
+        return args
 
 
 class WholeImages(Dataset):
@@ -133,7 +139,7 @@ def teacher_preprocessing(teacher: str, model, image_size: int | None) -> tuple[
                     break
         image_size = image_size or getattr(model.config, "image_size", None)
     if not image_size:
-        raise ValueError(f"Cannot tell the input size of {teacher}: give --teacher_image_size.")
+        raise UsageError(f"Cannot tell the input size of {teacher}: give --teacher_image_size.")
     return int(image_size), mean, std
 
 
@@ -147,16 +153,19 @@ def stored_keys(output: Path) -> set[str]:
 
 def relabel(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Writes (or completes) the relabel store; returns the number of maps written and stored."""
-    (args,) = HfArgumentParser(RelabelArguments).parse_args_into_dataclasses(args=argv)
+    args = ArgumentParser(RelabelArguments, description=__doc__).parse_dataclass(argv)
     args.validate()
     accelerator = Accelerator(cpu=processes_without_accelerators())
     output = Path(args.output)
     with accelerator.main_process_first():
         data = load_image_data(args.training_arguments())
     if not isinstance(data.train, datasets.Dataset):
-        raise ValueError("Relabeling needs a map-style training set (no streaming).")
+        raise UsageError("Relabeling needs a map-style training set (no streaming).")
 
-    model = AutoModelForImageClassification.from_pretrained(args.teacher).eval().to(accelerator.device)
+    try:
+        model = AutoModelForImageClassification.from_pretrained(args.teacher).eval().to(accelerator.device)
+    except (OSError, ValueError) as error:  # not there, or a model type transformers does not know
+        raise loading_error("--teacher", args.teacher, error) from None
     num_classes = model.config.num_labels
     if num_classes < data.num_labels:
         raise RelabelError(
@@ -199,4 +208,4 @@ main = relabel
 
 
 if __name__ == "__main__":
-    relabel()
+    run_command(relabel, usage_errors=(RelabelError,))

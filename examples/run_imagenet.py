@@ -23,8 +23,16 @@ packed with `refiner-vit-pack-relabel` or maps made by examples/generate_relabel
         --recipe refiner_vit_s_relabel.yaml --dataset_name ILSVRC/imagenet-1k --relabel_root relabel/nfnet_packed \\
         --output_dir outputs/refiner-vit-s-relabel
 
-A recipe (examples/recipes/*.yaml) sets the arguments and the command line overrides it (`--help` lists them all).
-An interrupted run continues where its last checkpoint left off with `--resume_from_checkpoint latest`.
+Fine-tuning a trained model on your own image folders (the model's image processor is kept, and a new classifier head
+is trained when the classes differ; without --recipe, examples/recipes/finetune_own_data.yaml applies):
+
+    python examples/run_imagenet.py --model_name_or_path outputs/refiner-vit-fashion-mnist/model \
+        --train_dir data/train --validation_dir data/val --output_dir outputs/my-classes
+
+A recipe (examples/recipes/*.yaml) sets the arguments and the command line overrides it; the log's first lines name
+the recipe in force and `--help` lists every argument with the defaults that apply to the other arguments given.
+An interrupted run, wherever it was stopped, finishes what was left with `--resume_from_checkpoint latest`, ending
+with the model directory an uninterrupted run writes.
 
 The output directory holds model/ (the best weights so far, with the image processor and a model card: a directory
 `AutoModelForImageClassification.from_pretrained` loads), checkpoints/, logs/ (metrics.jsonl and the trackers' files)
@@ -33,6 +41,7 @@ and all_results.json.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
@@ -49,8 +58,9 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from refiner_hf import RefinerViTForImageClassification
-from refiner_hf.hub import image_processor_for_config, push_to_hub
+from refiner_hf.hub import push_to_hub
 from refiner_hf.model_directory import save_model_directory
+from refiner_hf.token_labeling import RelabelError
 from refiner_hf.training.arguments import TrainingArguments, parse_args
 from refiner_hf.training.card import training_model_card
 from refiner_hf.training.checkpointing import CheckpointManager, TrainingProgress
@@ -62,6 +72,7 @@ from refiner_hf.training.distributed import (
     synchronize_batchnorm_statistics,
 )
 from refiner_hf.training.ema import build_model_ema
+from refiner_hf.training.errors import UsageError, run_command
 from refiner_hf.training.evaluation import evaluate_classifier
 from refiner_hf.training.loaders import build_evaluation_loader, build_training_loader
 from refiner_hf.training.modeling import build_model, convert_sync_batchnorm
@@ -98,6 +109,9 @@ class Run:
     eval_loader: DataLoader
     progress: TrainingProgress
     checkpoints: CheckpointManager
+    notes: list[str]
+    # The best step whose weights this process has written to output_dir/model (a resumed run writes them again).
+    model_written_step: int | None = None
 
     @property
     def batches_per_epoch(self) -> int:
@@ -127,17 +141,17 @@ def setup(argv: Sequence[str] | None) -> Run:
     # process 0's, which DDP broadcasts. Data order and augmentation have their own seeds (training/loaders.py).
     set_seed(args.seed, device_specific=True)
     if accelerator.distributed_type == DistributedType.FSDP and args.model_ema:
-        raise ValueError("The model EMA keeps a full copy of the weights, which FSDP shards: pass --no_model_ema.")
+        raise UsageError("The model EMA keeps a full copy of the weights, which FSDP shards: pass --no_model_ema.")
 
     with accelerator.main_process_first():
         data = load_image_data(args)
-    model = build_model(args, data.num_labels, data.class_names)
+    built = build_model(args, data.num_labels, data.class_names)
+    model, image_processor = built.model, built.image_processor
     check_labels(data, args.label_column_name, model.config.num_labels)
     configure_token_labeling(model, args)
     target_builders = {}
     if args.relabel_root:
         target_builders[DENSE_LABELS] = build_dense_label_builder(args, model, data.train)
-    image_processor = image_processor_for_config(model.config, crop_pct=args.crop_pct)
     if args.sync_batchnorm:
         model = convert_sync_batchnorm(model, accelerator.device, accelerator.num_processes)
 
@@ -202,7 +216,7 @@ def setup(argv: Sequence[str] | None) -> Run:
     checkpoints = CheckpointManager(accelerator, output_dir / "checkpoints", args.checkpoints_total_limit)
     run = Run(
         args, accelerator, output_dir, data, model, image_processor, optimizer, scheduler, ema, mixing, train_set,
-        train_loader, eval_loader, progress, checkpoints,
+        train_loader, eval_loader, progress, checkpoints, built.notes,
     )  # fmt: skip
     if args.resume_from_checkpoint:
         resume(run)
@@ -216,9 +230,16 @@ def resume(run: Run) -> None:
         run.accelerator.print(f"No checkpoint in {run.checkpoints.directory} yet: starting from scratch.", flush=True)
         return
     run.accelerator.load_state(str(checkpoint))
+    progress = run.progress
+    if not training_finished(run):
+        left = "training continues"
+    elif evaluation_due(run):
+        left = "training finished; its final evaluation, the model directory and the results are left"
+    else:
+        left = "training and evaluation finished; the model directory and the results are left"
     run.accelerator.print(
-        f"Resumed from {checkpoint}: epoch {run.progress.epoch + 1}, batch {run.progress.batches_in_epoch} of "
-        f"{run.batches_per_epoch}, step {run.progress.global_step}.",
+        f"Resumed from {checkpoint}: epoch {progress.epoch + 1}, batch {progress.batches_in_epoch} of "
+        f"{run.batches_per_epoch}, step {progress.global_step} ({left}).",
         flush=True,
     )
 
@@ -231,16 +252,24 @@ def describe(run: Run) -> str:
     updates = math.ceil(run.batches_per_epoch / args.gradient_accumulation_steps)
     precision = "fp32" if accelerator.mixed_precision == "no" else accelerator.mixed_precision
     return (
+        f"Recipe: {args.recipe_source}\n"
         f"Data: {run.data.description}: {num_train:,}{' per process' if run.streaming else ''} training / "
         f"{len(run.data.validation):,} validation images, {config.num_labels} classes\n"
         f"Model: {config.matching_preset() or 'custom Refiner-ViT'}, "
         f"{sum(p.numel() for p in run.model.parameters()):,} parameters, {config.image_size} px, "
         f"eval crop_pct {run.image_processor.crop_pct}\n"
-        f"Batch: {args.per_device_train_batch_size} per process x {accelerator.num_processes} processes x "
+        + "".join(f"  {note}\n" for note in run.notes)
+        + f"Batch: {args.per_device_train_batch_size} per process x {accelerator.num_processes} processes x "
         f"{args.gradient_accumulation_steps} accumulation steps = global batch {global_batch} "
         f"({accelerator.device}, {precision})\n"
         f"Schedule: {updates} steps per epoch, {args.total_epochs} epochs ({args.epochs} cosine + "
-        f"{args.cooldown_epochs} cooldown), lr {args.lr:g} updated per {args.lr_schedule_unit}"
+        f"{args.cooldown_epochs} cooldown), warmup {args.warmup_epochs:g} epochs from {args.warmup_lr:g}, lr "
+        f"{args.lr:g} updated per {args.lr_schedule_unit}, "
+        + (
+            f"EMA decay {args.model_ema_decay:g}{' with warmup' if args.model_ema_warmup else ''}"
+            if args.model_ema
+            else "no EMA"
+        )
         + (f", stopping after step {args.max_train_steps}" if args.max_train_steps else "")
         + (
             f"\nToken labeling: relabel maps {args.relabel_root} ({args.relabel_normalization}), dense weight "
@@ -251,10 +280,52 @@ def describe(run: Run) -> str:
     )
 
 
+class EpochTotals:
+    """
+    The sums behind an epoch's training statistics (batch losses, batches, images, bad images) on this process since
+    the last checkpoint; [`fold_into`] adds them, summed over processes, to the checkpointed `progress.epoch_totals`.
+    A resumed run starts from the same sums at the same place as an uninterrupted one, so both report the same.
+    """
+
+    def __init__(self, accelerator: Accelerator) -> None:
+        self.accelerator = accelerator
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+        self.counts = [0, 0, 0]  # batches, images, bad images
+
+    def add(self, loss: torch.Tensor, images: int, bad_images: int) -> None:
+        self.loss_sum += loss.double()
+        self.counts = [self.counts[0] + 1, self.counts[1] + images, self.counts[2] + bad_images]
+
+    def fold_into(self, progress: TrainingProgress) -> None:
+        local = torch.cat(
+            [self.loss_sum[None], torch.tensor(self.counts, dtype=torch.float64, device=self.loss_sum.device)]
+        )
+        summed = self.accelerator.reduce(local, reduction="sum").tolist()
+        progress.epoch_totals = [
+            progress.epoch_totals[0] + summed[0],
+            *(int(total) + int(count) for total, count in zip(progress.epoch_totals[1:], summed[1:])),
+        ]
+        self.loss_sum.zero_()
+        self.counts = [0, 0, 0]
+
+
+def epoch_statistics(run: Run, images: int, seconds: float) -> dict[str, Any]:
+    """The epoch's training statistics from `progress.epoch_totals`; the throughput is this process's run's."""
+    loss_sum, batches, _, bad_images = run.progress.epoch_totals
+    return {
+        "train_loss": loss_sum / batches if batches else float("nan"),
+        "lr": run.optimizer.param_groups[0]["lr"],
+        "images_per_second": images / seconds if seconds > 0 else 0.0,
+        "bad_images": int(bad_images),
+        "epoch_seconds": seconds,
+    }
+
+
 def train_epoch(run: Run, epoch: int) -> dict[str, Any]:
     """
     Trains from the run's position in `epoch` to its end (or to `--max_train_steps`), saving checkpoints every
-    `--checkpointing_steps`. Returns the epoch's training statistics, summed over processes.
+    `--checkpointing_steps`. Returns the epoch's training statistics, summed over processes (and over the part of the
+    epoch trained before a resume).
     """
     args, accelerator, progress, model = run.args, run.accelerator, run.progress, run.model
     skipped = progress.batches_in_epoch
@@ -268,7 +339,8 @@ def train_epoch(run: Run, epoch: int) -> dict[str, Any]:
         run.train_loader.set_epoch(epoch)
         batches = accelerator.skip_first_batches(run.train_loader, skipped) if skipped else run.train_loader
 
-    start, losses, images, bad_images, stopped_early = time.perf_counter(), [], 0, 0, False
+    start, trained_images = time.perf_counter(), 0
+    totals = EpochTotals(accelerator)  # since the last checkpoint, folded into `progress` at each one
     window: list[torch.Tensor] = []  # losses since the last log
     window_start, window_images = time.perf_counter(), 0
     bar = tqdm(
@@ -295,11 +367,10 @@ def train_epoch(run: Run, epoch: int) -> dict[str, Any]:
             run.optimizer.step()
             run.optimizer.zero_grad()
         progress.batches_in_epoch += 1
-        losses.append(loss.detach().float())
-        window.append(losses[-1])
-        images += pixel_values.shape[0]
+        totals.add(loss.detach(), pixel_values.shape[0], int(batch["bad_images"]))
+        window.append(loss.detach().float())
+        trained_images += pixel_values.shape[0]
         window_images += pixel_values.shape[0]
-        bad_images += int(batch["bad_images"])
         bar.update(1)
         if not accelerator.sync_gradients:
             continue
@@ -322,87 +393,173 @@ def train_epoch(run: Run, epoch: int) -> dict[str, Any]:
             window, window_start, window_images = [], time.perf_counter(), 0
         end_of_epoch = progress.batches_in_epoch == run.batches_per_epoch
         if args.checkpointing_steps and progress.global_step % args.checkpointing_steps == 0 and not end_of_epoch:
+            totals.fold_into(progress)
             path = run.checkpoints.save(progress)
             accelerator.print(
                 f"Saved checkpoint {path} (epoch {epoch + 1}, batch {progress.batches_in_epoch})", flush=True
             )
         if args.max_train_steps and progress.global_step >= args.max_train_steps:
-            stopped_early = not end_of_epoch
             break
     bar.close()
-
+    totals.fold_into(progress)
     seconds = time.perf_counter() - start
-    totals = accelerator.reduce(torch.tensor([images, bad_images], device=accelerator.device), reduction="sum")
-    mean_loss = torch.stack(losses).mean() if losses else torch.tensor(float("nan"), device=accelerator.device)
-    return {
-        "train_loss": accelerator.reduce(mean_loss, reduction="mean").item(),
-        "lr": run.optimizer.param_groups[0]["lr"],
-        "images_per_second": totals[0].item() / seconds,
-        "bad_images": int(totals[1]),
-        "epoch_seconds": seconds,
-        "stopped_early": stopped_early,
-    }
+    images = accelerator.reduce(torch.tensor(trained_images, device=accelerator.device), reduction="sum").item()
+    return epoch_statistics(run, images, seconds)
 
 
-def evaluate_epoch(run: Run, epoch: int, stats: dict[str, Any]) -> dict[str, Any]:
-    """Evaluates the model (and its EMA), keeps the best weights in output_dir/model, logs and prints the epoch."""
+def evaluate_epoch(run: Run, epoch: int, stats: dict[str, Any]) -> bool:
+    """
+    Evaluates the model (and its EMA) after the training so far, records the epoch's summary and the best weights,
+    logs and prints it. Returns whether these weights are the best so far (the caller checkpoints, then saves them).
+    """
     accelerator, progress = run.accelerator, run.progress
     synchronize_batchnorm_statistics(accelerator, run.model, *([run.ema.module] if run.ema is not None else []))
     results = evaluate_classifier(accelerator, run.model, run.eval_loader)
-    summary = {"epoch": epoch, **stats, "eval_top1": results["top1"], "eval_top5": results["top5"]}
+    summary = {"epoch": epoch, "step": progress.global_step, **stats}
+    summary.update(eval_top1=results["top1"], eval_top5=results["top5"])
     summary.update(eval_samples=results["num_samples"], bad_images=stats["bad_images"] + results["bad_images"])
     weights, best = "model", results
     if run.ema is not None:
         # With the EMA on, the EMA weights are the ones kept (the published accuracies of the original are the EMA's).
         weights, best = "ema", evaluate_classifier(accelerator, run.ema.module, run.eval_loader)
         summary.update(ema_top1=best["top1"], ema_top5=best["top5"])
-    if progress.best_metric is None or best["top1"] > progress.best_metric:
+    improved = progress.best_metric is None or best["top1"] > progress.best_metric
+    if improved:
         progress.best_metric, progress.best_epoch, progress.best_weights = best["top1"], epoch, weights
-        save_best_model(run, best, epoch)
+        progress.best_step = progress.global_step
+    progress.evaluated_step = progress.global_step
     summary.update(best_top1=progress.best_metric, best_epoch=progress.best_epoch, best_weights=progress.best_weights)
     progress.bad_images += summary["bad_images"]
-    summary.pop("stopped_early")
     progress.history.append(summary)
     accelerator.log({f"epoch/{key}": value for key, value in summary.items()}, step=progress.global_step)
     accelerator.print(format_epoch_summary(epoch, run.args.total_epochs, summary), flush=True)
-    return summary
+    return improved
 
 
-def save_best_model(run: Run, metrics: dict[str, Any], epoch: int) -> None:
-    """Writes the best weights so far, with the image processor and a model card, to output_dir/model."""
-    accelerator, args = run.accelerator, run.args
+def best_summary(progress: TrainingProgress) -> dict[str, Any] | None:
+    """The summary of the evaluation that found the best weights."""
+    return next((h for h in progress.history if h.get("step") == progress.best_step), None)
+
+
+def best_metrics(progress: TrainingProgress) -> dict[str, Any] | None:
+    """Top-1, top-5 and the number of validation images of the best weights."""
+    summary = best_summary(progress)
+    if summary is None:
+        return None
+    prefix = "ema" if progress.best_weights == "ema" else "eval"
+    return {
+        "top1": summary[f"{prefix}_top1"],
+        "top5": summary[f"{prefix}_top5"],
+        "num_samples": summary["eval_samples"],
+    }
+
+
+def save_best_model(run: Run) -> None:
+    """Writes the run's current weights (the best so far), its image processor and a model card to output_dir/model."""
+    accelerator, args, progress = run.accelerator, run.args, run.progress
     model = run.ema.module if run.ema is not None else accelerator.unwrap_model(run.model)
     state_dict = full_state_dict(accelerator, run.model) if run.ema is None else None
-    if not accelerator.is_main_process:
-        return
-    if state_dict is not None:  # FSDP: a plain copy of the model holding the gathered weights
-        model = RefinerViTForImageClassification(model.config)
-        model.load_state_dict(state_dict)
-    model_dir = run.output_dir / "model"
-    card = training_model_card(
-        model.config,
-        args.hub_model_id or str(model_dir),
-        data_description=run.data.description,
-        recipe=args.recipe_values(),
-        metrics={**metrics, "epoch": epoch, "epochs": args.total_epochs, "weights": run.progress.best_weights},
-        num_parameters=sum(p.numel() for p in model.parameters()),
-        hub_dataset=args.dataset_name if args.dataset_name and not Path(args.dataset_name).exists() else None,
+    if accelerator.is_main_process:
+        if state_dict is not None:  # FSDP: a plain copy of the model holding the gathered weights
+            model = RefinerViTForImageClassification(model.config)
+            model.load_state_dict(state_dict)
+        model_dir = run.output_dir / "model"
+        metrics = {**best_metrics(progress), "epoch": progress.best_epoch, "epochs": args.total_epochs}
+        card = training_model_card(
+            model.config,
+            args.hub_model_id or str(model_dir),
+            data_description=run.data.description,
+            recipe=args.model_card_recipe(),
+            metrics={**metrics, "weights": progress.best_weights},
+            num_parameters=sum(p.numel() for p in model.parameters()),
+            hub_dataset=args.dataset_name if args.dataset_name and not Path(args.dataset_name).exists() else None,
+        )
+        save_model_directory(model, run.image_processor, model_dir, model_card=card, overwrite=True)
+    accelerator.wait_for_everyone()
+    run.model_written_step = progress.best_step
+
+
+def training_finished(run: Run) -> bool:
+    """Whether the run has trained all it was asked to (its epochs, or `--max_train_steps`)."""
+    args, progress = run.args, run.progress
+    return progress.epoch >= args.total_epochs or bool(
+        args.max_train_steps and progress.global_step >= args.max_train_steps
     )
-    save_model_directory(model, run.image_processor, model_dir, model_card=card, overwrite=True)
 
 
-def finish(run: Run, seconds: float) -> dict[str, Any]:
+def evaluation_due(run: Run) -> bool:
+    """Whether training happened since the last evaluation (e.g. a run killed during its final evaluation)."""
+    return run.progress.global_step > 0 and run.progress.evaluated_step != run.progress.global_step
+
+
+def train_and_evaluate(run: Run) -> None:
+    """
+    Trains and evaluates epoch by epoch from the run's position to its end. After each evaluation the state is
+    checkpointed, then the best weights are written to output_dir/model; the final state (training finished and
+    evaluated) is a checkpoint too, so a run killed anywhere resumes to the same end.
+    """
+    accelerator, progress = run.accelerator, run.progress
+    while True:
+        epoch = progress.epoch
+        if not training_finished(run):
+            stats = train_epoch(run, epoch)
+        elif evaluation_due(run):  # resumed after the training's last checkpoint, before its evaluation was saved
+            stats = epoch_statistics(run, 0, 0.0)
+        else:
+            return
+        improved = evaluate_epoch(run, epoch, stats)
+        complete = progress.batches_in_epoch == run.batches_per_epoch
+        if complete:  # else the run stopped mid-epoch (--max_train_steps): a longer run resumes at the same batch
+            progress.epoch, progress.batches_in_epoch, progress.epoch_totals = epoch + 1, 0, [0.0, 0, 0, 0]
+        path = run.checkpoints.save(progress)
+        accelerator.print(f"Saved checkpoint {path}", flush=True)
+        if improved:
+            save_best_model(run)
+
+
+def ensure_model_directory(run: Run) -> Path | None:
+    """
+    Makes sure output_dir/model holds the best weights when the run ends. A resumed run writes them again from their
+    checkpoint (a kill may have interrupted their writing, or come before it): the same weights, processor and card
+    an uninterrupted run wrote. Returns the directory, or None when no weights were evaluated.
+    """
+    accelerator, progress = run.accelerator, run.progress
+    model_dir = run.output_dir / "model"
+    if progress.best_step is None or run.model_written_step == progress.best_step:
+        return model_dir if progress.best_step is not None else None
+    if progress.best_step != progress.global_step:  # the best weights are an earlier checkpoint's: load them
+        checkpoint = run.checkpoints.of_step(progress.best_step)
+        if checkpoint is None:
+            if model_dir.is_dir():
+                accelerator.print(
+                    f"The checkpoint of the best weights (step {progress.best_step}) is gone: keeping {model_dir} "
+                    "as it is.",
+                    flush=True,
+                )
+                return model_dir
+            raise UsageError(
+                f"The best weights (step {progress.best_step}) are in neither {model_dir} nor a checkpoint of "
+                f"{run.checkpoints.directory}: they cannot be written."
+            )
+        final_state = copy.deepcopy(progress.state_dict())
+        accelerator.load_state(str(checkpoint))
+        progress.load_state_dict(final_state)
+    save_best_model(run)
+    accelerator.print(f"Wrote the best weights (step {progress.best_step}) to {model_dir}", flush=True)
+    return model_dir
+
+
+def finish(run: Run, model_dir: Path | None, seconds: float) -> dict[str, Any]:
     """Writes all_results.json, uploads the model when asked, and returns the run's results."""
     args, accelerator, progress = run.args, run.accelerator, run.progress
-    best = next((h for h in progress.history if h["epoch"] == progress.best_epoch), None)
-    prefix = "ema" if progress.best_weights == "ema" else "eval"
+    best = best_metrics(progress)
     results = {
-        "model_dir": str(run.output_dir / "model"),
+        "model_dir": str(model_dir) if model_dir is not None and model_dir.is_dir() else None,
         "best_weights": progress.best_weights,
         "best_epoch": progress.best_epoch,
-        "eval_top1": best[f"{prefix}_top1"] if best else None,
-        "eval_top5": best[f"{prefix}_top5"] if best else None,
-        "eval_samples": best["eval_samples"] if best else None,
+        "eval_top1": best["top1"] if best else None,
+        "eval_top5": best["top5"] if best else None,
+        "eval_samples": best["num_samples"] if best else None,
         "global_step": progress.global_step,
         "epochs_completed": progress.epoch,
         "bad_images_skipped": progress.bad_images,
@@ -411,14 +568,14 @@ def finish(run: Run, seconds: float) -> dict[str, Any]:
     }
     if accelerator.is_main_process:
         (run.output_dir / "all_results.json").write_text(json.dumps(results, indent=2) + "\n")
-        if best is not None:
+        if results["model_dir"] is not None:
             accelerator.print(
                 f"Best: {100 * results['eval_top1']:.2f} % top-1, {100 * results['eval_top5']:.2f} % top-5 "
                 f"({progress.best_weights} weights, epoch {progress.best_epoch + 1}); model saved to "
                 f"{results['model_dir']}",
                 flush=True,
             )
-        if args.push_to_hub and best is not None:
+        if args.push_to_hub and results["model_dir"] is not None:
             data_name = args.dataset_name or args.train_dir or EMBEDDED_DATASET_NAME
             commit = push_to_hub(
                 results["model_dir"],
@@ -435,23 +592,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     run = setup(argv)
     run.accelerator.print(describe(run), flush=True)
     start = time.perf_counter()
-    for epoch in range(run.progress.epoch, run.args.total_epochs):
-        if run.args.max_train_steps and run.progress.global_step >= run.args.max_train_steps:
-            break
-        run.progress.epoch = epoch
-        stats = train_epoch(run, epoch)
-        stopped_early = stats["stopped_early"]
-        evaluate_epoch(run, epoch, stats)
-        if not stopped_early:  # else the run stopped mid-epoch: a longer run resumes at the same batch
-            run.progress.epoch, run.progress.batches_in_epoch = epoch + 1, 0
-        path = run.checkpoints.save(run.progress)
-        run.accelerator.print(f"Saved checkpoint {path}", flush=True)
-        if stopped_early:
-            break
-    results = finish(run, time.perf_counter() - start)
+    train_and_evaluate(run)
+    model_dir = ensure_model_directory(run)
+    results = finish(run, model_dir, time.perf_counter() - start)
     run.accelerator.end_training()
     return results
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main, usage_errors=(RelabelError,))

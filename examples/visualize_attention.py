@@ -11,7 +11,9 @@ after refinement; 1 means identical heads), which is also printed. Everything co
 
 With no arguments it uses the model the trainer's default run writes (outputs/refiner-vit-fashion-mnist/model) if it
 exists, otherwise the tiny original checkpoint bundled with the tests, converted on the fly (random weights: the
-picture shows the path, not a trained model), and the bundled photo:
+picture shows the path, not a trained model). Without --image, a model trained on the embedded Fashion-MNIST data
+(whose classes are Fashion-MNIST's) is shown the first image of that data's validation split, an ankle boot; any
+other model the bundled cat photo:
 
     python examples/visualize_attention.py
     python examples/visualize_attention.py --model path/to/converted-dir --image photo.jpg --layers 0 4 8 --heads 0 1
@@ -37,6 +39,7 @@ matplotlib.use("Agg")  # files only: no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from PIL import Image  # noqa: E402
 from transformers import AutoImageProcessor, AutoModelForImageClassification  # noqa: E402
 from transformers.image_utils import load_image  # noqa: E402
 from transformers.utils import logging  # noqa: E402
@@ -45,12 +48,22 @@ from refiner_hf import RefinerViTForImageClassification, convert_original_checkp
 from refiner_hf.assets import sample_image_path  # noqa: E402
 from refiner_hf.attention_analysis import class_token_attention, head_similarity, upsample_to_image  # noqa: E402
 from refiner_hf.hub import image_processor_for_config  # noqa: E402
+from refiner_hf.training import embedded_data  # noqa: E402
+from refiner_hf.training.errors import (  # noqa: E402
+    ArgumentParser,
+    UsageError,
+    check_model_path,
+    loading_error,
+    run_command,
+)
 
 
 TRAINED_DEFAULT = Path("outputs/refiner-vit-fashion-mnist/model")
 BUNDLED_CHECKPOINT = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "released_tiny.pth"
 DEFAULT_MAX_LAYERS = 4
 DEFAULT_MAX_HEADS = 4
+# The embedded validation image shown to a model trained on the embedded data: the first, an ankle boot.
+EMBEDDED_IMAGE_INDEX = 0
 
 
 @dataclass
@@ -65,9 +78,12 @@ class AttentionViews:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="A model directory or Hub id (default: see above).")
-    parser.add_argument("--image", default=str(sample_image_path()), help="Image file or URL (default: a cat photo).")
+    parser.add_argument(
+        "--image",
+        help="Image file or URL (default: a Fashion-MNIST model's own validation image, else a cat photo; see above).",
+    )
     parser.add_argument(
         "--layers",
         type=int,
@@ -87,10 +103,15 @@ def load_model(model: str | None) -> tuple[RefinerViTForImageClassification, obj
     if model is None and TRAINED_DEFAULT.is_dir():
         model = str(TRAINED_DEFAULT)
     if model is not None:
-        loaded = AutoModelForImageClassification.from_pretrained(model)
+        check_model_path("--model", model)
+        try:
+            loaded = AutoModelForImageClassification.from_pretrained(model)
+            processor = AutoImageProcessor.from_pretrained(model)
+        except (OSError, ValueError) as error:  # not there, or a model type transformers does not know
+            raise loading_error("--model", model, error) from None
         if not isinstance(loaded, RefinerViTForImageClassification):
-            raise ValueError(f"{model} holds a {type(loaded).__name__}, not a Refiner-ViT image classifier.")
-        return loaded.eval(), AutoImageProcessor.from_pretrained(model), f"model {model}"
+            raise UsageError(f"--model {model} holds a {type(loaded).__name__}, not a Refiner-ViT image classifier.")
+        return loaded.eval(), processor, f"model {model}"
     converted = convert_original_checkpoint(BUNDLED_CHECKPOINT)
     with tempfile.TemporaryDirectory() as tmp:  # a round trip, as a converted model would be used
         converted.save_pretrained(tmp)
@@ -98,6 +119,35 @@ def load_model(model: str | None) -> tuple[RefinerViTForImageClassification, obj
         loaded = AutoModelForImageClassification.from_pretrained(tmp)
         processor = AutoImageProcessor.from_pretrained(tmp)
     return loaded.eval(), processor, f"the bundled tiny checkpoint {BUNDLED_CHECKPOINT.name} (random weights)"
+
+
+def trained_on_embedded_data(model: RefinerViTForImageClassification) -> bool:
+    """Whether the model classifies the embedded Fashion-MNIST classes (the trainer's default run, for instance)."""
+    config = model.config
+    return [config.id2label[i] for i in range(config.num_labels)] == embedded_data.class_names()
+
+
+def default_image(model: RefinerViTForImageClassification) -> tuple[Image.Image, str]:
+    """
+    The image to draw without --image, and its description: a model trained on the embedded data gets one of its
+    validation images (the cat photo would only show what a clothing classifier makes of a cat), any other the photo.
+    """
+    if trained_on_embedded_data(model):
+        array, label = embedded_data.image("validation", EMBEDDED_IMAGE_INDEX)
+        name = embedded_data.class_names()[label]
+        return Image.fromarray(array).convert(
+            "RGB"
+        ), f"embedded Fashion-MNIST validation image {EMBEDDED_IMAGE_INDEX} ({name})"
+    return load_image(str(sample_image_path())), str(sample_image_path())
+
+
+def read_image(source: str) -> Image.Image:
+    if not source.startswith(("http://", "https://")) and not Path(source).is_file():
+        raise UsageError(f"--image {source}: no such file (give an image file or an http(s) URL).")
+    try:
+        return load_image(source)
+    except Exception as error:  # transformers raises several types for files, URLs and undecodable data
+        raise UsageError(f"--image {source}: could not read the image: {error}") from None
 
 
 def displayed_image(pixel_values: torch.Tensor, processor) -> np.ndarray:
@@ -139,7 +189,7 @@ def default_layers(block_types: Sequence[str], limit: int = DEFAULT_MAX_LAYERS) 
 def check_indices(name: str, indices: Sequence[int], count: int) -> list[int]:
     bad = [i for i in indices if not 0 <= i < count]
     if bad:
-        raise ValueError(f"--{name} {bad} out of range: the model has {count} {name} (0 to {count - 1}).")
+        raise UsageError(f"--{name} {bad} out of range: the model has {count} {name} (0 to {count - 1}).")
     return list(indices)
 
 
@@ -236,10 +286,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     args = parse_args(argv)
     logging.disable_progress_bar()
     model, processor, description = load_model(args.model)
-    try:
-        image = load_image(args.image)
-    except Exception as error:
-        raise SystemExit(f"Could not read the image {args.image}: {error}") from None
+    image, image_name = default_image(model) if args.image is None else (read_image(args.image), args.image)
     views = attention_views(model, processor, image)
     layers = check_indices("layers", args.layers, len(views.used)) if args.layers else default_layers(views.block_types)
     num_heads = views.used[0].shape[0]
@@ -247,7 +294,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
         check_indices("heads", args.heads, num_heads) if args.heads else list(range(min(DEFAULT_MAX_HEADS, num_heads)))
     )
 
-    print(f"Attention of {description} on {args.image}")
+    print(f"Attention of {description} on {image_name}")
     print("Top 5: " + ", ".join(f"{label} ({score:.3f})" for label, score in views.top5))
     print("Head similarity per layer (mean pairwise cosine similarity of the heads' maps; 1 = identical heads):")
     print(f"  {'layer':>5}  {'block':<8} {'before':>7} {'after':>7}")
@@ -259,4 +306,4 @@ def main(argv: Sequence[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -240,11 +240,15 @@ class RefinerViTConfig(PreTrainedConfig):
             name (`str`):
                 One of `RefinerViTConfig.preset_names()`, e.g. `"refiner-vit-s"` or `"refiner-vit-l-448"`.
             kwargs:
-                Fields to override, e.g. `num_labels=10` or `drop_path_rate=0.2`.
+                Fields to override, e.g. `num_labels=10`, `id2label={0: "cat", 1: "dog"}` (which sizes the head) or
+                `drop_path_rate=0.2`.
         """
         if name not in PRESETS:
             raise ValueError(f"Unknown Refiner-ViT preset {name!r}; available: {', '.join(PRESETS)}.")
-        return cls(**{**copy.deepcopy(PRESETS[name]), **kwargs})
+        preset = copy.deepcopy(PRESETS[name])
+        if "id2label" in kwargs:
+            del preset["num_labels"]  # the head is sized from the labels given, not the preset's ImageNet classes
+        return cls(**{**preset, **kwargs})
 
     def matching_preset(self) -> str | None:
         """

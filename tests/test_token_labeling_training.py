@@ -14,6 +14,7 @@ import torch
 from conftest import load_script
 from training_utils import (
     RELABEL_SCRIPT,
+    SCRIPT,
     TINY_MODEL,
     read_results,
     run_in_process,
@@ -26,7 +27,8 @@ from training_utils import (
 
 from refiner_hf.token_labeling import RelabelError, dense_soft_labels, mix_dense_labels, open_relabel_store
 from refiner_hf.training.arguments import TrainingArguments
-from refiner_hf.training.data import load_image_data
+from refiner_hf.training.data import DataError, load_image_data
+from refiner_hf.training.errors import UsageError, run_command
 from refiner_hf.training.loaders import SampleKey, TrainingSet, collate_training_batch
 from refiner_hf.training.token_labeling import (
     DENSE_LABELS,
@@ -207,3 +209,35 @@ def test_imagenet_and_image_folder_examples_are_keyed_by_file_name():
     nameless = datasets.Dataset.from_dict({"image": [{"path": None, "bytes": b""}], "label": [0]}, features=features)
     with pytest.raises(RelabelError, match="Training example 0 has no file name"):
         list(iter_relabel_keys(nameless, "image"))
+
+
+def test_relabeling_fewer_images_than_one_step_is_refused_then_trains_with_a_batch_that_fits(store, tmp_path):
+    # Relabel 50 images (here: the first 50 of the 64 relabeled, the same seeded selection) and train on them with the
+    # embedded recipe, whose global batch is 64: refused before training, naming the sizes and the fix.
+    argv = ["--relabel_root", str(store / "store"), "--max_train_samples", "50", "--output_dir", str(tmp_path),
+            "--config_overrides", json.dumps(TINY_MODEL), "--max_eval_samples", "20", "--dataloader_num_workers", "0",
+            "--report_to", "none", "--logging_steps", "1"]  # fmt: skip
+    with pytest.raises(DataError, match=r"has 50 images, fewer than one optimizer step takes \(64 per process x 1 "):
+        run_in_process(argv)
+    assert not (tmp_path / "checkpoints").exists()
+    # With 16 per batch: 3 steps per epoch, and --max_train_steps stops the run in its second epoch.
+    results = run_in_process(argv + ["--per_device_train_batch_size", "16", "--max_train_steps", "4"])
+    assert results["global_step"] == 4 and [h["step"] for h in results["history"]] == [3, 4]
+    losses = [r["train/loss"] for r in read_metrics(tmp_path / "logs") if "train/loss" in r]
+    assert len(losses) == 4 and all(math.isfinite(loss) for loss in losses)
+
+
+def test_relabel_problems_are_one_line_errors(store, tmp_path, capsys):
+    trainer = load_script(SCRIPT)
+    argv = token_labeling_args(tmp_path / "missing", store / "store", max_train_samples=80)
+    with pytest.raises(SystemExit) as exit_info:
+        run_command(lambda: trainer.main(argv), usage_errors=(RelabelError,))
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and ": error: 16 of 80 training images have no relabel map (e.g. fashion_mnist/" in lines[0]
+    assert "examples/generate_relabel.py relabels the training images its data arguments select" in lines[0]
+    with pytest.raises(UsageError, match="--relabel_size 14 differs from the model's token grid 7 x 7"):
+        run_in_process(token_labeling_args(tmp_path / "size", store / "store", relabel_size=14))

@@ -27,6 +27,7 @@ from refiner_hf.training.data import (
     load_embedded_dataset,
     split_class_names,
 )
+from refiner_hf.training.errors import UsageError
 from refiner_hf.training.evaluation import load_top_k_metric
 from refiner_hf.training.loaders import (
     EpochSampler,
@@ -351,7 +352,7 @@ def test_checkpoints_are_atomic_and_pruned(tmp_path: Path, accelerator, monkeypa
 
 
 def test_resolve_rejects_a_missing_directory(tmp_path, accelerator):
-    with pytest.raises(FileNotFoundError, match="no such checkpoint"):
+    with pytest.raises(UsageError, match="no such checkpoint directory"):
         CheckpointManager(accelerator, tmp_path).resolve(str(tmp_path / "nope"))
 
 

@@ -1,12 +1,14 @@
 """Recipes and arguments of the trainer: every recipe loads, every key is an argument, the paper's values, errors."""
 
+import json
 import math
+import re
 
 import pytest
 import yaml
 from training_utils import RECIPES
 
-from refiner_hf.training.arguments import RecipeError, load_recipe, parse_args, recipe_keys
+from refiner_hf.training.arguments import RecipeError, UsageError, load_recipe, parse_args, recipe_keys
 
 
 RECIPE_FILES = sorted(RECIPES.glob("*.yaml"))
@@ -84,7 +86,7 @@ def test_without_data_arguments_the_embedded_recipe_is_used():
     assert args.recipe.endswith("embedded_fashion_mnist.yaml")
     assert args.config_overrides_dict()["image_size"] == 28
     # With a data argument, the defaults are the paper's S recipe values, not the embedded ones.
-    assert parse_args(["--train_dir", "x"], recipe_dirs=[RECIPES]).lr == 5e-4
+    assert parse_args(["--dataset_name", "x"], recipe_dirs=[RECIPES]).lr == 5e-4
 
 
 def test_an_unknown_recipe_key_is_an_error_naming_it(tmp_path):
@@ -151,3 +153,103 @@ def test_recipe_values_round_trip_through_a_recipe_file(tmp_path):
     for key, value in args.recipe_values().items():
         other = again.recipe_values()[key]
         assert other == value or (isinstance(value, float) and math.isclose(other, value)), key
+
+
+# The recipe in force
+
+
+def test_a_bare_finetuning_run_uses_the_finetuning_recipe():
+    finetuning = load_recipe(RECIPES / "finetune_own_data.yaml")
+    for data in ([], ["--dataset_name", "x"]):  # on the embedded data as on one's own
+        args = parse_args(["--model_name_or_path", "some/model", *data], recipe_dirs=[RECIPES])
+        assert args.recipe == str(RECIPES / "finetune_own_data.yaml")
+        assert args.recipe_source.endswith("(the fine-tuning recipe: --model_name_or_path without --recipe)")
+        assert {key: getattr(args, key) for key in finetuning} == finetuning
+    # A short per-step schedule with a short warmup and no EMA, not the ImageNet pretraining's 300 epochs.
+    assert (args.epochs, args.warmup_epochs, args.lr_schedule_unit, args.model_ema) == (10, 1, "step", False)
+    # The model's own resolution, architecture and image processor.
+    assert args.image_size is None and args.config_overrides is None and args.crop_pct is None
+    # A named recipe is the one used; a from-scratch run on one's data uses the argument defaults, and says so.
+    named = ["--model_name_or_path", "m", "--recipe", "refiner_vit_s_384_finetune.yaml", "--dataset_name", "x"]
+    assert parse_args(named, recipe_dirs=[RECIPES]).lr == 5e-6
+    scratch = parse_args(["--dataset_name", "x"], recipe_dirs=[RECIPES])
+    assert scratch.recipe is None and scratch.recipe_source.startswith(
+        "none: the argument defaults: the paper's Refiner-ViT-S ImageNet pretraining recipe"
+    )
+
+
+def help_text(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(argv + ["--help"], recipe_dirs=[RECIPES])
+    assert exit_info.value.code == 0
+    return " ".join(capsys.readouterr().out.split())
+
+
+def test_help_shows_the_defaults_that_apply(capsys):
+    bare = help_text([], capsys)
+    assert "The defaults shown below are those of this run's recipe: " in bare
+    assert "embedded_fashion_mnist.yaml (the embedded default run: no data, model or recipe argument)" in bare
+    assert "--lr LR Peak learning rate. (default: 0.002)" in bare
+    assert (
+        "--epochs EPOCHS Epochs of the cosine schedule; training runs for epochs + cooldown_epochs. (default: 10)"
+        in bare
+    )
+
+    finetuning = help_text(["--model_name_or_path", "m"], capsys)
+    assert "finetune_own_data.yaml (the fine-tuning recipe" in finetuning
+    assert "--lr LR Peak learning rate. (default: 0.0001)" in finetuning
+
+    imagenet = help_text(["--recipe", "refiner_vit_s.yaml"], capsys)
+    assert (
+        "--epochs EPOCHS Epochs of the cosine schedule; training runs for epochs + cooldown_epochs. (default: 300)"
+        in imagenet
+    )
+
+
+# Usage errors
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--learning_rate", "1e-3"], "unknown argument --learning_rate. Did you mean --lr?"),
+        (["--num_train_epochs", "3"], "unknown argument --num_train_epochs. Did you mean --epochs?"),
+        (["--batch-size", "8"], "unknown argument --batch-size. Did you mean --per_device_train_batch_size?"),
+        (["--epoch", "3"], "unknown argument --epoch. Did you mean --epochs?"),  # no abbreviations
+        (["--warmup", "3"], "unknown argument --warmup."),
+        (["--warmup_epoch=3"], "unknown argument --warmup_epoch=3. Did you mean --warmup_epochs?"),
+        (["--ignore_mismatched_sizes"], "--ignore_mismatched_sizes is no longer needed: a model whose classes differ"),
+        (["--epochs", "ten"], "argument --epochs: invalid int value: 'ten' (--help lists the arguments)."),
+        (["--lr_schedule_unit", "hour"], "invalid choice: 'hour' (choose from 'epoch', 'step')"),
+        (["--dataset_name", "x", "3"], "unexpected value '3': every value follows its --argument."),
+        (["--train_dir", "/no/such/dir"], "--train_dir /no/such/dir: no such directory."),
+        (["--resume_from_checkpoint", "/no/such/step"], "--resume_from_checkpoint /no/such/step: no such checkpoint"),
+    ],
+)
+def test_usage_errors_name_the_problem_and_the_fix(argv, message):
+    with pytest.raises(UsageError) as error:
+        parse_args(argv, recipe_dirs=[RECIPES])
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            {"hiden_size": 10},
+            "--config_overrides: 'hiden_size' is not a RefinerViTConfig field. Did you mean hidden_size?",
+        ),
+        ({"num_layers": 4}, "'num_layers' is not a RefinerViTConfig field."),
+        ({"id2label": {"0": "a"}}, "`id2label` cannot be set: the class names come from the data set."),
+    ],
+)
+def test_unknown_config_fields_are_errors(overrides, message):
+    with pytest.raises(UsageError, match=re.escape(message)):
+        parse_args(["--config_overrides", json.dumps(overrides)], recipe_dirs=[RECIPES])
+
+
+def test_unknown_config_fields_in_a_recipe_name_the_file(tmp_path):
+    recipe = tmp_path / "typo.yaml"
+    recipe.write_text("config_overrides:\n  hidden_size: 64\n  hiden_size: 10\n")
+    with pytest.raises(RecipeError, match=r"typo.yaml: config_overrides: 'hiden_size' is not a RefinerViTConfig field"):
+        parse_args(["--recipe", str(recipe)])

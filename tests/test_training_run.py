@@ -28,6 +28,7 @@ from training_utils import (
     run_script,
     subprocess_env,
     tiny_run_args,
+    write_image_folder,
 )
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
@@ -82,10 +83,11 @@ def test_training_lowers_the_loss_and_saves_a_model_with_the_measured_accuracy(t
 
 
 def test_checkpoints_are_kept_and_rotated(trained):
-    output_dir, _ = trained
-    # Steps 5, 8 (end of epoch 1), 10, 15 and 16 (end) were saved; the last 3 are kept.
+    output_dir, results = trained
+    # Steps 5, 8 (end of epoch 1), 10, 15 and 16 (end) were saved; the last 3 are kept, and the best one.
     names = sorted(p.name for p in (output_dir / "checkpoints").iterdir())
-    assert names == ["step_00000010", "step_00000015", "step_00000016"]
+    best = f"step_{8 * (results['best_epoch'] + 1):08d}"
+    assert names == sorted({best, "step_00000010", "step_00000015", "step_00000016"})
     progress = json.loads((output_dir / "checkpoints" / "step_00000015" / "progress.json").read_text())
     assert (progress["epoch"], progress["batches_in_epoch"], progress["global_step"]) == (1, 7, 15)
 
@@ -127,15 +129,10 @@ def test_finetuning_at_another_resolution_resizes_and_saves_the_new_size(trained
     assert "top-1" in options["commit_message"]
 
 
-def test_labels_beyond_the_head_and_missing_columns_fail_before_training(trained, tmp_path):
-    pretrained, _ = trained
-    small_head = tmp_path / "small-head"
-    model = AutoModelForImageClassification.from_pretrained(pretrained / "model")
-    model.config.num_labels = 5  # a head with fewer classes than the data set
-    AutoModelForImageClassification.from_config(model.config).save_pretrained(small_head)
-    argv = tiny_run_args(tmp_path / "run", model_name_or_path=small_head, config_overrides=None)
-    with pytest.raises(DataError, match="10 classes but .* has a head of 5 labels"):
-        run_in_process(argv)
+def test_labels_beyond_the_head_and_missing_columns_fail_before_training(tmp_path):
+    overrides = json.dumps({**TINY_MODEL, "num_labels": 5})  # a new model's head with fewer classes than the data set
+    with pytest.raises(DataError, match="num_labels 5 is fewer than the data set's 10 classes"):
+        run_in_process(tiny_run_args(tmp_path / "run", config_overrides=overrides))
     with pytest.raises(DataError, match=r"no label column 'fine_label'; its columns are \['image', 'label'\]"):
         run_in_process(tiny_run_args(tmp_path / "run", label_column_name="fine_label"))
     assert not (tmp_path / "run" / "checkpoints").exists()
@@ -159,32 +156,6 @@ def test_bf16_autocast_gives_finite_losses(tmp_path):
     losses = [r["train/loss"] for r in read_metrics(tmp_path / "logs") if "train/loss" in r]
     assert len(losses) == 4 and all(math.isfinite(loss) for loss in losses)
     assert results["eval_samples"] == 37 and 0 <= results["eval_top1"] <= 1
-
-
-def write_image_folder(root, per_class: int, corrupt: str | None = None) -> int:
-    """
-    An imagefolder tree of `per_class` embedded images of each of the first 3 classes, saved in turn as grayscale,
-    RGB and CMYK JPEGs and RGBA and palette PNGs, plus an optional corrupt JPEG; returns the number of files.
-    """
-    data = load_embedded_dataset()["train"]
-    names = [name.replace("/", "-") for name in data.features["label"].names]
-    columns = data[:]
-    modes = ["L", "RGB", "RGBA", "CMYK", "P"]
-    count = 0
-    for label in range(3):
-        directory = root / names[label]
-        directory.mkdir(parents=True)
-        for index in np.flatnonzero(columns["label"] == label)[:per_class]:
-            mode = modes[count % len(modes)]
-            suffix = ".jpg" if mode in ("L", "RGB", "CMYK") else ".png"
-            PIL.Image.fromarray(columns["image"][index].astype(np.uint8)).convert(mode).save(
-                directory / f"{index}{suffix}"
-            )
-            count += 1
-    if corrupt:
-        (root / names[0] / corrupt).write_bytes(b"\xff\xd8\xff\xe0 this is not a JPEG")
-        count += 1
-    return count
 
 
 def test_image_folder_tree_with_a_corrupt_image(tmp_path):

@@ -1,5 +1,6 @@
 """examples/visualize_attention.py: the picture's size and content, and its checks of the arguments."""
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -7,11 +8,14 @@ import pytest
 import torch
 from conftest import load_script, randomize_, tiny_config
 from PIL import Image
+from transformers import AutoModelForImageClassification
 
 from refiner_hf import RefinerViTForImageClassification
 from refiner_hf.assets import sample_image_path
 from refiner_hf.attention_analysis import class_token_attention
 from refiner_hf.hub import image_processor_for_config
+from refiner_hf.training import embedded_data
+from refiner_hf.training.errors import UsageError, run_command
 
 
 SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "visualize_attention.py"
@@ -82,7 +86,7 @@ def test_rejects_layers_and_heads_the_model_does_not_have(visualizer, tiny_model
         visualizer.main(["--model", str(tiny_model_dir), "--layers", "4", "--out", str(tmp_path / "x.png")])
     with pytest.raises(ValueError, match=r"--heads \[-1\] out of range"):
         visualizer.main(["--model", str(tiny_model_dir), "--heads", "-1", "--out", str(tmp_path / "x.png")])
-    with pytest.raises(SystemExit, match="Could not read the image"):
+    with pytest.raises(UsageError, match=r"--image .*missing.jpg: no such file"):
         visualizer.main(["--model", str(tiny_model_dir), "--image", str(tmp_path / "missing.jpg")])
 
 
@@ -96,3 +100,51 @@ def test_single_head_model_draws_without_a_similarity(visualizer, tmp_path, caps
         assert picture.size == (int(2 * 1.6 * 30), int((3 + 1.5) * 1.6 * 30))
     rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.strip()[:1].isdigit()]
     assert len(rows) == 4 and all(row[2] == "nan" and row[3] == "nan" for row in rows)
+
+
+def save_model(directory: Path, **config_fields) -> Path:
+    model = randomize_(RefinerViTForImageClassification(tiny_config(**config_fields))).eval()
+    model.save_pretrained(directory)
+    image_processor_for_config(model.config, crop_pct=1.0).save_pretrained(directory)
+    return directory
+
+
+def test_a_fashion_mnist_model_is_shown_its_own_data(visualizer, tmp_path, capsys, monkeypatch):
+    # A model of the embedded data's classes, where the trainer's default run writes its model.
+    names = embedded_data.class_names()
+    directory = save_model(
+        tmp_path / "default-run" / "model", image_size=28, patch_size=4, num_labels=10,
+        id2label=dict(enumerate(names)), label2id={name: i for i, name in enumerate(names)},
+    )  # fmt: skip
+    monkeypatch.setattr(visualizer, "TRAINED_DEFAULT", directory)
+    visualizer.main(["--out", str(tmp_path / "maps.png"), "--dpi", "20"])
+    assert f"Attention of model {directory} on embedded Fashion-MNIST validation image 0 (Ankle boot)" in (
+        capsys.readouterr().out
+    )
+    image, name = visualizer.default_image(AutoModelForImageClassification.from_pretrained(directory))
+    array, label = embedded_data.image("validation", 0)
+    assert names[label] == "Ankle boot" and image.size == (28, 28)
+    assert np.array_equal(np.asarray(image), np.repeat(array[..., None], 3, axis=-1))
+
+    # Any other model is shown the photo.
+    other = save_model(tmp_path / "other")
+    visualizer.main(["--model", str(other), "--out", str(tmp_path / "other.png"), "--dpi", "20"])
+    assert f"Attention of model {other} on {sample_image_path()}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--model", "/no/such/model"], "--model /no/such/model: no such directory."),
+        (["--image", "/no/such.jpg"], "--image /no/such.jpg: no such file (give an image file or an http(s) URL)."),
+        (["--layer", "1"], "unknown argument --layer. Did you mean --layers?"),
+    ],
+)
+def test_usage_errors_are_one_line(visualizer, tiny_model_dir, capsys, argv, message):
+    if "--model" not in argv:
+        argv = ["--model", str(tiny_model_dir), *argv]
+    with pytest.raises(SystemExit) as exit_info:
+        run_command(lambda: visualizer.main(argv))
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{Path(sys.argv[0]).name}: error: {message}")

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -133,6 +134,40 @@ def checkpoint_tensors(checkpoint: Path) -> dict[str, Any]:
 
 def read_results(output_dir: Path) -> dict[str, Any]:
     return json.loads((output_dir / "all_results.json").read_text())
+
+
+def write_image_folder(
+    root: Path, per_class: int, corrupt: str | None = None, names: Sequence[str] | None = None, offset: int = 0
+) -> int:
+    """
+    An imagefolder tree of `per_class` embedded images of each of the first 3 classes (from the `offset`-th of each
+    class on), saved in turn as grayscale, RGB and CMYK JPEGs and RGBA and palette PNGs, plus an optional corrupt
+    JPEG; the class folders are named after the Fashion-MNIST classes or `names`. Returns the number of files.
+    """
+    import numpy as np
+    import PIL.Image
+
+    from refiner_hf.training.data import load_embedded_dataset
+
+    data = load_embedded_dataset()["train"]
+    names = list(names or [name.replace("/", "-") for name in data.features["label"].names[:3]])
+    columns = data[:]
+    modes = ["L", "RGB", "RGBA", "CMYK", "P"]
+    count = 0
+    for label in range(3):
+        directory = root / names[label]
+        directory.mkdir(parents=True)
+        for index in np.flatnonzero(columns["label"] == label)[offset : offset + per_class]:
+            mode = modes[count % len(modes)]
+            suffix = ".jpg" if mode in ("L", "RGB", "CMYK") else ".png"
+            PIL.Image.fromarray(columns["image"][index].astype(np.uint8)).convert(mode).save(
+                directory / f"{index}{suffix}"
+            )
+            count += 1
+    if corrupt:
+        (root / names[0] / corrupt).write_bytes(b"\xff\xd8\xff\xe0 this is not a JPEG")
+        count += 1
+    return count
 
 
 # Token labeling

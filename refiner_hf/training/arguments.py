@@ -5,14 +5,23 @@ Every argument is a field of [`TrainingArguments`]; a recipe is a YAML mapping f
 resolved in this order: the field's default, then the recipe (`--recipe FILE`), then the command line, so
 `--recipe refiner_vit_s.yaml --lr 1e-3` trains with the recipe's values except the learning rate. A recipe key that is
 not a field, or a value of the wrong type, is an error that names the file and the key.
+
+Without `--recipe`, the run's arguments choose it ([`default_recipe`]): no data, model or recipe argument is the
+embedded Fashion-MNIST run (`embedded_fashion_mnist.yaml`), `--model_name_or_path` is fine-tuning
+(`finetune_own_data.yaml`), and anything else uses the argument defaults, the paper's Refiner-ViT-S ImageNet
+pretraining recipe. The recipe in force is recorded in `TrainingArguments.recipe_source`, printed by the trainer and
+shown by `--help`, whose defaults are the ones the other arguments given select.
+
+Usage errors (an unknown argument, with a suggestion; a bad value; inconsistent arguments) are [`UsageError`]s with a
+one-line message; abbreviations of argument names are not accepted.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
 import json
+import textwrap
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,16 +31,73 @@ import yaml
 from transformers import HfArgumentParser
 from transformers.hf_argparser import string_to_bool
 
+from ..configuration_refiner_vit import RefinerViTConfig
+from .errors import OneLineErrors, UsageError, did_you_mean, looks_like_a_path
 
-# Fields a recipe may not set: the recipe itself, and the Hub token (a secret that does not belong in a file).
-NOT_IN_RECIPES = frozenset({"recipe", "hub_token"})
+
+# Fields a recipe may not set: the recipe itself, where it came from, and the Hub token (a secret that does not belong
+# in a file).
+NOT_IN_RECIPES = frozenset({"recipe", "recipe_source", "hub_token"})
+# Fields about how this process was started rather than what it trains: left out of the model card, so that a resumed
+# run writes the card an uninterrupted one does.
+RUN_CONTROL_FIELDS = frozenset({"resume_from_checkpoint"})
 # Arguments that select a data source; with none of them the embedded Fashion-MNIST subset is used.
 DATA_SOURCE_FIELDS = ("dataset_name", "train_dir", "validation_dir")
 MODEL_SOURCE_FIELDS = ("model", "model_name_or_path", "config_name")
 EMBEDDED_RECIPE = "embedded_fashion_mnist.yaml"
+FINETUNE_RECIPE = "finetune_own_data.yaml"
+DEFAULTS_DESCRIPTION = "the argument defaults: the paper's Refiner-ViT-S ImageNet pretraining recipe"
+
+# Names other trainers give these arguments (transformers' TrainingArguments and image-classification example, timm's
+# train.py), for the suggestion that answers an unknown argument.
+ARGUMENT_ALIASES = {
+    "learning_rate": "lr",
+    "num_train_epochs": "epochs",
+    "batch_size": "per_device_train_batch_size",
+    "train_batch_size": "per_device_train_batch_size",
+    "eval_batch_size": "per_device_eval_batch_size",
+    "validation_batch_size": "per_device_eval_batch_size",
+    "max_steps": "max_train_steps",
+    "warmup_steps": "warmup_epochs (in epochs)",
+    "num_workers": "dataloader_num_workers",
+    "workers": "dataloader_num_workers",
+    "save_steps": "checkpointing_steps",
+    "save_total_limit": "checkpoints_total_limit",
+    "resume": "resume_from_checkpoint",
+    "drop_path_rate": "drop_path",
+    "img_size": "image_size",
+    "input_size": "image_size",
+    "model_name": "model",
+    "pretrained": "model_name_or_path",
+    "initial_checkpoint": "model_name_or_path",
+    "data_dir": "train_dir",
+    "train_data_dir": "train_dir",
+    "ema": "model_ema",
+    "ema_decay": "model_ema_decay",
+    "label_smoothing": "smoothing",
+    "label_smoothing_factor": "smoothing",
+    "mixup_alpha": "mixup",
+    "cutmix_alpha": "cutmix",
+    "auto_augment": "aa",
+    "grad_accum_steps": "gradient_accumulation_steps",
+    "max_grad_norm": "clip_grad",
+    "fp16": "mixed_precision fp16",
+    "bf16": "mixed_precision bf16",
+    "amp": "mixed_precision bf16",
+}
+# Arguments the trainer no longer has, with what replaced them.
+RETIRED_ARGUMENTS = {
+    "ignore_mismatched_sizes": "is no longer needed: a model whose classes differ from the data set's gets a new "
+    "classifier head, and the log says so",
+}
+# Configuration fields `config_overrides` may not set, with the reason.
+NOT_OVERRIDABLE = {
+    "id2label": "the class names come from the data set",
+    "label2id": "the class names come from the data set",
+}
 
 
-class RecipeError(ValueError):
+class RecipeError(UsageError):
     """A recipe file that cannot be used: unreadable, not a mapping, an unknown key or a value of the wrong type."""
 
 
@@ -53,7 +119,10 @@ class TrainingArguments:
 
     # Model
     model: str | None = _arg("Train from scratch: a preset name such as `refiner-vit-s` (see RefinerViTConfig).")
-    model_name_or_path: str | None = _arg("Start from a model directory or Hub id (fine-tuning).")
+    model_name_or_path: str | None = _arg(
+        "Fine-tune a model directory or Hub id: its image processor is kept (see --crop_pct), and a data set with "
+        "other classes gets a new classifier head. Without --recipe, finetune_own_data.yaml applies."
+    )
     config_name: str | None = _arg("Train from scratch with this config.json (a file, a directory or a Hub id).")
     config_overrides: str | None = _arg(
         "RefinerViTConfig fields to change, as a JSON object (a mapping in a recipe), e.g. '{\"hidden_size\": 192}'. "
@@ -64,13 +133,10 @@ class TrainingArguments:
         "size is saved with the model."
     )
     crop_pct: float | None = _arg(
-        "Evaluation crop ratio of the saved image processor (default: the preset's, S 0.9 / M 1.0 / L 1.13, or 0.9)."
+        "Evaluation crop ratio of the saved image processor (default: with --model_name_or_path the model's own image "
+        "processor's; else the preset's, S 0.9 / M 1.0 / L 1.13, or 0.9)."
     )
     drop_path: float | None = _arg("Stochastic depth rate of the last block (config `drop_path_rate`).")
-    ignore_mismatched_sizes: bool = _arg(
-        "With --model_name_or_path: replace a classifier head whose number of labels differs from the data set's.",
-        default=False,
-    )
     gradient_checkpointing: bool = _arg("Recompute activations in the backward pass to save memory.", default=False)
     sync_batchnorm: bool = _arg(
         "Synchronise the BatchNorm statistics of the stem and the refinement across processes (GPUs only).",
@@ -201,6 +267,9 @@ class TrainingArguments:
     hub_token: str | None = _arg("Hub token (default: the logged-in user's).")
     hub_private: bool | None = _arg("Create the Hub repository as private.")
 
+    # Not an argument: which recipe is in force and why, set by `parse_args`.
+    recipe_source: str | None = field(default=None, init=False, repr=False)
+
     def __post_init__(self) -> None:
         if isinstance(self.config_overrides, dict):
             self.config_overrides = json.dumps(self.config_overrides)
@@ -211,61 +280,76 @@ class TrainingArguments:
         return all(getattr(self, name) is None for name in DATA_SOURCE_FIELDS)
 
     def config_overrides_dict(self) -> dict[str, Any]:
+        """The `--config_overrides` mapping, each key a `RefinerViTConfig` field (see [`check_config_overrides`])."""
         if not self.config_overrides:
             return {}
         try:
             overrides = json.loads(self.config_overrides)
         except json.JSONDecodeError as error:
-            raise ValueError(f"--config_overrides is not valid JSON: {error}") from None
+            raise UsageError(f"--config_overrides is not valid JSON: {error}") from None
         if not isinstance(overrides, dict):
-            raise ValueError(f"--config_overrides must be a JSON object, got {self.config_overrides!r}.")
+            raise UsageError(f"--config_overrides must be a JSON object, got {self.config_overrides!r}.")
+        check_config_overrides(overrides, "--config_overrides")
         return overrides
 
     def validate(self) -> None:
-        """Raises a `ValueError` naming the first inconsistent argument."""
+        """Raises a [`UsageError`] naming the first inconsistent argument (or a missing directory)."""
         sources = [name for name in ("model", "model_name_or_path", "config_name") if getattr(self, name)]
         if len(sources) > 1:
-            raise ValueError(f"Give at most one of --model, --model_name_or_path, --config_name (got {sources}).")
+            raise UsageError(f"Give at most one of --model, --model_name_or_path, --config_name (got {sources}).")
         if self.dataset_name and (self.train_dir or self.validation_dir):
-            raise ValueError("Give either --dataset_name or --train_dir/--validation_dir, not both.")
+            raise UsageError("Give either --dataset_name or --train_dir/--validation_dir, not both.")
         if self.validation_dir and not self.train_dir:
-            raise ValueError("--validation_dir needs --train_dir.")
+            raise UsageError("--validation_dir needs --train_dir.")
+        for name in ("train_dir", "validation_dir", "relabel_root"):
+            if getattr(self, name) is not None and not Path(getattr(self, name)).is_dir():
+                raise UsageError(f"--{name} {getattr(self, name)}: no such directory.")
+        if self.dataset_name and looks_like_a_path(self.dataset_name) and not Path(self.dataset_name).exists():
+            raise UsageError(
+                f"--dataset_name {self.dataset_name}: no such directory (give a local data set directory or a Hub id "
+                "such as ILSVRC/imagenet-1k)."
+            )
+        if self.resume_from_checkpoint not in (None, "latest") and not Path(self.resume_from_checkpoint).is_dir():
+            raise UsageError(
+                f"--resume_from_checkpoint {self.resume_from_checkpoint}: no such checkpoint directory (`latest` takes "
+                "the newest of OUTPUT_DIR/checkpoints)."
+            )
         for name in ("scale", "ratio") + (("cutmix_minmax",) if self.cutmix_minmax is not None else ()):
             values = getattr(self, name)
             if len(values) != 2 or values[0] > values[1]:
-                raise ValueError(f"--{name} must be two numbers, low then high; got {values}.")
+                raise UsageError(f"--{name} must be two numbers, low then high; got {values}.")
         positive = (
             "epochs", "per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
             "checkpoints_total_limit", "logging_steps", "shuffle_buffer_size",
         )  # fmt: skip
         for name in positive:
             if getattr(self, name) < 1:
-                raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}.")
+                raise UsageError(f"--{name} must be at least 1, got {getattr(self, name)}.")
         for name in ("checkpointing_steps", "max_train_steps", "max_train_samples", "max_eval_samples"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}.")
+                raise UsageError(f"--{name} must be at least 1, got {getattr(self, name)}.")
         if self.cooldown_epochs < 0 or self.dataloader_num_workers < 0:
-            raise ValueError("--cooldown_epochs and --dataloader_num_workers cannot be negative.")
+            raise UsageError("--cooldown_epochs and --dataloader_num_workers cannot be negative.")
         if not 0 <= self.warmup_epochs < self.epochs:
-            raise ValueError(f"--warmup_epochs must be in [0, epochs); got {self.warmup_epochs} of {self.epochs}.")
+            raise UsageError(f"--warmup_epochs must be in [0, epochs); got {self.warmup_epochs} of {self.epochs}.")
         for name in ("hflip", "reprob", "mixup_prob", "mixup_switch_prob", "smoothing", "train_val_split"):
             if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"--{name} must be in [0, 1], got {getattr(self, name)}.")
+                raise UsageError(f"--{name} must be in [0, 1], got {getattr(self, name)}.")
         if self.drop_path is not None and not 0.0 <= self.drop_path < 1.0:
-            raise ValueError(f"--drop_path must be in [0, 1), got {self.drop_path}.")
+            raise UsageError(f"--drop_path must be in [0, 1), got {self.drop_path}.")
         if self.mixing_enabled and self.per_device_train_batch_size % 2:
-            raise ValueError(
+            raise UsageError(
                 "Mixup/CutMix pair each image with another of its batch: --per_device_train_batch_size must be even, "
                 f"got {self.per_device_train_batch_size}."
             )
         if self.train_interpolation not in ("bilinear", "bicubic", "random"):
-            raise ValueError(
+            raise UsageError(
                 f"--train_interpolation must be bilinear, bicubic or random, got {self.train_interpolation!r}."
             )
         if self.remode not in ("pixel", "rand", "const"):
-            raise ValueError(f"--remode must be pixel, rand or const, got {self.remode!r}.")
+            raise UsageError(f"--remode must be pixel, rand or const, got {self.remode!r}.")
         if self.streaming and self.max_train_samples is not None:
-            raise ValueError(
+            raise UsageError(
                 "--max_train_samples needs a map-style data set; use --train_samples_per_epoch when streaming."
             )
         self.validate_token_labeling()
@@ -273,12 +357,12 @@ class TrainingArguments:
 
     def validate_token_labeling(self) -> None:
         if self.relabel_size is not None and self.relabel_size < 1:
-            raise ValueError(f"--relabel_size must be at least 1, got {self.relabel_size}.")
+            raise UsageError(f"--relabel_size must be at least 1, got {self.relabel_size}.")
         if self.dense_weight is not None and self.dense_weight < 0:
-            raise ValueError(f"--dense_weight cannot be negative, got {self.dense_weight}.")
+            raise UsageError(f"--dense_weight cannot be negative, got {self.dense_weight}.")
         if self.relabel_root and self.mixing_enabled and self.mixup_mode != "batch":
             # Dense labels are mixed with the batch's one λ and CutMix box (mix_dense_labels).
-            raise ValueError(f"--relabel_root needs --mixup_mode batch, got {self.mixup_mode!r}.")
+            raise UsageError(f"--relabel_root needs --mixup_mode batch, got {self.mixup_mode!r}.")
 
     @property
     def mixing_enabled(self) -> bool:
@@ -296,10 +380,34 @@ class TrainingArguments:
             values["config_overrides"] = self.config_overrides_dict()
         return values
 
+    def model_card_recipe(self) -> dict[str, Any]:
+        """The recipe recorded in a model card: [`recipe_values`] without how this process was started (resuming)."""
+        return {key: value for key, value in self.recipe_values().items() if key not in RUN_CONTROL_FIELDS}
+
 
 def recipe_keys() -> list[str]:
     """The keys a recipe may hold: every argument but `recipe` and `hub_token`."""
     return [f.name for f in dataclasses.fields(TrainingArguments) if f.name not in NOT_IN_RECIPES]
+
+
+def config_override_keys() -> set[str]:
+    """The `RefinerViTConfig` fields `config_overrides` may set (its dataclass fields and `num_labels`)."""
+    fields = {f.name for f in dataclasses.fields(RefinerViTConfig)} | {"num_labels"}
+    return fields - set(NOT_OVERRIDABLE)
+
+
+def check_config_overrides(overrides: dict[str, Any], source: str) -> None:
+    """
+    Raises a [`UsageError`] for a key of `overrides` that is not a `RefinerViTConfig` field, with the closest fields:
+    the configuration would otherwise keep such a key as an unused attribute and train its default instead.
+    """
+    allowed = config_override_keys()
+    for key in overrides:
+        if key in NOT_OVERRIDABLE:
+            raise UsageError(f"{source}: `{key}` cannot be set: {NOT_OVERRIDABLE[key]}.")
+        if key not in allowed:
+            hint = did_you_mean(str(key), allowed)
+            raise UsageError(f"{source}: {key!r} is not a RefinerViTConfig field.{hint}")
 
 
 def resolve_recipe_path(name: str | Path, recipe_dirs: Iterable[str | Path] = ()) -> Path:
@@ -320,6 +428,10 @@ def _coerce(action: argparse.Action, key: str, value: Any, source: Path) -> Any:
     if value is None:
         return None
     if key == "config_overrides" and isinstance(value, dict):
+        try:
+            check_config_overrides(value, f"{source}: config_overrides")
+        except UsageError as error:
+            raise RecipeError(str(error)) from None
         return json.dumps(value)
 
     def convert(item: Any) -> Any:
@@ -357,7 +469,7 @@ def _coerce(action: argparse.Action, key: str, value: Any, source: Path) -> Any:
     return converted
 
 
-def load_recipe(path: str | Path, parser: HfArgumentParser | None = None) -> dict[str, Any]:
+def load_recipe(path: str | Path, parser: ArgumentParser | None = None) -> dict[str, Any]:
     """
     Reads a recipe and checks it against the arguments: every key must be an argument (a typo is reported with the
     closest names) and every value of the argument's type. Returns the values converted to the arguments' types.
@@ -381,51 +493,125 @@ def load_recipe(path: str | Path, parser: HfArgumentParser | None = None) -> dic
     values = {}
     for key, value in recipe.items():
         if key not in allowed:
-            hint = difflib.get_close_matches(str(key), sorted(allowed), n=3)
-            reason = "may not be set in a recipe" if key in NOT_IN_RECIPES else "is not an argument of the trainer"
+            if key in NOT_IN_RECIPES:
+                raise RecipeError(f"{path}: unknown recipe key {key!r}: it may not be set in a recipe.")
+            hint = RETIRED_ARGUMENTS.get(str(key))
             raise RecipeError(
-                f"{path}: unknown recipe key {key!r}: it {reason}."
-                + (f" Did you mean {', '.join(hint)}?" if hint and key not in NOT_IN_RECIPES else "")
+                f"{path}: unknown recipe key {key!r}: it "
+                + (hint if hint else f"is not an argument of the trainer.{did_you_mean(str(key), allowed)}")
             )
         values[key] = _coerce(actions[key], key, value, path)
     return values
 
 
-def build_parser() -> HfArgumentParser:
-    return HfArgumentParser(
-        TrainingArguments,
-        description="Train or fine-tune Refiner-ViT on an image classification data set with accelerate.",
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows each argument's default and keeps the description's paragraphs."""
+
+
+class ArgumentParser(OneLineErrors, HfArgumentParser):
+    """
+    `HfArgumentParser` without abbreviations, whose usage errors are one-line [`UsageError`]s, and an unknown argument
+    is answered with the closest argument (or the name this trainer gives it, for names from other trainers).
+    """
+
+    def __init__(self, dataclass_types, aliases: dict[str, str] | None = None, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(dataclass_types, **kwargs)
+        self.aliases = aliases or {}
+
+    def parse_dataclass(self, argv: Sequence[str] | None = None) -> Any:
+        """The arguments as an instance of the (single) dataclass; an unknown argument is a [`UsageError`]."""
+        instance, remaining = self.parse_args_into_dataclasses(
+            args=argv, return_remaining_strings=True, look_for_args_file=False
+        )
+        if remaining:
+            raise self.unknown_argument_error(remaining)
+        return instance
+
+    def unknown_argument_error(self, remaining: Sequence[str]) -> UsageError:
+        option = next((item for item in remaining if item.startswith("-")), None)
+        if option is None:
+            return UsageError(f"unexpected value {remaining[0]!r}: every value follows its --argument.")
+        name = option.lstrip("-").split("=", 1)[0].replace("-", "_")
+        if name in RETIRED_ARGUMENTS:
+            return UsageError(f"--{name} {RETIRED_ARGUMENTS[name]}.")
+        known = [f.name for dtype in self.dataclass_types for f in dataclasses.fields(dtype) if f.init]
+        hint = f" Did you mean --{self.aliases[name]}?" if name in self.aliases else did_you_mean(name, known, "--")
+        return UsageError(f"unknown argument {option}.{hint} (--help lists the arguments)")
+
+
+DESCRIPTION = (
+    "Train or fine-tune Refiner-ViT on an image classification data set with accelerate.",
+    "Values come from the argument defaults, then a recipe (--recipe FILE), then the command line. Without --recipe, "
+    f"a run with no data, model or recipe argument (a bare run) uses {EMBEDDED_RECIPE} (the embedded Fashion-MNIST "
+    f"run); a run with --model_name_or_path uses {FINETUNE_RECIPE} (fine-tuning on your data); any other run uses "
+    f"{DEFAULTS_DESCRIPTION}. The ImageNet recipes (refiner_vit_s.yaml, ...) apply only when named.",
+)
+
+
+def _paragraphs(*paragraphs: str) -> str:
+    return "\n\n".join(textwrap.fill(paragraph, width=100) for paragraph in paragraphs)
+
+
+def build_parser(add_help: bool = True) -> ArgumentParser:
+    return ArgumentParser(
+        TrainingArguments, aliases=ARGUMENT_ALIASES, description=_paragraphs(*DESCRIPTION), add_help=add_help
     )
+
+
+def default_recipe(args: argparse.Namespace) -> tuple[str | None, str]:
+    """
+    The recipe a run without `--recipe` uses, and why: `finetune_own_data.yaml` with `--model_name_or_path`, the
+    embedded run's without any data or model argument, else none (the argument defaults).
+    """
+    if args.model_name_or_path is not None:
+        return FINETUNE_RECIPE, "the fine-tuning recipe: --model_name_or_path without --recipe"
+    if all(getattr(args, name) is None for name in DATA_SOURCE_FIELDS + MODEL_SOURCE_FIELDS):
+        return EMBEDDED_RECIPE, "the embedded default run: no data, model or recipe argument"
+    return None, f"none: {DEFAULTS_DESCRIPTION} (--recipe names another)"
 
 
 def parse_args(argv: Sequence[str] | None = None, recipe_dirs: Iterable[str | Path] = ()) -> TrainingArguments:
     """
-    Parses the command line over the recipe it names. Without a recipe, a data argument or a model argument, the
-    recipe of the embedded Fashion-MNIST run (`embedded_fashion_mnist.yaml` in `recipe_dirs`) is used.
+    Parses the command line over the recipe it names, or the one [`default_recipe`] chooses from the other arguments
+    (looked up in `recipe_dirs`). `--help` shows the defaults of that recipe.
     """
     recipe_dirs = list(recipe_dirs)
+    # A first pass finds the recipe; without help, so that `--help` shows the recipe's values as the defaults.
+    first_pass, _ = build_parser(add_help=False).parse_known_args(argv)
     parser = build_parser()
-    first_pass, _ = parser.parse_known_args(argv)
-    recipe_name = first_pass.recipe
-    chosen = [name for name in DATA_SOURCE_FIELDS + MODEL_SOURCE_FIELDS if getattr(first_pass, name) is not None]
-    if recipe_name is None and not chosen:
-        if any((Path(d) / EMBEDDED_RECIPE).is_file() for d in recipe_dirs):
-            recipe_name = EMBEDDED_RECIPE
-    recipe_path = None
-    if recipe_name is not None:
-        recipe_path = resolve_recipe_path(recipe_name, recipe_dirs)
+    recipe_path, source = None, None
+    if first_pass.recipe is not None:
+        recipe_path = resolve_recipe_path(first_pass.recipe, recipe_dirs)
+        source = f"{recipe_path} (--recipe)"
+    else:
+        name, reason = default_recipe(first_pass)
+        if name is not None and any((Path(d) / name).is_file() for d in recipe_dirs):
+            recipe_path = resolve_recipe_path(name, recipe_dirs)
+            source = f"{recipe_path} ({reason})"
+        else:
+            source = reason if name is None else f"none: {DEFAULTS_DESCRIPTION} ({name} not found)"
+    if recipe_path is not None:
         parser.set_defaults(**load_recipe(recipe_path, parser))
-    (args,) = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    parser.description = _paragraphs(
+        *DESCRIPTION, f"The defaults shown below are those of this run's recipe: {source}."
+    )
+    args = parser.parse_dataclass(argv)
     if recipe_path is not None:
         args.recipe = str(recipe_path)
+    args.recipe_source = source
     args.validate()
     return args
 
 
 __all__ = [
+    "ArgumentParser",
     "RecipeError",
+    "UsageError",
     "TrainingArguments",
     "build_parser",
+    "check_config_overrides",
+    "default_recipe",
     "load_recipe",
     "parse_args",
     "recipe_keys",

@@ -7,7 +7,8 @@ the objects registered with `accelerator.register_for_checkpointing`: the learni
 
 Saving is atomic: the state is written to `.tmp-<name>` and renamed to `<name>` once every process has finished, so a
 crash or a kill during a save leaves the previous checkpoints intact and never a half-written one under a valid name.
-Only the last `total_limit` checkpoints are kept.
+The last `total_limit` checkpoints are kept, and the one holding the best weights (`TrainingProgress.best_step`): the
+trainer writes its model directory from it when a run resumes.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from accelerate import Accelerator
+
+from .errors import UsageError
 
 
 CHECKPOINT_PATTERN = re.compile(r"^step_(\d+)$")
@@ -37,20 +40,30 @@ class TrainingProgress:
         batches_in_epoch: training batches of `epoch` this process has consumed (a multiple of the accumulation
             steps except at the end of an epoch).
         global_step: optimizer steps done.
+        evaluated_step: the optimizer step the last evaluation measured (None before the first): an evaluation is
+            still due when the training has reached its end at another step, e.g. when a run was killed during its
+            final evaluation.
         best_metric: the best validation top-1 so far (of the EMA weights when the EMA is on).
         best_epoch: the epoch that reached it.
         best_weights: "ema" or "model", which weights reached it.
+        best_step: the optimizer step of those weights, the name of the checkpoint that holds them.
         bad_images: undecodable images skipped so far (with `--skip_bad_images`).
+        epoch_totals: the training statistics of `epoch` up to the last checkpoint, summed over processes (the sum
+            of the batch losses, the batches, the images and the bad images), so that a resumed epoch reports the
+            statistics of the whole epoch.
         history: the per-epoch summaries so far.
     """
 
     epoch: int = 0
     batches_in_epoch: int = 0
     global_step: int = 0
+    evaluated_step: int | None = None
     best_metric: float | None = None
     best_epoch: int | None = None
     best_weights: str | None = None
+    best_step: int | None = None
     bad_images: int = 0
+    epoch_totals: list[float] = field(default_factory=lambda: [0.0, 0, 0, 0])
     history: list[dict[str, Any]] = field(default_factory=list)
 
     def state_dict(self) -> dict[str, Any]:
@@ -94,7 +107,10 @@ class CheckpointManager:
         return checkpoints[-1] if checkpoints else None
 
     def save(self, progress: TrainingProgress) -> Path:
-        """Saves the state of every process as the checkpoint of `progress.global_step` and prunes old ones."""
+        """
+        Saves the state of every process as the checkpoint of `progress.global_step` and prunes old ones, keeping the
+        last `total_limit` and the one of `progress.best_step`.
+        """
         accelerator = self.accelerator
         name = f"step_{progress.global_step:08d}"
         final = self.directory / name
@@ -122,7 +138,8 @@ class CheckpointManager:
             if replaced is not None:
                 shutil.rmtree(replaced, ignore_errors=True)
             for old in self.checkpoints()[: -self.total_limit]:
-                shutil.rmtree(old, ignore_errors=True)
+                if checkpoint_step(old) != progress.best_step:
+                    shutil.rmtree(old, ignore_errors=True)
         accelerator.wait_for_everyone()
         return final
 
@@ -132,8 +149,16 @@ class CheckpointManager:
             return self.latest()
         path = Path(resume_from)
         if not path.is_dir():
-            raise FileNotFoundError(f"--resume_from_checkpoint {resume_from}: no such checkpoint directory.")
+            raise UsageError(
+                f"--resume_from_checkpoint {resume_from}: no such checkpoint directory (`latest` takes the newest of "
+                f"{self.directory})."
+            )
         return path
+
+    def of_step(self, step: int) -> Path | None:
+        """The complete checkpoint of optimizer step `step`, if there is one."""
+        path = self.directory / f"step_{step:08d}"
+        return path if path.is_dir() else None
 
 
 __all__ = ["CheckpointManager", "TrainingProgress", "checkpoint_step"]

@@ -16,14 +16,17 @@ import numpy as np
 import PIL.Image
 import PIL.ImageOps
 
+from .embedded_data import SUBSET_FILE
+from .errors import UsageError
 
-EMBEDDED_DATA = Path(__file__).parent / "embedded_data" / "fashion_mnist_subset.npz"
+
+EMBEDDED_DATA = SUBSET_FILE
 EMBEDDED_DATASET_NAME = "fashion-mnist (embedded subset)"
 # The column naming each embedded image (the arrays have no file names).
 EMBEDDED_ID_COLUMN = "image_id"
 
 
-class DataError(ValueError):
+class DataError(UsageError):
     """A data set that cannot be trained on as configured (missing column, labels that do not fit the head, ...)."""
 
 
@@ -83,17 +86,29 @@ def _load_splits(args) -> tuple[datasets.DatasetDict | datasets.IterableDatasetD
     if args.uses_embedded_data:
         return load_embedded_dataset(), EMBEDDED_DATASET_NAME
     if args.dataset_name is not None:
-        loaded = datasets.load_dataset(
-            args.dataset_name, args.dataset_config, cache_dir=args.cache_dir, streaming=args.streaming
-        )
+        try:
+            loaded = datasets.load_dataset(
+                args.dataset_name, args.dataset_config, cache_dir=args.cache_dir, streaming=args.streaming
+            )
+        except OSError as error:  # not found locally nor on the Hub (or the Hub cannot be reached)
+            raise DataError(f"--dataset_name {args.dataset_name}: cannot load it: {_first_line(error)}") from None
         return loaded, args.dataset_name
-    data_files = {args.train_split: str(Path(args.train_dir) / "**")}
+    folders = {args.train_split: args.train_dir}
     if args.validation_dir is not None:
-        data_files[args.validation_split] = str(Path(args.validation_dir) / "**")
+        folders[args.validation_split] = args.validation_dir
+    for flag, folder in zip(("--train_dir", "--validation_dir"), folders.values()):
+        if not any(path.is_file() for path in Path(folder).rglob("*")):
+            raise DataError(f"{flag} {folder}: no files in it; give one sub-directory of images per class.")
+    data_files = {split: str(Path(folder) / "**") for split, folder in folders.items()}
     loaded = datasets.load_dataset(
         "imagefolder", data_files=data_files, cache_dir=args.cache_dir, streaming=args.streaming
     )
     return loaded, f"imagefolder {args.train_dir}"
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def load_image_data(args, num_labels: int | None = None) -> ImageData:
@@ -223,8 +238,7 @@ def check_labels(data: ImageData, label_column: str, num_labels: int) -> None:
     if data.num_labels > num_labels:
         raise DataError(
             f"{data.description} has {data.num_labels} classes (labels 0..{data.num_labels - 1}) but the model's "
-            f"head has {num_labels} outputs. Train a new head (--ignore_mismatched_sizes with --model_name_or_path) "
-            "or use a model with enough labels."
+            f"head has {num_labels} outputs; give the model at least {data.num_labels} labels."
         )
 
 

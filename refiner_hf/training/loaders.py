@@ -319,16 +319,40 @@ def streaming_epoch_size(args, train: datasets.IterableDataset) -> int:
     )
 
 
-def batches_per_process(num_samples: int, batch_size: int, num_processes: int, accumulation: int) -> int:
+def check_one_step_fits(
+    num_samples: int, batch_size: int, num_processes: int, accumulation: int, even_batches: bool = False
+) -> None:
+    """
+    Raises a [`DataError`] naming the sizes when an epoch of `num_samples` does not fill one optimizer step: every
+    batch is full (so that mixing pairs, BatchNorm statistics and the processes' shares stay the recipe's), and a
+    smaller training set would train nothing at all.
+    """
+    global_batch = batch_size * num_processes * accumulation
+    if num_samples >= global_batch:
+        return
+    largest = num_samples // (num_processes * accumulation)
+    if even_batches:
+        largest -= largest % 2
+    step = f"{batch_size} per process x {num_processes} processes x {accumulation} accumulation steps = {global_batch}"
+    if largest >= (2 if even_batches else 1):
+        fix = f"Lower --per_device_train_batch_size to {largest} or less"
+        fix += " (even: mixup/CutMix pair the images of a batch)" if even_batches else ""
+        fix += " or train on more images."
+    else:
+        fix = "Train on more images."
+    raise DataError(
+        f"The training set has {num_samples} images, fewer than one optimizer step takes ({step}): an epoch would "
+        f"train nothing. {fix}"
+    )
+
+
+def batches_per_process(
+    num_samples: int, batch_size: int, num_processes: int, accumulation: int, even_batches: bool = False
+) -> int:
     """Full batches each process takes from an epoch of `num_samples`, a multiple of the accumulation steps."""
+    check_one_step_fits(num_samples, batch_size, num_processes, accumulation, even_batches)
     batches = num_samples // (batch_size * num_processes)
-    batches -= batches % accumulation
-    if batches < 1:
-        raise DataError(
-            f"An epoch of {num_samples} samples does not fill one step of {batch_size} x {num_processes} processes x "
-            f"{accumulation} accumulation steps."
-        )
-    return batches
+    return batches - batches % accumulation
 
 
 def build_training_loader(
@@ -371,6 +395,7 @@ def build_training_loader(
             args.per_device_train_batch_size,
             num_processes,
             args.gradient_accumulation_steps,
+            args.mixing_enabled,
         )
         train_set = StreamingTrainingSet(
             stream,
@@ -381,6 +406,13 @@ def build_training_loader(
         )
         return train_set, DataLoader(train_set, **options)
     train_set = TrainingSet(data.train, **common)
+    check_one_step_fits(
+        len(train_set),
+        args.per_device_train_batch_size,
+        num_processes,
+        args.gradient_accumulation_steps,
+        args.mixing_enabled,
+    )
     sampler = EpochSampler(len(train_set), seed=args.seed)
     return train_set, DataLoader(train_set, sampler=sampler, drop_last=True, **options)
 
@@ -405,6 +437,7 @@ __all__ = [
     "TargetBuilder",
     "TrainingSet",
     "batches_per_process",
+    "check_one_step_fits",
     "build_evaluation_loader",
     "build_training_loader",
     "collate_training_batch",

@@ -27,6 +27,7 @@ from ..token_labeling import (
 )
 from ..token_labeling.store import RelabelStore
 from .data import EMBEDDED_ID_COLUMN
+from .errors import UsageError
 from .transforms import BatchMixing, CropRecord
 
 
@@ -146,7 +147,7 @@ def token_grid_size(model) -> int:
     size = model.config.image_size
     height, width = model.refiner_vit.embeddings.patch_embeddings.grid_size(size, size)
     if height != width:
-        raise ValueError(f"Token labeling needs a square token grid, the model has {height} x {width}.")
+        raise UsageError(f"Token labeling needs a square token grid, the model has {height} x {width}.")
     return height
 
 
@@ -155,7 +156,7 @@ def configure_token_labeling(model, args) -> None:
     if args.dense_weight is not None:
         model.config.aux_loss_weight = args.dense_weight
     if args.mix_token and model.aux_classifier is None:
-        raise ValueError("--mix_token needs the model's auxiliary head (config `use_aux_head`).")
+        raise UsageError("--mix_token needs the model's auxiliary head (config `use_aux_head`).")
     model.config.use_mix_token = args.mix_token
 
 
@@ -167,14 +168,14 @@ def build_dense_label_builder(args, model, train_split) -> DenseLabelBuilder:
     their count; a streamed set is checked image by image as it is read).
     """
     if model.aux_classifier is None:
-        raise ValueError(
+        raise UsageError(
             "--relabel_root trains the auxiliary head with dense labels, but the model has none: build it with "
             "`use_aux_head` (the default of every preset)."
         )
     grid = token_grid_size(model)
     size = args.relabel_size if args.relabel_size is not None else grid
     if size != grid:
-        raise ValueError(
+        raise UsageError(
             f"--relabel_size {size} differs from the model's token grid {grid} x {grid} "
             f"({model.config.image_size} px); give --relabel_size {grid}."
         )
@@ -187,7 +188,13 @@ def build_dense_label_builder(args, model, train_split) -> DenseLabelBuilder:
             "classes."
         )
     if isinstance(train_split, datasets.Dataset):
-        check_relabel_coverage(store, list(iter_relabel_keys(train_split, args.image_column_name)))
+        try:
+            check_relabel_coverage(store, list(iter_relabel_keys(train_split, args.image_column_name)))
+        except RelabelError as error:
+            raise RelabelError(
+                f"{error} examples/generate_relabel.py relabels the training images its data arguments select: give "
+                "it this run's (--dataset_name or --train_dir, --max_train_samples, --seed)."
+            ) from None
     return DenseLabelBuilder(
         args.relabel_root, args.image_column_name, size, num_classes, args.relabel_normalization, store=store
     )
