@@ -26,7 +26,7 @@ from huggingface_hub.errors import StrictDataclassError
 from safetensors import SafetensorError
 
 from .configuration_refiner_vit import RefinerViTConfig
-from .modeling_refiner_vit import RefinerViTForImageClassification
+from .modeling_refiner_vit import RefinerViTForImageClassification, count_parameters
 
 
 # The only non-tensor classes a real checkpoint needs: timm's training script stores its arguments as a Namespace.
@@ -438,11 +438,11 @@ def convert_state_dict(
 
 
 def check_data_held(
-    state_dict: Mapping[str, torch.Tensor], model: RefinerViTForImageClassification, source: str = "checkpoint"
+    state_dict: Mapping[str, torch.Tensor], config: RefinerViTConfig, source: str = "checkpoint"
 ) -> None:
     """
     Refuses tensors whose shapes claim far more values than the checkpoint holds (broadcast views with zero strides
-    saved from a tiny storage), before a model of those shapes is allocated: the model may take at most
+    saved from a tiny storage), before a model of those shapes is laid out: its parameters may take at most
     [`MAX_INFLATION`] times the bytes of the checkpoint's data (float16 weights become float32).
 
     Raises:
@@ -453,7 +453,7 @@ def check_data_held(
         storage = tensor.untyped_storage()
         storages[(storage.data_ptr(), storage.nbytes())] = storage.nbytes()
     held = sum(storages.values())
-    needed = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    needed = 4 * count_parameters(config)
     if needed > MAX_INFLATION * held:
         raise CheckpointError(
             f"{source}: the tensors' shapes describe a model of {needed:,} bytes, but the checkpoint holds only "
@@ -518,10 +518,10 @@ def model_from_original_state_dict(
             f"{config.num_attention_heads * tokens**2 * 4 / 2**30:,.1f} GiB. Raise the bound (--max-tokens, "
             "`max_tokens`) only for a model that really is that large."
         )
+    check_data_held(state_dict, config, source=source)
     with torch.device("meta"):
         layout = RefinerViTForImageClassification(config)
     converted = convert_state_dict(state_dict, layout, source=source)
-    check_data_held(state_dict, layout, source=source)
     if not allow_non_finite:
         check_finite(state_dict, source=source)
     model = layout.to_empty(device="cpu")

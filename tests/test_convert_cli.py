@@ -31,6 +31,7 @@ from refiner_hf import (
     RefinerViTConfig,
     RefinerViTForImageClassification,
     RefinerViTImageProcessor,
+    RefinerViTPreTrainedModel,
     convert_checkpoint,
     model_directory,
 )
@@ -212,8 +213,12 @@ def deflated_archive(path: Path) -> None:
 
 def broadcast_checkpoint(path: Path) -> None:
     """Every tensor of a hidden-size-65536 model as a zero-stride view of one value: a few kilobytes on disk."""
-    with torch.device("meta"):
-        model = RefinerViTForImageClassification(tiny_config(hidden_size=65536, intermediate_size=65536))
+    limit, RefinerViTPreTrainedModel.max_parameters = RefinerViTPreTrainedModel.max_parameters, None
+    try:
+        with torch.device("meta"):
+            model = RefinerViTForImageClassification(tiny_config(hidden_size=65536, intermediate_size=65536))
+    finally:
+        RefinerViTPreTrainedModel.max_parameters = limit
     torch.save({key: torch.zeros((), dtype=t.dtype).expand(t.shape) for key, t in hf_to_original(model).items()}, path)
 
 
