@@ -51,19 +51,25 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator, DistributedType
-from accelerate.utils import ProjectConfiguration, send_to_device, set_seed
+from accelerate import Accelerator, DistributedType, PartialState
+from accelerate.utils import ProjectConfiguration, gather_object, send_to_device, set_seed
 from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from refiner_hf import RefinerViTForImageClassification
+from refiner_hf import RefinerViTForImageClassification, RefinerViTPreTrainedModel
 from refiner_hf.hub import push_to_hub
 from refiner_hf.model_directory import save_model_directory
+from refiner_hf.modeling_refiner_vit import ModelTooLargeError
 from refiner_hf.token_labeling import RelabelError
 from refiner_hf.training.arguments import TrainingArguments, parse_args
 from refiner_hf.training.card import training_model_card
-from refiner_hf.training.checkpointing import CheckpointManager, TrainingProgress
+from refiner_hf.training.checkpointing import (
+    CheckpointError,
+    CheckpointManager,
+    NonFiniteWeightsError,
+    TrainingProgress,
+)
 from refiner_hf.training.data import EMBEDDED_DATASET_NAME, ImageData, check_labels, load_image_data
 from refiner_hf.training.distributed import (
     full_state_dict,
@@ -77,6 +83,7 @@ from refiner_hf.training.evaluation import evaluate_classifier
 from refiner_hf.training.loaders import build_evaluation_loader, build_training_loader
 from refiner_hf.training.modeling import build_model, convert_sync_batchnorm
 from refiner_hf.training.optim import build_optimizer, build_scheduler
+from refiner_hf.training.run_lock import RunLock, RunLockedError, lock_run_directory
 from refiner_hf.training.token_labeling import (
     DENSE_LABELS,
     build_dense_label_builder,
@@ -110,6 +117,7 @@ class Run:
     progress: TrainingProgress
     checkpoints: CheckpointManager
     notes: list[str]
+    lock: RunLock | None = None  # held by the main process while the run writes into output_dir
     # The best step whose weights this process has written to output_dir/model (a resumed run writes them again).
     model_written_step: int | None = None
 
@@ -128,13 +136,25 @@ def setup(argv: Sequence[str] | None) -> Run:
     output_dir = Path(
         args.output_dir or ("outputs/refiner-vit" + ("-fashion-mnist" if args.uses_embedded_data else ""))
     )
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        log_with=trackers_for(args.report_to, output_dir / "logs"),
-        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
-        cpu=processes_without_accelerators(),
-    )
+    cpu = processes_without_accelerators()
+    lock = lock_run_directory(PartialState(cpu=cpu), output_dir)  # before anything is written there
+    try:
+        accelerator = Accelerator(
+            gradient_accumulation_steps=args.gradient_accumulation_steps,
+            mixed_precision=args.mixed_precision,
+            log_with=trackers_for(args.report_to, output_dir / "logs"),
+            project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+            cpu=cpu,
+        )
+        return build_run(args, accelerator, output_dir, lock)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+
+
+def build_run(args: TrainingArguments, accelerator: Accelerator, output_dir: Path, lock: RunLock | None) -> Run:
+    """Data, model, optimisation and checkpoints (resumed when asked), with every check done before training."""
     if warning := single_process_warning(accelerator):
         accelerator.print(warning, flush=True)
     # Seeds differ per process (stochastic depth and mixing draw independently, as in timm); the initial weights are
@@ -145,7 +165,12 @@ def setup(argv: Sequence[str] | None) -> Run:
 
     with accelerator.main_process_first():
         data = load_image_data(args)
-    built = build_model(args, data.num_labels, data.class_names)
+    if args.allow_large_model:
+        RefinerViTPreTrainedModel.max_parameters = None
+    try:
+        built = build_model(args, data.num_labels, data.class_names)
+    except ModelTooLargeError as error:
+        raise UsageError(str(ModelTooLargeError(error.count, error.limit, "pass --allow_large_model"))) from None
     model, image_processor = built.model, built.image_processor
     check_labels(data, args.label_column_name, model.config.num_labels)
     configure_token_labeling(model, args)
@@ -210,13 +235,20 @@ def setup(argv: Sequence[str] | None) -> Run:
     if args.model_ema:
         ema = build_model_ema(accelerator.unwrap_model(model), args.model_ema_decay, args.model_ema_warmup)
 
-    # What a resumed run needs besides the model, the optimizer and the random states.
+    # What a resumed run needs besides the model, the optimizer and the random states (saved as JSON and safetensors).
     progress = TrainingProgress()
-    accelerator.register_for_checkpointing(scheduler, progress, *([ema] if ema is not None else []))
-    checkpoints = CheckpointManager(accelerator, output_dir / "checkpoints", args.checkpoints_total_limit)
+    checkpoints = CheckpointManager(
+        accelerator,
+        output_dir / "checkpoints",
+        args.checkpoints_total_limit,
+        progress=progress,
+        scheduler=scheduler,
+        ema=ema,
+        guarded=[accelerator.unwrap_model(model), *([ema] if ema is not None else [])],
+    )
     run = Run(
         args, accelerator, output_dir, data, model, image_processor, optimizer, scheduler, ema, mixing, train_set,
-        train_loader, eval_loader, progress, checkpoints, built.notes,
+        train_loader, eval_loader, progress, checkpoints, built.notes, lock,
     )  # fmt: skip
     if args.resume_from_checkpoint:
         resume(run)
@@ -229,7 +261,7 @@ def resume(run: Run) -> None:
     if checkpoint is None:
         run.accelerator.print(f"No checkpoint in {run.checkpoints.directory} yet: starting from scratch.", flush=True)
         return
-    run.accelerator.load_state(str(checkpoint))
+    run.checkpoints.load(checkpoint)
     progress = run.progress
     if not training_finished(run):
         left = "training continues"
@@ -282,19 +314,22 @@ def describe(run: Run) -> str:
 
 class EpochTotals:
     """
-    The sums behind an epoch's training statistics (batch losses, batches, images, bad images) on this process since
-    the last checkpoint; [`fold_into`] adds them, summed over processes, to the checkpointed `progress.epoch_totals`.
-    A resumed run starts from the same sums at the same place as an uninterrupted one, so both report the same.
+    The sums behind an epoch's training statistics (batch losses, batches, images) and the undecodable images met, on
+    this process since the last checkpoint; [`fold_into`] adds them, over all processes, to the checkpointed
+    `progress.epoch_totals` and `progress.epoch_bad_images`. A resumed run starts from the same sums at the same place
+    as an uninterrupted one, so both report the same.
     """
 
     def __init__(self, accelerator: Accelerator) -> None:
         self.accelerator = accelerator
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
-        self.counts = [0, 0, 0]  # batches, images, bad images
+        self.counts = [0, 0]  # batches, images
+        self.bad_images: set[int | str] = set()
 
-    def add(self, loss: torch.Tensor, images: int, bad_images: int) -> None:
+    def add(self, loss: torch.Tensor, images: int, bad_images: list[int | str]) -> None:
         self.loss_sum += loss.double()
-        self.counts = [self.counts[0] + 1, self.counts[1] + images, self.counts[2] + bad_images]
+        self.counts = [self.counts[0] + 1, self.counts[1] + images]
+        self.bad_images.update(bad_images)
 
     def fold_into(self, progress: TrainingProgress) -> None:
         local = torch.cat(
@@ -305,18 +340,22 @@ class EpochTotals:
             progress.epoch_totals[0] + summed[0],
             *(int(total) + int(count) for total, count in zip(progress.epoch_totals[1:], summed[1:])),
         ]
+        met = set(progress.epoch_bad_images).union(*gather_object([sorted(self.bad_images, key=str)]))
+        progress.epoch_bad_images = sorted(met, key=str)
+        progress.bad_training_images = sorted(met.union(progress.bad_training_images), key=str)
         self.loss_sum.zero_()
-        self.counts = [0, 0, 0]
+        self.counts = [0, 0]
+        self.bad_images = set()
 
 
 def epoch_statistics(run: Run, images: int, seconds: float) -> dict[str, Any]:
     """The epoch's training statistics from `progress.epoch_totals`; the throughput is this process's run's."""
-    loss_sum, batches, _, bad_images = run.progress.epoch_totals
+    loss_sum, batches, _ = run.progress.epoch_totals
     return {
         "train_loss": loss_sum / batches if batches else float("nan"),
         "lr": run.optimizer.param_groups[0]["lr"],
         "images_per_second": images / seconds if seconds > 0 else 0.0,
-        "bad_images": int(bad_images),
+        "bad_images": len(run.progress.epoch_bad_images),
         "epoch_seconds": seconds,
     }
 
@@ -361,13 +400,14 @@ def train_epoch(run: Run, epoch: int) -> dict[str, Any]:
             loss = model(
                 pixel_values=pixel_values, labels=targets, dense_labels=dense_labels, mix_token=args.mix_token
             ).loss
+            check_finite_loss(run, loss, batch, epoch)  # before the loss reaches the weights
             accelerator.backward(loss)
             if accelerator.sync_gradients and args.clip_grad:
                 accelerator.clip_grad_norm_(model.parameters(), args.clip_grad)
             run.optimizer.step()
             run.optimizer.zero_grad()
         progress.batches_in_epoch += 1
-        totals.add(loss.detach(), pixel_values.shape[0], int(batch["bad_images"]))
+        totals.add(loss.detach(), pixel_values.shape[0], batch["bad_images"])
         window.append(loss.detach().float())
         trained_images += pixel_values.shape[0]
         window_images += pixel_values.shape[0]
@@ -407,6 +447,37 @@ def train_epoch(run: Run, epoch: int) -> dict[str, Any]:
     return epoch_statistics(run, images, seconds)
 
 
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite; the run stops before it changes the weights."""
+
+
+def check_finite_loss(run: Run, loss: torch.Tensor, batch: dict[str, Any], epoch: int) -> None:
+    """
+    Stops the run, on every process at once, when a loss is not finite, naming the step and the images behind it:
+    those of the batch whose pixels or dense labels are not finite when there are any, else the whole batch.
+    """
+    accelerator, progress = run.accelerator, run.progress
+    not_finite = (~torch.isfinite(loss.detach())).float()
+    if accelerator.reduce(not_finite, reduction="sum").item() == 0:  # accelerate reduces by sum or mean only
+        return
+    indices = batch["indices"].tolist()
+    inputs = [batch["pixel_values"]] + ([batch[DENSE_LABELS]] if DENSE_LABELS in batch else [])
+    bad_inputs = torch.stack([~torch.isfinite(x.flatten(1)).all(1) for x in inputs]).any(0).tolist()
+    culprits = [index for index, bad in zip(indices, bad_inputs) if bad]
+    images = (
+        f"training images {culprits} have non-finite pixels or dense labels"
+        if culprits
+        else f"the batch held training images {indices}" + ("" if not_finite.item() else " (on another process)")
+    )
+    latest = run.checkpoints.latest()
+    raise NonFiniteLossError(
+        f"The training loss is {loss.item()} at step {progress.global_step + 1} (epoch {epoch + 1}, batch "
+        f"{progress.batches_in_epoch + 1}): {images}. The run stopped before the loss reached the weights; "
+        + (f"the last checkpoint, {latest}, is intact." if latest else "no checkpoint was written yet.")
+        + " Resume from it with a lower --lr or with --clip_grad, or mend the data."
+    )
+
+
 def evaluate_epoch(run: Run, epoch: int, stats: dict[str, Any]) -> bool:
     """
     Evaluates the model (and its EMA) after the training so far, records the epoch's summary and the best weights,
@@ -429,7 +500,7 @@ def evaluate_epoch(run: Run, epoch: int, stats: dict[str, Any]) -> bool:
         progress.best_step = progress.global_step
     progress.evaluated_step = progress.global_step
     summary.update(best_top1=progress.best_metric, best_epoch=progress.best_epoch, best_weights=progress.best_weights)
-    progress.bad_images += summary["bad_images"]
+    progress.bad_validation_images = results["bad_images"]
     progress.history.append(summary)
     accelerator.log({f"epoch/{key}": value for key, value in summary.items()}, step=progress.global_step)
     accelerator.print(format_epoch_summary(epoch, run.args.total_epochs, summary), flush=True)
@@ -510,7 +581,8 @@ def train_and_evaluate(run: Run) -> None:
         improved = evaluate_epoch(run, epoch, stats)
         complete = progress.batches_in_epoch == run.batches_per_epoch
         if complete:  # else the run stopped mid-epoch (--max_train_steps): a longer run resumes at the same batch
-            progress.epoch, progress.batches_in_epoch, progress.epoch_totals = epoch + 1, 0, [0.0, 0, 0, 0]
+            progress.epoch, progress.batches_in_epoch = epoch + 1, 0
+            progress.epoch_totals, progress.epoch_bad_images = [0.0, 0, 0], []
         path = run.checkpoints.save(progress)
         accelerator.print(f"Saved checkpoint {path}", flush=True)
         if improved:
@@ -542,7 +614,7 @@ def ensure_model_directory(run: Run) -> Path | None:
                 f"{run.checkpoints.directory}: they cannot be written."
             )
         final_state = copy.deepcopy(progress.state_dict())
-        accelerator.load_state(str(checkpoint))
+        run.checkpoints.load(checkpoint)
         progress.load_state_dict(final_state)
     save_best_model(run)
     accelerator.print(f"Wrote the best weights (step {progress.best_step}) to {model_dir}", flush=True)
@@ -562,12 +634,14 @@ def finish(run: Run, model_dir: Path | None, seconds: float) -> dict[str, Any]:
         "eval_samples": best["num_samples"] if best else None,
         "global_step": progress.global_step,
         "epochs_completed": progress.epoch,
-        "bad_images_skipped": progress.bad_images,
+        "bad_images_skipped": len(progress.bad_training_images) + progress.bad_validation_images,
         "train_seconds_this_run": seconds,
         "history": progress.history,
     }
     if accelerator.is_main_process:
-        (run.output_dir / "all_results.json").write_text(json.dumps(results, indent=2) + "\n")
+        partial = run.output_dir / "all_results.json.partial"
+        partial.write_text(json.dumps(results, indent=2) + "\n")
+        partial.replace(run.output_dir / "all_results.json")
         if results["model_dir"] is not None:
             accelerator.print(
                 f"Best: {100 * results['eval_top1']:.2f} % top-1, {100 * results['eval_top5']:.2f} % top-5 "
@@ -590,14 +664,21 @@ def finish(run: Run, model_dir: Path | None, seconds: float) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     run = setup(argv)
-    run.accelerator.print(describe(run), flush=True)
-    start = time.perf_counter()
-    train_and_evaluate(run)
-    model_dir = ensure_model_directory(run)
-    results = finish(run, model_dir, time.perf_counter() - start)
-    run.accelerator.end_training()
+    try:
+        run.accelerator.print(describe(run), flush=True)
+        start = time.perf_counter()
+        train_and_evaluate(run)
+        model_dir = ensure_model_directory(run)
+        results = finish(run, model_dir, time.perf_counter() - start)
+        run.accelerator.end_training()
+    finally:
+        if run.lock is not None:
+            run.lock.release()
     return results
 
 
 if __name__ == "__main__":
-    run_command(main, usage_errors=(RelabelError,))
+    run_command(
+        main,
+        usage_errors=(RelabelError, CheckpointError, RunLockedError, NonFiniteLossError, NonFiniteWeightsError),
+    )

@@ -571,16 +571,26 @@ def count_parameters(config: RefinerViTConfig, heads: bool = True) -> int:
     return total
 
 
+class ModelTooLargeError(ValueError):
+    """A configuration whose model has more parameters than `RefinerViTPreTrainedModel.max_parameters`."""
+
+    def __init__(self, count: int, limit: int, how_to_allow: str) -> None:
+        self.count, self.limit = count, limit
+        super().__init__(
+            f"This configuration describes a model of {count:,} parameters ({count * 4 / 2**30:,.1f} GiB in float32), "
+            f"more than the {limit:,} built without being asked (the largest Refiner-ViT has 81 million): check "
+            f"`num_hidden_layers`, `hidden_size`, `intermediate_size` and `image_size`. To build it anyway, "
+            f"{how_to_allow}."
+        )
+
+
 def check_model_size(config: RefinerViTConfig) -> None:
     """Refuses to build a model of more than `RefinerViTPreTrainedModel.max_parameters` parameters."""
     limit = RefinerViTPreTrainedModel.max_parameters
     count = count_parameters(config)
     if limit is not None and count > limit:
-        raise ValueError(
-            f"This configuration describes a model of {count:,} parameters ({count * 4 / 2**30:,.1f} GiB in float32), "
-            f"more than the {limit:,} built without being asked (the largest Refiner-ViT has 81 million): check "
-            "`num_hidden_layers`, `hidden_size`, `intermediate_size` and `image_size`. To build it anyway, set "
-            "`RefinerViTPreTrainedModel.max_parameters` to a larger number (or None) first."
+        raise ModelTooLargeError(
+            count, limit, "set `RefinerViTPreTrainedModel.max_parameters` to a larger number (or None) first"
         )
 
 

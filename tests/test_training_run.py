@@ -88,7 +88,9 @@ def test_checkpoints_are_kept_and_rotated(trained):
     names = sorted(p.name for p in (output_dir / "checkpoints").iterdir())
     best = f"step_{8 * (results['best_epoch'] + 1):08d}"
     assert names == sorted({best, "step_00000010", "step_00000015", "step_00000016"})
-    progress = json.loads((output_dir / "checkpoints" / "step_00000015" / "progress.json").read_text())
+    progress = json.loads((output_dir / "checkpoints" / "step_00000015" / "training_state.json").read_text())[
+        "progress"
+    ]
     assert (progress["epoch"], progress["batches_in_epoch"], progress["global_step"]) == (1, 7, 15)
 
 
@@ -175,6 +177,7 @@ def test_image_folder_tree_with_a_corrupt_image(tmp_path):
     assert results["global_step"] == 12
     assert results["eval_samples"] == 9
     assert [h["bad_images"] for h in results["history"]] == [2, 2]
+    assert results["bad_images_skipped"] == 2  # images, not the times they were met
     config = json.loads((tmp_path / "skipping" / "model" / "config.json").read_text())
     assert sorted(config["id2label"].values()) == ["Pullover", "T-shirt-top", "Trouser"]
 

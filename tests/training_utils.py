@@ -121,14 +121,10 @@ def final_checkpoint(output_dir: Path) -> Path:
 
 
 def checkpoint_tensors(checkpoint: Path) -> dict[str, Any]:
-    """The model weights of a checkpoint and, when present, its EMA state (registered object 2)."""
-    import torch
-
+    """The model weights of a checkpoint and, when present, its EMA weights."""
     tensors = {f"model.{k}": v for k, v in load_file(checkpoint / "model.safetensors").items()}
-    ema_file = checkpoint / "custom_checkpoint_2.pkl"
-    if ema_file.exists():
-        ema = torch.load(ema_file, map_location="cpu", weights_only=True)
-        tensors.update({f"ema.{k}": v for k, v in ema.items()})
+    if (checkpoint / "ema.safetensors").exists():
+        tensors.update({f"ema.{k}": v for k, v in load_file(checkpoint / "ema.safetensors").items()})
     return tensors
 
 

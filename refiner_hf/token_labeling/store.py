@@ -422,12 +422,15 @@ def finalize_packed_store(directory: str | os.PathLike, num_classes: int) -> int
 
 
 def open_relabel_store(
-    path: str | os.PathLike, num_classes: int | None = None
+    path: str | os.PathLike, num_classes: int | None = None, full_check: bool = False
 ) -> PackedRelabelStore | PerFileRelabelStore:
-    """A packed store when `path` holds one, the per-file layout otherwise."""
+    """
+    A packed store when `path` holds one, the per-file layout otherwise. `full_check` reads every map of a packed
+    store now (per-file maps are each checked when read).
+    """
     path = Path(path)
     if (path / META_FILE).is_file():
-        store = PackedRelabelStore(path)
+        store = PackedRelabelStore(path, full_check=full_check)
         if num_classes is not None and store.num_classes != num_classes:
             raise RelabelError(
                 f"{path}: the relabel maps index {store.num_classes} classes but the model has {num_classes}."

@@ -138,6 +138,11 @@ class TrainingArguments:
     )
     drop_path: float | None = _arg("Stochastic depth rate of the last block (config `drop_path_rate`).")
     gradient_checkpointing: bool = _arg("Recompute activations in the backward pass to save memory.", default=False)
+    allow_large_model: bool = _arg(
+        "Build a model of more than 2 billion parameters (refused otherwise: the largest Refiner-ViT has 81 million, "
+        "and a typo such as num_hidden_layers 100000 would be built until the process is killed).",
+        default=False,
+    )
     sync_batchnorm: bool = _arg(
         "Synchronise the BatchNorm statistics of the stem and the refinement across processes (GPUs only).",
         default=False,
@@ -229,6 +234,11 @@ class TrainingArguments:
         "Turn each token's pooled top-k scores into a distribution with a softmax (stored logits, as the NFNet "
         "relabel set) or by dividing by their sum (stored probabilities).",
         default="softmax",
+    )
+    relabel_full_check: bool = _arg(
+        "Read every map of a packed relabel store before training (finite scores, class indices in range); opening "
+        "checks only its description and shapes, and each map is checked when read.",
+        default=False,
     )
     dense_weight: float | None = _arg(
         "Weight of the aux head's dense (per-token) loss, config `aux_loss_weight` (default: the model's, 0.5)."

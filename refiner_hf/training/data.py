@@ -16,6 +16,7 @@ import numpy as np
 import PIL.Image
 import PIL.ImageOps
 
+from ..image_processing_refiner_vit import integer_pixels_to_uint8, pil_image_to_8_bits
 from .embedded_data import SUBSET_FILE
 from .errors import UsageError
 
@@ -161,12 +162,15 @@ def load_image_data(args, num_labels: int | None = None) -> ImageData:
         validation = datasets.Dataset.from_generator(examples, features=stream.features, cache_dir=args.cache_dir)
     class_names = split_class_names(train, validation, args.label_column_name)
 
+    full_train = train
     if isinstance(train, datasets.Dataset):
         if args.max_train_samples is not None:
             train = train.shuffle(seed=args.seed).select(range(min(args.max_train_samples, len(train))))
     if args.max_eval_samples is not None:
         validation = validation.select(range(min(args.max_eval_samples, len(validation))))
 
+    if isinstance(train, datasets.Dataset):
+        check_classes_are_trained(full_train, train, validation, args, class_names)
     train = _undecoded(train, args.image_column_name)
     validation = _undecoded(validation, args.image_column_name)
     labels_in_data = len(class_names) if class_names else _max_label(validation, args.label_column_name) + 1
@@ -233,6 +237,40 @@ def _max_label(split: datasets.Dataset, label_column: str) -> int:
     return int(labels.max()) if labels.size else -1
 
 
+def _labels(split: datasets.Dataset, label_column: str) -> np.ndarray:
+    return np.asarray(split.select_columns([label_column]).with_format("numpy")[label_column])
+
+
+def check_classes_are_trained(full_train, train, validation, args, class_names: list[str] | None) -> None:
+    """
+    Refuses validation classes that the training split has no image of (a head could never learn to predict them),
+    and says so when only `--max_train_samples` left them out.
+    """
+    column = args.label_column_name
+    untrained = sorted(set(_labels(validation, column).tolist()) - set(_labels(train, column).tolist()))
+    if not untrained:
+        return
+
+    def named(labels: list[int]) -> str:
+        shown = [f"{class_names[i]!r} ({i})" if class_names and i < len(class_names) else str(i) for i in labels]
+        return ", ".join(shown[:5]) + (f", ... ({len(labels)} in all)" if len(labels) > 5 else "")
+
+    missing_everywhere = (
+        sorted(set(untrained) - set(_labels(full_train, column).tolist())) if train is not full_train else untrained
+    )
+    if missing_everywhere:
+        raise DataError(
+            f"The validation images include classes with no training image: {named(missing_everywhere)}; a model "
+            "trained on these data could never predict them. Add training images of those classes, or leave them "
+            "out of the validation data."
+        )
+    print(
+        f"Note: --max_train_samples {args.max_train_samples} leaves no training image of some classes the validation "
+        f"images include ({named(untrained)}); the model cannot learn them in this run.",
+        flush=True,
+    )
+
+
 def check_labels(data: ImageData, label_column: str, num_labels: int) -> None:
     """Raises a `DataError` when the data set's labels do not fit a classifier head of `num_labels` classes."""
     if data.num_labels > num_labels:
@@ -260,8 +298,8 @@ def decode_image(value: Any, index: int) -> PIL.Image.Image:
         if isinstance(value, PIL.Image.Image):
             image = value
         elif isinstance(value, np.ndarray):
-            if value.dtype.kind in "iu" and value.size and 0 <= value.min() and value.max() <= 255:
-                value = value.astype(np.uint8)  # `datasets`' NumPy format widens integer arrays to int64
+            if value.dtype.kind in "biu":  # `datasets`' NumPy format widens integer arrays to int64
+                value = integer_pixels_to_uint8(value)
             image = PIL.Image.fromarray(value)
         elif isinstance(value, dict) and value.get("bytes") is not None:
             image = PIL.Image.open(io.BytesIO(value["bytes"]))
@@ -272,6 +310,7 @@ def decode_image(value: Any, index: int) -> PIL.Image.Image:
         image.load()
         if image.getexif().get(PIL.Image.ExifTags.Base.Orientation) is not None:
             image = PIL.ImageOps.exif_transpose(image)
+        image = pil_image_to_8_bits(image)  # 16-bit and float images keep their brightness, as in the processors
     except (OSError, SyntaxError, ValueError, TypeError, KeyError) as error:
         raise BadImageError(f"Cannot decode {example_name(value, index)}: {error}") from error
     return image

@@ -25,11 +25,13 @@ import torch
 from datasets.distributed import split_dataset_by_node
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
-from .data import BadImageError, DataError, ImageData, decode_image
+from .data import BadImageError, DataError, ImageData, decode_image, example_name
 from .transforms import CropRecord, TrainTransform, seeded_rng
 
 
 TargetBuilder = Callable[[Mapping[str, Any], CropRecord], torch.Tensor]
+# With --skip_bad_images, how many undecodable images in a row a training sample may meet before the run stops.
+MAX_REPLACEMENTS = 100
 
 
 @dataclass(frozen=True)
@@ -50,7 +52,7 @@ class SampleRecipe:
         image: PIL.Image.Image,
         seed_words: Sequence[int],
         index: int,
-        bad_images: int = 0,
+        bad_images: Sequence[int | str] = (),
     ) -> dict[str, Any]:
         """The augmented sample of `example` (decoded as `image`), under the random state of `seed_words`."""
         label = example[self.label_column]
@@ -67,7 +69,7 @@ class SampleRecipe:
             "labels": int(label),
             "crop": crop,
             "index": index,
-            "bad_images": bad_images,
+            "bad_images": list(bad_images),
         }
         for name, build in self.target_builders.items():
             sample[name] = build(example, crop)
@@ -146,21 +148,27 @@ class TrainingSet(Dataset):
 
     def __getitem__(self, key: SampleKey) -> dict[str, Any]:
         epoch, index = key
-        bad_images = 0
-        # A bad image is replaced by the next index, so batches keep their size (mixup pairs, equal DDP batches).
-        for offset in range(len(self.source)):
-            position = (index + offset) % len(self.source)
+        bad_images: list[int] = []
+        position, draws = index, None
+        # A bad image is replaced, so that batches keep their size (mixup pairs, equal DDP batches), by an image drawn
+        # at random under the sample's seed: its neighbour would be seen twice as often.
+        for _ in range(MAX_REPLACEMENTS):
             example = self.source[position]
             try:
                 image = decode_image(example[self.recipe.image_column], position)
             except BadImageError:
                 if not self.recipe.skip_bad_images:
                     raise
-                bad_images += 1
+                bad_images.append(position)
+                draws = draws or np.random.default_rng([self.recipe.seed, epoch, index])
+                position = int(draws.integers(len(self.source)))
                 continue
             seed_words = (self.recipe.seed, epoch, position)
             return self.recipe.make_sample(example, image, seed_words, index=position, bad_images=bad_images)
-        raise BadImageError(f"None of the {len(self.source)} training images can be decoded.")
+        raise BadImageError(
+            f"{MAX_REPLACEMENTS} images in a row could not be decoded (e.g. image {bad_images[0]}): most of the "
+            f"{len(self.source)} training images are damaged."
+        )
 
 
 class StreamingTrainingSet(IterableDataset):
@@ -215,7 +223,7 @@ class StreamingTrainingSet(IterableDataset):
         batches = len(range(worker_id, self.batches_per_epoch, num_workers))
         skipped = len(range(worker_id, self.skip_batches, num_workers))
         quota, skip = batches * self.batch_size, skipped * self.batch_size
-        position = 0
+        position, bad_images = 0, []
         while position < quota:
             produced_this_pass = False
             for example in self.stream:
@@ -230,12 +238,14 @@ class StreamingTrainingSet(IterableDataset):
                 except BadImageError:
                     if not self.recipe.skip_bad_images:
                         raise
-                    # Not counted: the next example takes its place. (Skipped batches are not decoded, so a resumed
-                    # streamed epoch that had bad images before the checkpoint is shifted by that many examples.)
+                    # The next example takes its place. (Skipped batches are not decoded, so a resumed streamed epoch
+                    # that had bad images before the checkpoint is shifted by that many examples.)
+                    bad_images.append(example_name(example[self.recipe.image_column], position - 1))
                     position -= 1
                     continue
                 key = (self.recipe.seed, self.epoch, self.process_index, worker_id, position - 1)
-                yield self.recipe.make_sample(example, image, key, index=position - 1)
+                yield self.recipe.make_sample(example, image, key, index=position - 1, bad_images=bad_images)
+                bad_images = []
             if not produced_this_pass:
                 raise DataError("The streamed training set is empty for this process.")
 
@@ -243,7 +253,8 @@ class StreamingTrainingSet(IterableDataset):
 def collate_training_batch(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """
     Stacks training samples into `pixel_values` (B, 3, H, W), `labels` (B,), `crop_boxes` (B, 4: x0, y0, x1, y1 as
-    fractions of the original image), `flipped` (B,), `indices` (B,), `bad_images` (a count), and every extra target.
+    fractions of the original image), `flipped` (B,), `indices` (B,), `bad_images` (a list of the undecodable images
+    replaced) and every extra target.
     """
     batch: dict[str, Any] = {
         "pixel_values": torch.stack([s["pixel_values"] for s in samples]),
@@ -251,7 +262,7 @@ def collate_training_batch(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "crop_boxes": torch.tensor([s["crop"].box_xyxy_normalized() for s in samples], dtype=torch.float32),
         "flipped": torch.tensor([s["crop"].flipped for s in samples], dtype=torch.bool),
         "indices": torch.tensor([s["index"] for s in samples], dtype=torch.long),
-        "bad_images": torch.tensor(sum(s["bad_images"] for s in samples), dtype=torch.long),
+        "bad_images": [bad for s in samples for bad in s["bad_images"]],
     }
     for name in samples[0].keys() - {"pixel_values", "labels", "crop", "index", "bad_images"}:
         batch[name] = torch.stack([s[name] for s in samples])

@@ -11,6 +11,7 @@ the same host when the process no longer exists, from any host when the lock has
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import socket
@@ -100,6 +101,7 @@ class RunLock:
                 json.dump(self.holder, file)
             self._thread = threading.Thread(target=self._refresh, name="run-lock-refresh", daemon=True)
             self._thread.start()
+            atexit.register(self.release)  # however the process ends short of being killed
             return self
         raise RunLockedError(f"Could not take the lock {self.path}: other runs keep taking it.")
 
@@ -112,6 +114,7 @@ class RunLock:
 
     def release(self) -> None:
         """Gives the lock up (only if it is still this run's)."""
+        atexit.unregister(self.release)
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
@@ -127,4 +130,28 @@ class RunLock:
         self.release()
 
 
-__all__ = ["LOCK_FILE", "RunLock", "RunLockedError"]
+def lock_run_directory(state, directory: str | os.PathLike) -> RunLock | None:
+    """
+    Takes the lock of a run directory for a (possibly distributed) run, given accelerate's `PartialState` (or an
+    `Accelerator`): the main process holds it, and every process raises [`RunLockedError`] when another run holds
+    it. Returns the lock on the main process, None on the others.
+    """
+    from accelerate.utils import broadcast_object_list
+
+    lock, problem = None, None
+    if state.is_main_process:
+        try:
+            lock = RunLock(directory).acquire()
+        except RunLockedError as error:
+            problem = str(error)
+    (problem,) = broadcast_object_list([problem])
+    if problem is not None:
+        raise RunLockedError(problem)
+    if lock is not None and lock.taken_over is not None:
+        state.print(
+            f"Took over the lock of {directory} from a run that is gone ({lock.describe(lock.taken_over)})."
+        )
+    return lock
+
+
+__all__ = ["LOCK_FILE", "RunLock", "RunLockedError", "lock_run_directory"]

@@ -180,7 +180,7 @@ def build_dense_label_builder(args, model, train_split) -> DenseLabelBuilder:
             f"({model.config.image_size} px); give --relabel_size {grid}."
         )
     num_classes = model.config.num_labels
-    store = open_relabel_store(args.relabel_root, num_classes=num_classes)
+    store = open_relabel_store(args.relabel_root, num_classes=num_classes, full_check=args.relabel_full_check)
     k, height, width = store.map_shape
     if k > num_classes or min(k, height, width) < 1:
         raise RelabelError(
