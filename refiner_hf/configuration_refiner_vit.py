@@ -103,6 +103,13 @@ class RefinerViTConfig(PreTrainedConfig):
             Apply MixToken in training mode (token labeling); a `mix_token` argument of the forward overrides it.
         mix_token_beta (`float`, *optional*, defaults to 1.0):
             MixToken's λ ~ Beta(beta, beta).
+        attention_similarity_pairs (`int`, *optional*, defaults to 0):
+            Training regulariser of the original code (`cos_reg_component`): n > 0 adds to the training loss
+            `attention_similarity_weight / n * sum over i < n of mean(cosine_similarity(A_i, A_{i+1}, dim=heads))`,
+            where A_0, A_1, ... are the attention maps the blocks pass on to the next block. 0 turns it off (it has no
+            effect on the weights' shapes or on inference).
+        attention_similarity_weight (`float`, *optional*, defaults to 0.1):
+            Weight of that regulariser (0.1 in the original code).
         residual_scale (`float`, *optional*, defaults to 0.5):
             The blocks' "adjust ratio" r: inputs of the norms are multiplied by r and the branch outputs divided by r.
 
@@ -148,6 +155,8 @@ class RefinerViTConfig(PreTrainedConfig):
     aux_loss_weight: float | int = 0.5
     use_mix_token: bool = False
     mix_token_beta: float | int = 1.0
+    attention_similarity_pairs: int = 0
+    attention_similarity_weight: float | int = 0.1
     residual_scale: float | int = 0.5
 
     def __post_init__(self, **kwargs):
@@ -205,6 +214,11 @@ class RefinerViTConfig(PreTrainedConfig):
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "drop_path_rate"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"`{name}` must be in [0, 1), got {getattr(self, name)}.")
+        if not 0 <= self.attention_similarity_pairs < self.num_hidden_layers:
+            raise ValueError(
+                f"`attention_similarity_pairs` must be in [0, num_hidden_layers) = [0, {self.num_hidden_layers}): it "
+                f"compares the maps of consecutive blocks, got {self.attention_similarity_pairs}."
+            )
         # Loaded from a file these can hold anything JSON does; NaN passes every comparison, so ask for finite values.
         for name, low, allow_low in (
             ("residual_scale", 0.0, False),
@@ -212,6 +226,7 @@ class RefinerViTConfig(PreTrainedConfig):
             ("mlp_ratio", 0.0, False),
             ("mix_token_beta", 0.0, False),
             ("aux_loss_weight", 0.0, True),
+            ("attention_similarity_weight", 0.0, True),
             ("initializer_range", 0.0, True),
             ("aux_logits_weight", -math.inf, True),
             ("layer_scale_init_value", -math.inf, True),

@@ -3,6 +3,7 @@
 import contextlib
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -37,7 +38,9 @@ class RefinerViTImageClassifierOutput(ModelOutput):
     Args:
         loss (`torch.FloatTensor` of shape `()`, *optional*, returned when `labels` is given):
             Cross entropy of the class token's logits, plus `config.aux_loss_weight` times the mean cross entropy of
-            every patch token's auxiliary logits when the model has the auxiliary head.
+            every patch token's auxiliary logits when the model has the auxiliary head, plus, in training mode,
+            `config.attention_similarity_weight` times `attention_similarity` when `config.attention_similarity_pairs`
+            is set.
         logits (`torch.FloatTensor` of shape `(batch_size, num_labels)`):
             The prediction: `cls_logits + config.aux_logits_weight * aux_logits.max(dim=1)` with the auxiliary
             head, `cls_logits` without.
@@ -55,6 +58,9 @@ class RefinerViTImageClassifierOutput(ModelOutput):
             For each block, the attention map before refinement, shaped like `attentions`: what the refinement of a
             refined block starts from (its softmax map plus the scaled incoming map), the incoming map for a shared
             block, and the map used (the same as in `attentions`) for a plain block.
+        attention_similarity (`torch.FloatTensor` of shape `()`, *optional*, returned in training mode when
+            `config.attention_similarity_pairs > 0`):
+            The regulariser's similarity term (see [`attention_similarity`]), before its weight; part of `loss`.
         mix_token_box (`torch.LongTensor` of shape `(4,)`, *optional*, returned when MixToken was applied):
             Rows `[0:1]` and columns `[2:3]` (start, end) of the token-grid box whose tokens came from the reversed
             batch. `aux_logits` are already swapped back, so each lines up with its own image.
@@ -68,6 +74,7 @@ class RefinerViTImageClassifierOutput(ModelOutput):
     attentions: tuple[torch.FloatTensor, ...] | None = None
     unrefined_attentions: tuple[torch.FloatTensor, ...] | None = None
     mix_token_box: torch.LongTensor | None = None
+    attention_similarity: torch.FloatTensor | None = None
 
 
 @dataclass
@@ -82,9 +89,25 @@ class RefinerViTModelOutput(BaseModelOutputWithPooling):
             For each block, the attention map before refinement, of shape
             `(batch_size, num_heads, num_patches + 1, num_patches + 1)`; see
             [`RefinerViTImageClassifierOutput`].
+        attention_similarity (`torch.FloatTensor` of shape `()`, *optional*, returned in training mode when
+            `config.attention_similarity_pairs > 0`):
+            [`attention_similarity`] of the first `attention_similarity_pairs + 1` maps the blocks pass on.
     """
 
     unrefined_attentions: tuple[torch.FloatTensor, ...] | None = None
+    attention_similarity: torch.FloatTensor | None = None
+
+
+def attention_similarity(maps: Sequence[torch.Tensor]) -> torch.Tensor:
+    """
+    The similarity of consecutive attention maps that the original training penalises (`cos_reg_component`): for n+1
+    maps `(batch, heads, tokens, tokens)`, the mean over the n consecutive pairs of the cosine similarity between the
+    heads' vectors of two maps at each position, averaged over the batch and the positions.
+    """
+    if len(maps) < 2:
+        raise ValueError(f"The attention similarity compares consecutive maps: it needs at least two, got {len(maps)}.")
+    pairs = [F.cosine_similarity(first, second, dim=1).mean() for first, second in zip(maps, maps[1:])]
+    return torch.stack(pairs).mean()
 
 
 def drop_path(input: torch.Tensor, drop_prob: float = 0.0, training: bool = False) -> torch.Tensor:
@@ -664,11 +687,18 @@ class RefinerViTModel(RefinerViTPreTrainedModel):
         hidden_states = self.embeddings(
             pixel_values, interpolate_pos_encoding=bool(interpolate_pos_encoding), mix_token_box=mix_token_box
         )
-        attention = None
+        attention, passed_on = None, []
+        regularised = self.config.attention_similarity_pairs + 1 if self.training else 0
         for layer in self.layers:
             hidden_states, attention = self._run_layer(layer, hidden_states, attention)
+            if len(passed_on) < regularised:
+                passed_on.append(attention)
         sequence_output = self.layernorm(hidden_states)
-        return RefinerViTModelOutput(last_hidden_state=sequence_output, pooler_output=sequence_output[:, 0])
+        return RefinerViTModelOutput(
+            last_hidden_state=sequence_output,
+            pooler_output=sequence_output[:, 0],
+            attention_similarity=attention_similarity(passed_on) if regularised > 1 else None,
+        )
 
 
 class RefinerViTForImageClassification(RefinerViTPreTrainedModel):
@@ -762,6 +792,8 @@ class RefinerViTForImageClassification(RefinerViTPreTrainedModel):
         loss = None
         if labels is not None:
             loss = self.compute_loss(cls_logits, aux_logits, labels, dense_labels=dense_labels, mix_token_box=box)
+            if outputs.attention_similarity is not None:
+                loss = loss + self.config.attention_similarity_weight * outputs.attention_similarity
 
         return RefinerViTImageClassifierOutput(
             loss=loss,
@@ -772,6 +804,7 @@ class RefinerViTForImageClassification(RefinerViTPreTrainedModel):
             attentions=outputs.attentions,
             unrefined_attentions=outputs.unrefined_attentions,
             mix_token_box=None if box is None else box.as_tensor(),
+            attention_similarity=outputs.attention_similarity,
         )
 
     def compute_loss(

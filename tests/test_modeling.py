@@ -254,3 +254,50 @@ def test_fused_attention_implementations_are_refused_with_the_reason(model, tmp_
         model.set_attn_implementation(implementation)
     loaded = AutoModelForImageClassification.from_pretrained(tmp_path, attn_implementation="eager")
     assert loaded.config._attn_implementation == "eager"
+
+
+def passed_on_maps(model, pixel_values) -> list[torch.Tensor]:
+    """The maps each block hands to the next, rebuilt from the maps the blocks used: a shared block passes on the map
+    it received, every other block the map it used."""
+    used = model(pixel_values, output_attentions=True).attentions
+    passed = []
+    for block_type, attention in zip(model.config.block_types, used):
+        passed.append(passed[-1] if block_type == "shared" else attention)
+    return passed
+
+
+@pytest.mark.parametrize("pairs", [1, 2, 3])
+def test_attention_similarity_regulariser_value_and_gradient(pixel_values, pairs):
+    config = tiny_config(attention_similarity_pairs=pairs, block_types=["refined", "shared", "plain", "refined"])
+    model = randomize_(RefinerViTForImageClassification(config)).train()
+    labels = torch.tensor([1, 3])
+    torch.manual_seed(0)
+    outputs = model(pixel_values, labels=labels)
+    grads = torch.autograd.grad(outputs.loss, list(model.parameters()), allow_unused=True)
+
+    # The original code's formula, written out: 0.1 / n * sum_i mean(CosineSimilarity(dim=1)(A_i, A_{i+1})).
+    torch.manual_seed(0)
+    maps = passed_on_maps(model, pixel_values)[: pairs + 1]
+    similarity = sum(torch.nn.CosineSimilarity(dim=1)(maps[i], maps[i + 1]).mean() for i in range(pairs)) / pairs
+    plain = model(pixel_values, labels=labels)  # the regulariser is computed again inside: subtract it
+    expected_loss = plain.loss - 0.1 * plain.attention_similarity + 0.1 * similarity
+    torch.testing.assert_close(outputs.attention_similarity, similarity.detach(), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(outputs.loss, expected_loss.detach(), atol=1e-6, rtol=1e-6)
+    expected_grads = torch.autograd.grad(expected_loss, list(model.parameters()), allow_unused=True)
+    for (name, _), got, expected in zip(model.named_parameters(), grads, expected_grads):
+        if expected is None:
+            assert got is None or torch.all(got == 0), name
+        else:
+            torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_attention_similarity_is_off_by_default_and_outside_training(pixel_values):
+    model = randomize_(RefinerViTForImageClassification(tiny_config(attention_similarity_pairs=2)))
+    assert model.eval()(pixel_values, labels=torch.tensor([0, 1])).attention_similarity is None
+    assert (
+        randomize_(RefinerViTForImageClassification(tiny_config())).train()(pixel_values).attention_similarity is None
+    )
+    with pytest.raises(
+        ValueError, match=r"`attention_similarity_pairs` must be in \[0, num_hidden_layers\) = \[0, 4\)"
+    ):
+        tiny_config(attention_similarity_pairs=4)

@@ -148,9 +148,7 @@ def lock_run_directory(state, directory: str | os.PathLike) -> RunLock | None:
     if problem is not None:
         raise RunLockedError(problem)
     if lock is not None and lock.taken_over is not None:
-        state.print(
-            f"Took over the lock of {directory} from a run that is gone ({lock.describe(lock.taken_over)})."
-        )
+        state.print(f"Took over the lock of {directory} from a run that is gone ({lock.describe(lock.taken_over)}).")
     return lock
 
 
