@@ -304,9 +304,17 @@ def describe(run: Run) -> str:
         )
         + (f", stopping after step {args.max_train_steps}" if args.max_train_steps else "")
         + (
-            f"\nToken labeling: relabel maps {args.relabel_root} ({args.relabel_normalization}), dense weight "
-            f"{config.aux_loss_weight:g}, MixToken {'on' if args.mix_token else 'off'}"
+            f"\nToken labeling: relabel maps {args.relabel_root} ({args.relabel_normalization}, "
+            f"{args.relabel_layout}), class target: {args.relabel_class_target.replace('_', ' ')}, dense weight "
+            f"{config.aux_loss_weight:g}, "
+            f"MixToken {'on' if args.mix_token else 'off'}, CutMix of dense labels: {args.dense_label_cutmix}"
             if args.relabel_root
+            else ""
+        )
+        + (
+            f"\nAttention similarity regulariser: {config.attention_similarity_weight:g} x the first "
+            f"{config.attention_similarity_pairs} pairs of consecutive maps"
+            if config.attention_similarity_pairs
             else ""
         )
     )
@@ -395,7 +403,9 @@ def train_epoch(run: Run, epoch: int) -> dict[str, Any]:
             batch = send_to_device(batch, accelerator.device)
         # With --relabel_root the batch has `dense_labels`, mixed like the images; without them the model gives every
         # token its image's target.
-        pixel_values, targets, dense_labels = mix_batch(run.mixing, batch, epoch)
+        pixel_values, targets, dense_labels = mix_batch(
+            run.mixing, batch, epoch, class_target=args.relabel_class_target, cutmix_mode=args.dense_label_cutmix
+        )
         with accelerator.accumulate(model):
             loss = model(
                 pixel_values=pixel_values, labels=targets, dense_labels=dense_labels, mix_token=args.mix_token

@@ -9,6 +9,7 @@ import math
 import pickle
 
 import numpy as np
+import PIL.Image
 import pytest
 import torch
 from conftest import load_script
@@ -25,20 +26,28 @@ from training_utils import (
     two_process_launcher,
 )
 
-from refiner_hf.token_labeling import RelabelError, dense_soft_labels, mix_dense_labels, open_relabel_store
+from refiner_hf.token_labeling import (
+    RelabelError,
+    RelabelMap,
+    crop_soft_labels,
+    dense_soft_labels,
+    mix_dense_labels,
+    open_relabel_store,
+)
 from refiner_hf.training.arguments import TrainingArguments
 from refiner_hf.training.data import DataError, load_image_data
 from refiner_hf.training.errors import UsageError, run_command
 from refiner_hf.training.loaders import SampleKey, TrainingSet, collate_training_batch
 from refiner_hf.training.token_labeling import (
     DENSE_LABELS,
+    RELABEL_CLASS_TARGETS,
     DenseLabelBuilder,
     example_relabel_key,
     iter_relabel_keys,
     mix_batch,
 )
 from refiner_hf.training.tracking import read_metrics
-from refiner_hf.training.transforms import BatchMixing, TrainTransform
+from refiner_hf.training.transforms import BatchMixing, TrainTransform, seeded_rng
 
 
 NUM_SAMPLES = 64
@@ -95,8 +104,9 @@ def test_generated_store_covers_the_training_set_and_resumes(store):
     assert again["written"] == 0 and again["stored"] == NUM_SAMPLES
 
 
-def test_training_with_token_labeling_lowers_the_loss(store, tmp_path):
-    results = run_in_process(token_labeling_args(tmp_path, store / "store"))
+def test_training_with_token_labeling_lowers_the_loss(tmp_path):
+    oracle_store(tmp_path / "store")  # teacher labels one can learn (the tiny random teacher's are near uniform)
+    results = run_in_process(token_labeling_args(tmp_path, tmp_path / "store"))
     losses = [r["train/loss"] for r in read_metrics(tmp_path / "logs") if "train/loss" in r]
     assert len(losses) == 16 and all(math.isfinite(loss) for loss in losses)
     assert np.mean(losses[-4:]) < np.mean(losses[:4]) - 0.05, losses
@@ -159,9 +169,11 @@ def test_batch_dense_labels_follow_the_crop_flip_and_cutmix_box(store):
     for i, sample in enumerate(samples):
         crop = sample["crop"]
         expected = dense_soft_labels(
-            relabel[keys[i]], (crop.top, crop.left, crop.height, crop.width), (28, 28), GRID, 10, flipped=crop.flipped
-        )
+            relabel[keys[i]], (crop.top, crop.left, crop.height, crop.width), (28, 28), GRID, 10, flipped=crop.flipped,
+            geometry=crop.geometry, output_size_pixels=crop.output_size,
+        )  # fmt: skip
         torch.testing.assert_close(batch[DENSE_LABELS][i], expected)
+    assert any(sample["crop"].geometry for sample in samples)  # RandAugment moved some images: their labels followed
 
     # CutMix: the box pasted into the images is the one the dense labels are mixed with, on the token grid.
     torch.manual_seed(3)
@@ -241,3 +253,150 @@ def test_relabel_problems_are_one_line_errors(store, tmp_path, capsys):
     assert "examples/generate_relabel.py relabels the training images its data arguments select" in lines[0]
     with pytest.raises(UsageError, match="--relabel_size 14 differs from the model's token grid 7 x 7"):
         run_in_process(token_labeling_args(tmp_path / "size", store / "store", relabel_size=14))
+
+
+def crop_label_by_hand(relabel, crop, num_classes: int, smoothing: float) -> torch.Tensor:
+    """The original's class target, written out: the top-k scores scattered, the crop pooled with RoIAlign to one
+    position, a softmax over classes, then `p * on + off` with on = 1 - s + s / C and off = s / C."""
+    from torchvision.ops import roi_align
+
+    full = torch.zeros(num_classes, *relabel.scores.shape[1:]).scatter_(0, relabel.indices, relabel.scores)
+    height, width = full.shape[1:]
+    box = torch.tensor([[0.0, crop.left / crop.image_width * width, crop.top / crop.image_height * height,
+                         (crop.left + crop.width) / crop.image_width * width,
+                         (crop.top + crop.height) / crop.image_height * height]])  # fmt: skip
+    pooled = roi_align(full[None], box, output_size=(1, 1), aligned=True)[0, :, 0, 0]
+    return pooled.softmax(0) * (1 - smoothing + smoothing / num_classes) + smoothing / num_classes
+
+
+def test_the_class_target_is_the_teachers_label_of_the_crop_smoothed_and_mixed_like_the_images(store):
+    data = load_image_data(TrainingArguments(max_train_samples=NUM_SAMPLES))
+    relabel = open_relabel_store(store / "store", num_classes=10)
+    builder = DenseLabelBuilder(store / "store", "image", GRID, 10, "softmax", smoothing=0.1)
+    transform = TrainTransform(28, mean=(0.5,) * 3, std=(0.5,) * 3, scale=(0.2, 0.6))
+    train_set = TrainingSet(data.train, "image", "label", transform, seed=0, target_builders={DENSE_LABELS: builder})
+    samples = [train_set[SampleKey(0, index)] for index in range(8)]
+    batch = collate_training_batch(samples)
+    keys = training_keys()
+    for i, sample in enumerate(samples):
+        expected = crop_label_by_hand(relabel[keys[i]], sample["crop"], 10, 0.1)
+        torch.testing.assert_close(batch[RELABEL_CLASS_TARGETS][i], expected, atol=1e-6, rtol=1e-6)
+        # The dense labels are smoothed the same way: p * (1 - s + s / C) + s / C.
+        unsmoothed = DenseLabelBuilder(store / "store", "image", GRID, 10, "softmax")(data.train[i], sample["crop"])
+        torch.testing.assert_close(batch[DENSE_LABELS][i], unsmoothed[DENSE_LABELS] * 0.91 + 0.01)
+    teacher = batch[RELABEL_CLASS_TARGETS]
+
+    torch.manual_seed(3)
+    np.random.seed(3)
+    mixing = BatchMixing(10, mixup_alpha=0.0, cutmix_alpha=1.0, prob=1.0, label_smoothing=0.1)
+    _, targets, _ = mix_batch(mixing, collate_training_batch(samples), epoch=0)
+    lam = mixing.last_mix.lam
+    assert 0 < lam < 1
+    torch.testing.assert_close(targets, lam * teacher + (1 - lam) * teacher.flip(0))
+
+    torch.manual_seed(3)
+    np.random.seed(3)
+    _, ground_truth, _ = mix_batch(mixing, collate_training_batch(samples), 0, class_target="ground_truth")
+    one_hot = torch.nn.functional.one_hot(batch["labels"], 10).float() * 0.9 + 0.01
+    torch.testing.assert_close(ground_truth, lam * one_hot + (1 - lam) * one_hot.flip(0))
+
+
+def test_cutmix_blends_every_dense_label_with_lambda_when_asked():
+    dense = torch.rand(4, 3, 5, 5)
+    blended = mix_dense_labels(dense, 0.7, cutmix_box=(0, 10, 0, 10), image_size=(20, 20), cutmix_mode="blend")
+    torch.testing.assert_close(blended, 0.7 * dense + 0.3 * dense.flip(0))
+    boxed = mix_dense_labels(dense, 0.7, cutmix_box=(0, 10, 0, 10), image_size=(20, 20))
+    assert torch.equal(boxed[..., :2, :2], dense.flip(0)[..., :2, :2]) and torch.equal(
+        boxed[..., 4, 4], dense[..., 4, 4]
+    )
+
+
+def test_a_transposed_store_reads_the_same_labels_with_its_layout():
+    generator = torch.Generator().manual_seed(0)
+    relabel = RelabelMap(scores=torch.randn(3, 6, 9, generator=generator) * 3,
+                         indices=torch.randint(0, 8, (3, 6, 9), generator=generator))  # fmt: skip
+    transposed = RelabelMap(scores=relabel.scores.transpose(1, 2), indices=relabel.indices.transpose(1, 2))
+    box, image = (10, 40, 50, 70), (60, 120)  # an off-centre, non-square crop of a wide image
+    expected = crop_soft_labels(relabel, box, image, 4, 8, flipped=True)
+    read = crop_soft_labels(transposed, box, image, 4, 8, flipped=True, layout="wh")
+    torch.testing.assert_close(read.dense, expected.dense)
+    torch.testing.assert_close(read.class_target, expected.class_target)
+    misread = crop_soft_labels(transposed, box, image, 4, 8, flipped=True)  # the mirrored region
+    assert not torch.allclose(misread.dense, expected.dense)
+
+
+CELL, CELLS = 16, 7  # a 112-pixel image of 7 x 7 cells, one token each
+
+
+def coded_grid_image() -> tuple[PIL.Image.Image, dict]:
+    """An image whose cell (r, c) has its own colour, and a relabel map saying that cell holds class 7 r + c."""
+    palette = {k: (37 * k % 256, 91 * k % 256, (5 + 11 * k) % 256) for k in range(CELLS * CELLS)}
+    pixels = np.zeros((CELL * CELLS, CELL * CELLS, 3), dtype=np.uint8)
+    for k, colour in palette.items():
+        row, column = divmod(k, CELLS)
+        pixels[row * CELL : (row + 1) * CELL, column * CELL : (column + 1) * CELL] = colour
+    scores = torch.zeros(1, CELLS, CELLS)
+    scores[0] = 20.0
+    indices = torch.arange(CELLS * CELLS).reshape(1, CELLS, CELLS)
+    return PIL.Image.fromarray(pixels), {"relabel": RelabelMap(scores=scores, indices=indices), "palette": palette}
+
+
+def decode_cells(pixel_values: torch.Tensor, palette: dict, fill: tuple) -> list:
+    """The class each token's centre shows (None for the fill colour), read back from the augmented image."""
+    image = ((pixel_values * 0.5 + 0.5) * 255).round().permute(1, 2, 0)
+    colours = torch.tensor([*palette.values(), fill], dtype=torch.float32)
+    found = []
+    for row in range(CELLS):
+        for column in range(CELLS):
+            pixel = image[row * CELL + CELL // 2, column * CELL + CELL // 2]
+            nearest = int((colours - pixel).abs().sum(1).argmin())
+            found.append(None if nearest == len(palette) else nearest)
+    return found
+
+
+@pytest.mark.parametrize("operation", ["Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel"])
+@pytest.mark.parametrize("flip", [False, True])
+def test_dense_labels_stay_on_their_content_under_every_geometric_augmentation(operation, flip):
+    image, coded = coded_grid_image()
+    transform = TrainTransform(CELL * CELLS, mean=(0.5,) * 3, std=(0.5,) * 3, scale=(1.0, 1.0), ratio=(1.0, 1.0),
+                               hflip=1.0 if flip else 0.0, auto_augment="rand-m9-n1-mstd0")  # fmt: skip
+    (randaugment,) = transform.colour.transforms
+    randaugment.ops = [op for op in randaugment.ops if op.name == operation]
+    (op,) = randaugment.ops
+    op.prob, op.kwargs["resample"] = 1.0, PIL.Image.NEAREST  # nearest: each pixel shows one cell's colour
+    fill = tuple(op.kwargs["fillcolor"])
+    matched = moved = 0
+    for seed in range(4):  # both signs of the operation's magnitude
+        with seeded_rng(seed):
+            pixel_values, crop = transform(image)
+        assert len(crop.geometry) == 1 and crop.flipped == flip
+        labels = crop_soft_labels(coded["relabel"], (0, 0, 112, 112), (112, 112), CELLS, CELLS * CELLS,
+                                  flipped=crop.flipped, geometry=crop.geometry,
+                                  output_size_pixels=crop.output_size).dense  # fmt: skip
+        shown = decode_cells(pixel_values, coded["palette"], fill)
+        still = crop_soft_labels(coded["relabel"], (0, 0, 112, 112), (112, 112), CELLS, CELLS * CELLS,
+                                 flipped=crop.flipped).dense.flatten(1).argmax(0).tolist()  # fmt: skip
+        for token, cell in enumerate(shown):
+            label = labels[:, token // CELLS, token % CELLS]
+            if cell is None:  # the fill colour came in: the label is (mostly) uniform
+                assert label.max() < 0.6, (operation, token)
+                continue
+            matched += int(label.argmax()) == cell
+            moved += still[token] != cell
+    shown_cells = sum(cell is not None for cell in shown)
+    assert moved > 0  # the operation did move the content: labels that stayed put would be wrong
+    assert matched >= 0.9 * 4 * shown_cells - 2, (operation, matched, shown_cells)  # boundary tokens may differ
+
+
+def oracle_store(directory) -> None:
+    """A store whose maps name each training image's own class everywhere: a teacher that is always right."""
+    from refiner_hf.token_labeling import PackedRelabelWriter, finalize_packed_store
+
+    data = load_image_data(TrainingArguments(max_train_samples=NUM_SAMPLES))
+    writer = PackedRelabelWriter(directory, shard_size=64)
+    for key, label in zip(iter_relabel_keys(data.train, "image"), data.train["label"]):
+        indices = torch.tensor([label] + [c for c in range(10) if c != label][:4])[:, None, None].expand(5, GRID, GRID)
+        scores = torch.tensor([8.0, 0, 0, 0, 0])[:, None, None].expand(5, GRID, GRID)
+        writer.add(key, scores, indices)
+    writer.flush()
+    finalize_packed_store(directory, num_classes=10)

@@ -1,6 +1,8 @@
 """Token labeling: relabel stores of a teacher's dense predictions and the per-token soft labels made from them."""
 
 from .dense_labels import (
+    CropLabels,
+    crop_soft_labels,
     dense_soft_labels,
     flatten_dense_labels,
     image_label_dense_targets,
@@ -24,12 +26,14 @@ from .store import (
 
 
 __all__ = [
+    "CropLabels",
     "PackedRelabelStore",
     "PackedRelabelWriter",
     "PerFileRelabelStore",
     "RelabelError",
     "RelabelMap",
     "check_relabel_coverage",
+    "crop_soft_labels",
     "dense_soft_labels",
     "finalize_packed_store",
     "flatten_dense_labels",

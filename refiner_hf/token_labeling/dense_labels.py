@@ -1,23 +1,31 @@
 """
-Dense (per-token) soft labels from relabel maps, following the crop and flip applied to the image.
+Soft labels from relabel maps, following the crop, flip and geometric augmentation applied to the image.
 
 A relabel map covers the whole training image on the teacher's grid. For a training crop, the map's top-k scores are
-scattered into a `(num_classes, h, w)` map, the crop's box is pooled onto the model's token grid with
-`torchvision.ops.roi_align`, the result is mirrored when the image was flipped, and each token's scores are turned into
-a distribution over classes.
+scattered into a `(num_classes, h, w)` map and the crop's box is pooled with `torchvision.ops.roi_align`: onto the
+model's token grid for the tokens' labels, and to a single position for the image's class target (the teacher's
+label of the crop, as the original training uses for the class token). Each pooled position's scores become a
+distribution over classes, smoothed like the class targets (`p * (1 - s + s / C) + s / C`, the original's formula),
+and the token labels are mirrored when the image was flipped.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torchvision.ops import roi_align
 
 from .store import RelabelMap
 
 
 Normalization = Literal["softmax", "sum"]
+# How a store lays its maps out: "hw" (rows are the image's y, as the generator of the public relabel sets writes
+# them) or "wh" (transposed).
+Layout = Literal["hw", "wh"]
 
 
 def scatter_top_k(relabel: RelabelMap, num_classes: int) -> torch.Tensor:
@@ -27,7 +35,74 @@ def scatter_top_k(relabel: RelabelMap, num_classes: int) -> torch.Tensor:
     return full.scatter_(0, relabel.indices, relabel.scores)
 
 
-def dense_soft_labels(
+def normalize_scores(pooled: torch.Tensor, normalization: Normalization) -> torch.Tensor:
+    """Pooled scores `(num_classes, ...)` as distributions over classes: a softmax (stored logits) or by their sum."""
+    if normalization == "softmax":
+        return pooled.softmax(dim=0)
+    if normalization == "sum":
+        return pooled / pooled.sum(dim=0, keepdim=True).clamp_min(torch.finfo(pooled.dtype).tiny)
+    raise ValueError(f"`normalization` must be 'softmax' or 'sum', got {normalization!r}.")
+
+
+def smooth_labels(labels: torch.Tensor, smoothing: float) -> torch.Tensor:
+    """
+    Label smoothing of distributions over classes (dimension 0) as the original applies it to teacher labels:
+    `p * (1 - s + s / C) + s / C`. (Their sum is 1 + s / C, as in the original.)
+    """
+    if smoothing == 0:
+        return labels
+    num_classes = labels.shape[0]
+    off = smoothing / num_classes
+    return labels * (1.0 - smoothing + off) + off
+
+
+def follow_geometry(
+    dense: torch.Tensor,
+    matrices: Sequence[Sequence[float]],
+    image_size: tuple[int, int],
+    fill: torch.Tensor,
+) -> torch.Tensor:
+    """
+    Moves token labels `(num_classes, h, w)` the way augmentation moved the image's pixels after the crop and flip.
+
+    Args:
+        dense: the labels of the tokens of the image as it was before the transforms.
+        matrices: the transforms applied in turn, as PIL `Image.AFFINE` coefficients `(a, b, c, d, e, f)` mapping an
+            output point `(x, y)` to the input point `(a x + b y + c, d x + e y + f)`, in pixels of `image_size`.
+        image_size: `(height, width)` of the image the tokens tile.
+        fill: `(num_classes,)` the label of what came from outside the image (the transforms' fill colour).
+
+    Each token takes the labels at the point its centre came from (bilinear between token centres); a token whose
+    point lies partly or wholly outside the image takes the fill label in that proportion.
+    """
+    if not matrices:
+        return dense
+    height, width = image_size
+    rows, columns = dense.shape[-2:]
+    y, x = torch.meshgrid(
+        (torch.arange(rows, dtype=dense.dtype) + 0.5) * height / rows,
+        (torch.arange(columns, dtype=dense.dtype) + 0.5) * width / columns,
+        indexing="ij",
+    )
+    for a, b, c, d, e, f in reversed(matrices):  # the last transform's output back to the first one's input
+        x, y = a * x + b * y + c, d * x + e * y + f
+    grid = torch.stack([x / width * 2 - 1, y / height * 2 - 1], dim=-1)[None]
+    sampled = F.grid_sample(dense[None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0]
+    inside = F.grid_sample(
+        torch.ones_like(dense[:1])[None], grid, mode="bilinear", padding_mode="zeros", align_corners=False
+    )[0]
+    return sampled + (1 - inside) * fill[:, None, None]
+
+
+@dataclass(frozen=True)
+class CropLabels:
+    """A crop's teacher labels: `class_target` `(num_classes,)` and `dense` `(num_classes, size, size)`."""
+
+    class_target: torch.Tensor
+    dense: torch.Tensor
+
+
+def crop_soft_labels(
     relabel: RelabelMap,
     crop_box: tuple[float, float, float, float],
     image_size: tuple[int, int],
@@ -35,9 +110,13 @@ def dense_soft_labels(
     num_classes: int,
     flipped: bool = False,
     normalization: Normalization = "softmax",
-) -> torch.Tensor:
+    smoothing: float = 0.0,
+    layout: Layout = "hw",
+    geometry: Sequence[Sequence[float]] = (),
+    output_size_pixels: tuple[int, int] | None = None,
+) -> CropLabels:
     """
-    The `(num_classes, output_size, output_size)` soft labels of the tokens of a crop.
+    The teacher's labels of a crop: its class target (the crop pooled to one position) and its tokens' soft labels.
 
     Args:
         relabel: the image's relabel map (top-k scores and class indices on the teacher's grid).
@@ -49,7 +128,16 @@ def dense_soft_labels(
         flipped: whether the crop was mirrored horizontally afterwards.
         normalization: `"softmax"` over classes (the released training code; the stored scores are logits) or
             `"sum"` (divide by the pooled scores' sum, for stored probabilities).
+        smoothing: label smoothing, applied to both (see [`smooth_labels`]).
+        layout: `"hw"` for maps whose rows are the image's y, `"wh"` for transposed ones.
+        geometry: the affine transforms augmentation applied after the flip (see [`follow_geometry`]); the token
+            labels follow them, the class target (the crop's label) does not.
+        output_size_pixels: `(height, width)` of the augmented image, in whose pixels `geometry` is given.
     """
+    if layout not in ("hw", "wh"):
+        raise ValueError(f"`layout` must be 'hw' or 'wh', got {layout!r}.")
+    if layout == "wh":
+        relabel = RelabelMap(scores=relabel.scores.transpose(1, 2), indices=relabel.indices.transpose(1, 2))
     image_height, image_width = image_size
     top, left, height, width = crop_box
     _, map_height, map_width = relabel.scores.shape
@@ -65,14 +153,47 @@ def dense_soft_labels(
         dtype=relabel.scores.dtype,
     )  # fmt: skip
     full = scatter_top_k(relabel, num_classes).unsqueeze(0)
-    pooled = roi_align(full, box, output_size=(output_size, output_size), spatial_scale=1.0, aligned=True)[0]
+    dense = roi_align(full, box, output_size=(output_size, output_size), spatial_scale=1.0, aligned=True)[0]
+    whole = roi_align(full, box, output_size=(1, 1), spatial_scale=1.0, aligned=True)[0, :, 0, 0]
     if flipped:
-        pooled = pooled.flip(-1)
-    if normalization == "softmax":
-        return pooled.softmax(dim=0)
-    if normalization == "sum":
-        return pooled / pooled.sum(dim=0, keepdim=True).clamp_min(torch.finfo(pooled.dtype).tiny)
-    raise ValueError(f"`normalization` must be 'softmax' or 'sum', got {normalization!r}.")
+        dense = dense.flip(-1)
+    dense = smooth_labels(normalize_scores(dense, normalization), smoothing)
+    if geometry:
+        if output_size_pixels is None:
+            raise ValueError("`output_size_pixels` is needed to move the labels with `geometry`.")
+        # What moved in from outside the image is the transforms' fill colour: a uniform label, smoothed alike.
+        fill = smooth_labels(dense.new_full((num_classes,), 1.0 / num_classes), smoothing)
+        dense = follow_geometry(dense, geometry, output_size_pixels, fill)
+    return CropLabels(class_target=smooth_labels(normalize_scores(whole, normalization), smoothing), dense=dense)
+
+
+def dense_soft_labels(
+    relabel: RelabelMap,
+    crop_box: tuple[float, float, float, float],
+    image_size: tuple[int, int],
+    output_size: int,
+    num_classes: int,
+    flipped: bool = False,
+    normalization: Normalization = "softmax",
+    smoothing: float = 0.0,
+    layout: Layout = "hw",
+    geometry: Sequence[Sequence[float]] = (),
+    output_size_pixels: tuple[int, int] | None = None,
+) -> torch.Tensor:
+    """The `(num_classes, output_size, output_size)` soft labels of the tokens of a crop (see [`crop_soft_labels`])."""
+    return crop_soft_labels(
+        relabel,
+        crop_box,
+        image_size,
+        output_size,
+        num_classes,
+        flipped,
+        normalization,
+        smoothing,
+        layout,
+        geometry,
+        output_size_pixels,
+    ).dense
 
 
 def image_label_dense_targets(targets: torch.Tensor, grid_size: int) -> torch.Tensor:
@@ -80,19 +201,26 @@ def image_label_dense_targets(targets: torch.Tensor, grid_size: int) -> torch.Te
     return targets[:, :, None, None].expand(-1, -1, grid_size, grid_size)
 
 
+CutMixMode = Literal["box", "blend"]
+
+
 def mix_dense_labels(
     dense: torch.Tensor,
     lam: float,
     cutmix_box: tuple[int, int, int, int] | None = None,
     image_size: tuple[int, int] | None = None,
+    cutmix_mode: CutMixMode = "box",
 ) -> torch.Tensor:
     """
     Mixes a batch of dense labels `(B, C, S, S)` the way the images were mixed with the batch reversed: mixup blends
-    every token's label (`lam * own + (1 - lam) * reversed`); CutMix replaces the labels of the tokens inside the box
-    `(y_low, y_high, x_low, x_high)` (image pixels of `image_size`) by the reversed batch's.
+    every token's label (`lam * own + (1 - lam) * reversed`). For CutMix, `"box"` replaces the labels of the tokens
+    inside the box `(y_low, y_high, x_low, x_high)` (image pixels of `image_size`) by the reversed batch's (where the
+    pasted pixels are); `"blend"` blends every token's label with `lam` as for mixup, as the original training does.
     """
     reversed_batch = dense.flip(0)
-    if cutmix_box is None:
+    if cutmix_mode not in ("box", "blend"):
+        raise ValueError(f"`cutmix_mode` must be 'box' or 'blend', got {cutmix_mode!r}.")
+    if cutmix_box is None or cutmix_mode == "blend":
         return lam * dense + (1.0 - lam) * reversed_batch
     if image_size is None:
         raise ValueError("`image_size` is needed to place a CutMix box on the token grid.")
@@ -112,9 +240,14 @@ def flatten_dense_labels(dense: torch.Tensor) -> torch.Tensor:
 
 
 __all__ = [
+    "CropLabels",
+    "crop_soft_labels",
     "dense_soft_labels",
     "flatten_dense_labels",
+    "follow_geometry",
     "image_label_dense_targets",
     "mix_dense_labels",
+    "normalize_scores",
     "scatter_top_k",
+    "smooth_labels",
 ]

@@ -235,6 +235,22 @@ class TrainingArguments:
         "relabel set) or by dividing by their sum (stored probabilities).",
         default="softmax",
     )
+    relabel_layout: Literal["hw", "wh"] = _arg(
+        "How the relabel maps are laid out: hw (rows are the image's y, as TokenLabeling's generator writes the public "
+        "NFNet-F6 set and as examples/generate_relabel.py writes) or wh (transposed). See the README for telling "
+        "which from one file.",
+        default="hw",
+    )
+    relabel_class_target: Literal["teacher", "ground_truth"] = _arg(
+        "With relabel maps, the class token's target: teacher (the map pooled over the training crop, smoothed and "
+        "mixed like the images: the original training's) or ground_truth (the data set's label).",
+        default="teacher",
+    )
+    dense_label_cutmix: Literal["box", "blend"] = _arg(
+        "How CutMix mixes the dense labels: box (the tokens inside the pasted box take the other image's labels) or "
+        "blend (every token's label is blended with the CutMix λ, as the original training does).",
+        default="box",
+    )
     relabel_full_check: bool = _arg(
         "Read every map of a packed relabel store before training (finite scores, class indices in range); opening "
         "checks only its description and shapes, and each map is checked when read.",

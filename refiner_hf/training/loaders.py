@@ -7,9 +7,9 @@ those keys, so the data a step sees depends only on the seed and the step: resum
 number of processes with the same global batch, replays it exactly.
 
 Extension point for dense targets (token labeling): [`TrainingSet`] takes `target_builders`, functions of (example,
-crop record) that return an extra per-sample tensor, for instance a relabel map cut to the crop box with `roi_align`
-and flipped with the image; the collator stacks each of them into the batch under its name, next to `crop_boxes`,
-`flipped` and `indices`.
+crop record) that return an extra per-sample tensor (or a mapping of named tensors), for instance a relabel map cut to
+the crop box with `roi_align` and moved with the image's flip and geometric augmentation; the collator stacks each of
+them into the batch under its name, next to `crop_boxes`, `flipped` and `indices`.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from .data import BadImageError, DataError, ImageData, decode_image, example_nam
 from .transforms import CropRecord, TrainTransform, seeded_rng
 
 
-TargetBuilder = Callable[[Mapping[str, Any], CropRecord], torch.Tensor]
+TargetBuilder = Callable[[Mapping[str, Any], CropRecord], torch.Tensor | Mapping[str, torch.Tensor]]
 # With --skip_bad_images, how many undecodable images in a row a training sample may meet before the run stops.
 MAX_REPLACEMENTS = 100
 
@@ -72,7 +72,11 @@ class SampleRecipe:
             "bad_images": list(bad_images),
         }
         for name, build in self.target_builders.items():
-            sample[name] = build(example, crop)
+            built = build(example, crop)
+            if isinstance(built, Mapping):  # a builder of several targets names them
+                sample.update(built)
+            else:
+                sample[name] = built
         return sample
 
 

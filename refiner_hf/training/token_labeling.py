@@ -20,7 +20,7 @@ import torch
 from ..token_labeling import (
     RelabelError,
     check_relabel_coverage,
-    dense_soft_labels,
+    crop_soft_labels,
     mix_dense_labels,
     open_relabel_store,
     relabel_key,
@@ -31,8 +31,9 @@ from .errors import UsageError
 from .transforms import BatchMixing, CropRecord
 
 
-# Name of the batch entry holding the dense soft labels, (B, C, S, S).
+# Names of the batch entries holding the teacher's labels: the tokens' (B, C, S, S) and the crops' (B, C).
 DENSE_LABELS = "dense_labels"
+RELABEL_CLASS_TARGETS = "relabel_class_targets"
 
 
 def relabel_key_of_value(image_value: Any, image_id: Any = None) -> str | None:
@@ -87,9 +88,11 @@ def iter_relabel_keys(split: datasets.Dataset, image_column: str, batch_size: in
 
 class DenseLabelBuilder:
     """
-    A `target_builders` entry of the training set: a sample's `(num_classes, size, size)` dense soft labels, its relabel
-    map cut to the sample's crop box on the token grid and flipped with the image ([`dense_soft_labels`]). Only the
-    crop and the flip move pixels in the training transform, so RandAugment and random erasing need nothing here.
+    A `target_builders` entry of the training set: a sample's teacher labels from its relabel map
+    ([`crop_soft_labels`]): `dense_labels` `(num_classes, size, size)`, the map cut to the sample's crop box on the
+    token grid, flipped with the image and moved with every geometric augmentation (rotation, shear, translation) that
+    followed, and `relabel_class_targets` `(num_classes,)`, the crop's box pooled to one position: the class token's
+    target of the original training. Both are label-smoothed like the class targets.
 
     Args:
         relabel_root: the relabel store's directory (packed or per-file).
@@ -97,6 +100,8 @@ class DenseLabelBuilder:
         output_size: side of the model's token grid.
         num_classes: classes of the model's head.
         normalization: "softmax" (stored logits) or "sum" (stored probabilities).
+        smoothing: label smoothing.
+        layout: "hw" (map rows are the image's y) or "wh" (transposed maps).
         store: the store already opened from `relabel_root`, if any.
     """
 
@@ -107,6 +112,8 @@ class DenseLabelBuilder:
         output_size: int,
         num_classes: int,
         normalization: str,
+        smoothing: float = 0.0,
+        layout: str = "hw",
         store: RelabelStore | None = None,
     ) -> None:
         self.relabel_root = relabel_root
@@ -114,6 +121,8 @@ class DenseLabelBuilder:
         self.output_size = output_size
         self.num_classes = num_classes
         self.normalization = normalization
+        self.smoothing = smoothing
+        self.layout = layout
         self._store = store
 
     @property
@@ -127,11 +136,11 @@ class DenseLabelBuilder:
         # receive copies of its memory-mapped shards.
         return {**self.__dict__, "_store": None}
 
-    def __call__(self, example: Mapping[str, Any], crop: CropRecord) -> torch.Tensor:
+    def __call__(self, example: Mapping[str, Any], crop: CropRecord) -> dict[str, torch.Tensor]:
         key = example_relabel_key(example, self.image_column)
         if key not in self.store:  # a streamed set cannot be checked before training: name the image here
             raise RelabelError(f"No relabel map for training image {key!r} in {self.relabel_root}.")
-        return dense_soft_labels(
+        labels = crop_soft_labels(
             self.store[key],
             crop_box=(crop.top, crop.left, crop.height, crop.width),
             image_size=(crop.image_height, crop.image_width),
@@ -139,7 +148,12 @@ class DenseLabelBuilder:
             num_classes=self.num_classes,
             flipped=crop.flipped,
             normalization=self.normalization,
+            smoothing=self.smoothing,
+            layout=self.layout,
+            geometry=crop.geometry,
+            output_size_pixels=crop.output_size,
         )
+        return {DENSE_LABELS: labels.dense, RELABEL_CLASS_TARGETS: labels.class_target}
 
 
 def token_grid_size(model) -> int:
@@ -196,28 +210,45 @@ def build_dense_label_builder(args, model, train_split) -> DenseLabelBuilder:
                 "it this run's (--dataset_name or --train_dir, --max_train_samples, --seed)."
             ) from None
     return DenseLabelBuilder(
-        args.relabel_root, args.image_column_name, size, num_classes, args.relabel_normalization, store=store
+        args.relabel_root,
+        args.image_column_name,
+        size,
+        num_classes,
+        args.relabel_normalization,
+        smoothing=args.smoothing,
+        layout=args.relabel_layout,
+        store=store,
     )
 
 
 def mix_batch(
-    mixing: BatchMixing, batch: Mapping[str, torch.Tensor], epoch: int
+    mixing: BatchMixing,
+    batch: Mapping[str, torch.Tensor],
+    epoch: int,
+    class_target: str = "teacher",
+    cutmix_mode: str = "box",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """
-    Mixes a training batch: the images and class targets with `mixing`, and the batch's dense labels (when it has
-    them) with the same λ and, for CutMix, the same box placed on the token grid. Returns the pixel values, the
-    targets and the dense labels (None without relabel maps).
+    Mixes a training batch: the images and ground-truth class targets with `mixing`, and the teacher's labels (when
+    the batch has them) with the same λ and, for CutMix, the same box placed on the token grid (`cutmix_mode="box"`)
+    or λ for every token (`"blend"`, the original's). Returns the pixel values, the class targets (with relabel maps,
+    the teacher's crop labels unless `class_target="ground_truth"`) and the dense labels (None without relabel maps).
     """
     pixel_values, targets = mixing(batch["pixel_values"], batch["labels"], epoch)
-    dense = batch.get(DENSE_LABELS)
-    if dense is not None and mixing.last_mix is not None:
-        record = mixing.last_mix
-        dense = mix_dense_labels(dense, record.lam, record.cutmix_box, tuple(pixel_values.shape[-2:]))
+    dense, teacher = batch.get(DENSE_LABELS), batch.get(RELABEL_CLASS_TARGETS)
+    record = mixing.last_mix
+    if dense is not None and record is not None:
+        dense = mix_dense_labels(
+            dense, record.lam, record.cutmix_box, tuple(pixel_values.shape[-2:]), cutmix_mode=cutmix_mode
+        )
+    if teacher is not None and class_target == "teacher":
+        targets = teacher if record is None else record.lam * teacher + (1.0 - record.lam) * teacher.flip(0)
     return pixel_values, targets, dense
 
 
 __all__ = [
     "DENSE_LABELS",
+    "RELABEL_CLASS_TARGETS",
     "DenseLabelBuilder",
     "build_dense_label_builder",
     "configure_token_labeling",

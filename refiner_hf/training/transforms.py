@@ -13,6 +13,7 @@ else: not on the number of processes or workers, nor on where training was inter
 from __future__ import annotations
 
 import contextlib
+import math
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -29,10 +30,13 @@ from torchvision.transforms import functional as TF
 @dataclass(frozen=True)
 class CropRecord:
     """
-    The geometry of one training crop, in the original image's pixel coordinates: the box `(top, left, height,
-    width)` that RandomResizedCrop cut, the original `(image_height, image_width)`, and whether the crop was then
-    flipped horizontally. `box_xyxy_normalized` gives the box as fractions of the image, for cutting the same region
-    from a label map of another resolution (e.g. with `torchvision.ops.roi_align`).
+    The geometry of one training sample: the box `(top, left, height, width)` that RandomResizedCrop cut, in the
+    original image's pixels, the original `(image_height, image_width)`, whether the crop was then flipped
+    horizontally, and the affine transforms that augmentation applied after that, in order (`geometry`: PIL
+    `Image.AFFINE` coefficients `(a, b, c, d, e, f)`, mapping a point `(x, y)` of the output image to
+    `(a x + b y + c, d x + e y + f)` of its input, in the pixels of the `output_size` `(height, width)`).
+    `box_xyxy_normalized` gives the box as fractions of the image, for cutting the same region from a label map of
+    another resolution (e.g. with `torchvision.ops.roi_align`).
     """
 
     top: int
@@ -42,6 +46,8 @@ class CropRecord:
     image_height: int
     image_width: int
     flipped: bool
+    geometry: tuple[tuple[float, ...], ...] = ()
+    output_size: tuple[int, int] = (0, 0)
 
     def box_xyxy_normalized(self) -> tuple[float, float, float, float]:
         return (
@@ -83,11 +89,62 @@ def posterize_zero_bits_allowed(image: PIL.Image.Image, bits_to_keep: int, **kwa
     return auto_augment.posterize(image, bits_to_keep, **kwargs)
 
 
+def _augment_ops(transform) -> list[auto_augment.AugmentOp]:
+    """The operations of a timm auto-augment transform (RandAugment's `ops`, AutoAugment's `policy`)."""
+    ops = list(getattr(transform, "ops", ()))
+    for sub_policy in getattr(transform, "policy", ()):
+        ops.extend(sub_policy)
+    return [op for op in ops if isinstance(op, auto_augment.AugmentOp)]
+
+
+def _rotation(size: tuple[int, int], degrees: float) -> tuple[float, ...]:
+    """The affine coefficients of PIL's `Image.rotate(degrees)` about the image centre (what timm's Rotate uses)."""
+    width, height = size
+    angle = -math.radians(degrees % 360.0)
+    a, b = round(math.cos(angle), 15), round(math.sin(angle), 15)
+    d, e = round(-math.sin(angle), 15), round(math.cos(angle), 15)
+    cx, cy = width / 2, height / 2
+    return (a, b, a * -cx + b * -cy + cx, d, e, d * -cx + e * -cy + cy)
+
+
+# The affine coefficients, from the image size and the operation's arguments, of each timm augmentation that moves
+# pixels (as timm's functions compute them). Colour operations leave the labels where they are.
+GEOMETRIC_OPS = {
+    "Rotate": _rotation,
+    "ShearX": lambda size, factor: (1.0, factor, 0.0, 0.0, 1.0, 0.0),
+    "ShearY": lambda size, factor: (1.0, 0.0, 0.0, factor, 1.0, 0.0),
+    "TranslateX": lambda size, pixels: (1.0, 0.0, pixels, 0.0, 1.0, 0.0),
+    "TranslateY": lambda size, pixels: (1.0, 0.0, 0.0, 0.0, 1.0, pixels),
+    "TranslateXRel": lambda size, pct: (1.0, 0.0, pct * size[0], 0.0, 1.0, 0.0),
+    "TranslateYRel": lambda size, pct: (1.0, 0.0, 0.0, 0.0, 1.0, pct * size[1]),
+}
+
+
 def _patch_posterize(transform) -> None:
     """Gives every Posterize operation of a timm auto-augment policy [`posterize_zero_bits_allowed`]."""
-    for op in getattr(transform, "ops", ()):
+    for op in _augment_ops(transform):
         if getattr(op, "aug_fn", None) is auto_augment.posterize:
             op.aug_fn = posterize_zero_bits_allowed
+
+
+class _GeometryRecorder:
+    """Wraps the geometric operations of an auto-augment policy so that each records the affine transform it applies."""
+
+    def __init__(self) -> None:
+        self.matrices: list[tuple[float, ...]] | None = None
+
+    def wrap(self, transform) -> None:
+        for op in _augment_ops(transform):
+            if op.name in GEOMETRIC_OPS:
+                op.aug_fn = self._recording(op.aug_fn, GEOMETRIC_OPS[op.name])
+
+    def _recording(self, aug_fn, coefficients):
+        def apply(image: PIL.Image.Image, *args, **kwargs) -> PIL.Image.Image:
+            if self.matrices is not None:
+                self.matrices.append(tuple(float(v) for v in coefficients(image.size, *args)))
+            return aug_fn(image, *args, **kwargs)
+
+        return apply
 
 
 class TrainTransform:
@@ -143,8 +200,10 @@ class TrainTransform:
             raise RuntimeError(f"Unexpected timm training pipeline: {primary}")
         self.crop = crops[0]
         self.hflip = hflip
+        self._geometry = _GeometryRecorder()
         for stage in self.colour.transforms:
             _patch_posterize(stage)
+            self._geometry.wrap(stage)
 
     def __call__(self, image: PIL.Image.Image) -> tuple[torch.Tensor, CropRecord]:
         image = image.convert("RGB") if image.mode != "RGB" else image
@@ -159,8 +218,16 @@ class TrainTransform:
         flipped = self.hflip > 0 and bool(torch.rand(1) < self.hflip)
         if flipped:
             image = TF.hflip(image)
-        pixel_values = self.final(self.colour(image))
-        return pixel_values, CropRecord(top, left, crop_height, crop_width, height, width, flipped)
+        self._geometry.matrices = []
+        try:
+            pixel_values = self.final(self.colour(image))
+            geometry = tuple(self._geometry.matrices)
+        finally:
+            self._geometry.matrices = None
+        output_size = (image.height, image.width)
+        return pixel_values, CropRecord(
+            top, left, crop_height, crop_width, height, width, flipped, geometry=geometry, output_size=output_size
+        )
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(crop={self.crop}, hflip={self.hflip}, colour={self.colour}, final={self.final})"
@@ -268,4 +335,12 @@ class BatchMixing:
         return pixel_values, labels
 
 
-__all__ = ["BatchMixing", "CropRecord", "MixRecord", "RecordingMixup", "TrainTransform", "seeded_rng"]
+__all__ = [
+    "GEOMETRIC_OPS",
+    "BatchMixing",
+    "CropRecord",
+    "MixRecord",
+    "RecordingMixup",
+    "TrainTransform",
+    "seeded_rng",
+]
