@@ -400,3 +400,19 @@ def oracle_store(directory) -> None:
         writer.add(key, scores, indices)
     writer.flush()
     finalize_packed_store(directory, num_classes=10)
+
+
+def test_layout_evidence_tells_a_transposed_store_from_one_map():
+    from refiner_hf.token_labeling.dense_labels import layout_evidence
+
+    # An object in the top right of a wide image (x 300..450 of 480, y 20..120 of 320), its class 4 on an 8 x 12 map.
+    scores, indices = torch.zeros(1, 8, 12), torch.zeros(1, 8, 12, dtype=torch.long)
+    scores[0, 0:3, 7:11], indices[0, 0:3, 7:11] = 5.0, 4
+    scores[0, 5:8, 0:4], indices[0, 5:8, 0:4] = 1.0, 2  # another class elsewhere
+    relabel = RelabelMap(scores=scores, indices=indices)
+    box, image = (300, 20, 450, 120), (320, 480)
+    shares = layout_evidence(relabel, 4, box, image)
+    assert shares["hw"] > 0.9 and shares["wh"] < 0.1
+    transposed = RelabelMap(scores=scores.transpose(1, 2), indices=indices.transpose(1, 2))
+    flipped = layout_evidence(transposed, 4, box, image)
+    assert flipped["wh"] > 0.9 and flipped["hw"] < 0.1

@@ -39,19 +39,51 @@ def test_every_recipe_key_maps_to_an_argument_and_the_recipe_parses(path):
     assert args.recipe == str(path)
 
 
-def test_the_s_recipe_has_the_papers_pretraining_values():
-    args = parse_args(["--recipe", "refiner_vit_s.yaml", "--dataset_name", "x"], recipe_dirs=[RECIPES])
-    expected = {
-        "model": "refiner-vit-s", "lr": 5e-4, "weight_decay": 0.05, "epochs": 300, "warmup_epochs": 5,
-        "warmup_lr": 1e-6, "min_lr": 1e-5, "cooldown_epochs": 10, "lr_schedule_unit": "epoch",
-        "per_device_train_batch_size": 32, "drop_path": 0.2, "scale": [0.08, 1.0], "train_interpolation": "random",
-        "hflip": 0.5, "aa": "rand-m9-mstd0.5-inc1", "reprob": 0.25, "remode": "pixel", "mixup": 0.8, "cutmix": 1.0,
-        "mixup_switch_prob": 0.5, "smoothing": 0.1, "model_ema": True, "model_ema_decay": 0.99996, "seed": 42,
-        "opt_betas": [0.9, 0.999],
-    }  # fmt: skip
+# The original repository's training scripts (scripts/refiner_*.yaml, arguments of timm's train.py), in this
+# trainer's names: what each pretraining recipe must train. `aux_head` is the scripts' return_dense;
+# `attention_similarity_pairs` the n_comn their loss is built with (cos_reg_component for the relabel loss, the
+# constructor's default 2 for the plain loss, which ignores cos_reg_component).
+ORIGINAL_COMMON = {
+    "lr": 5e-4, "weight_decay": 0.05, "epochs": 300, "warmup_epochs": 5, "warmup_lr": 1e-6, "min_lr": 1e-5,
+    "cooldown_epochs": 10, "lr_schedule_unit": "epoch", "per_device_train_batch_size": 32, "image_size": 224,
+    "scale": [0.08, 1.0], "train_interpolation": "random", "hflip": 0.5, "aa": "rand-m9-mstd0.5-inc1", "reprob": 0.25,
+    "remode": "pixel", "recount": 1, "mixup": 0.8, "cutmix": 1.0, "mixup_prob": 1.0, "mixup_switch_prob": 0.5,
+    "mixup_mode": "batch", "smoothing": 0.1, "model_ema": True, "model_ema_decay": 0.99996, "seed": 42,
+    "opt_betas": [0.9, 0.999], "opt_eps": 1e-8, "clip_grad": None, "attention_similarity_weight": 0.1,
+}  # fmt: skip
+ORIGINAL_SCRIPTS = {
+    "refiner_vit_s.yaml": {"drop_path": 0.1, "aux_head": False, "mix_token": False, "attention_similarity_pairs": 2},
+    "refiner_vit_m.yaml": {"drop_path": 0.2, "aux_head": False, "mix_token": False, "attention_similarity_pairs": 2},
+    "refiner_vit_s_relabel.yaml": {"drop_path": 0.2, "aux_head": None, "mix_token": True, "dense_weight": 0.5,
+                                   "relabel_size": 14, "attention_similarity_pairs": 12},
+    "refiner_vit_m_relabel.yaml": {"drop_path": 0.25, "aux_head": None, "mix_token": True, "dense_weight": 0.5,
+                                   "relabel_size": 14, "attention_similarity_pairs": 12},
+    "refiner_vit_l_relabel.yaml": {"drop_path": 0.25, "aux_head": None, "mix_token": True, "dense_weight": 0.5,
+                                   "relabel_size": 14, "attention_similarity_pairs": 12},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("recipe", list(ORIGINAL_SCRIPTS))
+def test_pretraining_recipes_train_what_the_original_scripts_train(recipe):
+    args = parse_args(["--recipe", recipe, "--dataset_name", "x"], recipe_dirs=[RECIPES])
+    expected = {**ORIGINAL_COMMON, **ORIGINAL_SCRIPTS[recipe]}
     assert {key: getattr(args, key) for key in expected} == expected
     assert args.ratio == pytest.approx([3 / 4, 4 / 3])
     assert args.total_epochs == 310
+    if "relabel" in recipe:  # the original's teacher class target and its CutMix of the dense labels
+        assert (args.relabel_class_target, args.dense_label_cutmix, args.relabel_normalization) == (
+            "teacher",
+            "blend",
+            "softmax",
+        )
+
+
+def test_the_plain_recipes_build_a_model_without_the_aux_head(tmp_path):
+    from refiner_hf.training.modeling import build_model
+
+    args = parse_args(["--recipe", "refiner_vit_s.yaml", "--dataset_name", "x"], recipe_dirs=[RECIPES])
+    config = build_model(args, 10, None).model.config
+    assert not config.use_aux_head and config.attention_similarity_pairs == 2 and config.drop_path_rate == 0.1
 
 
 def test_finetune_recipes_set_the_resolution():

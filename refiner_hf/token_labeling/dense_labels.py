@@ -196,6 +196,35 @@ def dense_soft_labels(
     ).dense
 
 
+def layout_evidence(
+    relabel: RelabelMap, class_index: int, box: tuple[float, float, float, float], image_size: tuple[int, int]
+) -> dict[str, float]:
+    """
+    Which way a store lays its maps out, from one map of an image whose object's bounding box is known (e.g. from
+    ImageNet's training boxes): the share of the object class's score mass that falls inside the box when the map's
+    rows are read as the image's y (`"hw"`) and as its x (`"wh"`). The reading with the larger share is the store's
+    layout (`--relabel_layout`); a box far from square and off the diagonal tells them apart best.
+
+    Args:
+        relabel: the image's relabel map.
+        class_index: the object's class.
+        box: `(x_min, y_min, x_max, y_max)` of the object in the image's pixels.
+        image_size: `(height, width)` of the image.
+    """
+    full = scatter_top_k(relabel, max(int(relabel.indices.max()) + 1, class_index + 1))[class_index].clamp_min(0)
+    height, width = image_size
+    x_min, y_min, x_max, y_max = box
+    shares = {}
+    for layout, grid in (("hw", full), ("wh", full.T)):
+        rows, columns = grid.shape
+        ys = (torch.arange(rows) + 0.5) * height / rows
+        xs = (torch.arange(columns) + 0.5) * width / columns
+        inside = ((ys >= y_min) & (ys <= y_max))[:, None] & ((xs >= x_min) & (xs <= x_max))[None, :]
+        total = grid.sum()
+        shares[layout] = float(grid[inside].sum() / total) if total > 0 else 0.0
+    return shares
+
+
 def image_label_dense_targets(targets: torch.Tensor, grid_size: int) -> torch.Tensor:
     """Without relabel maps every token takes its image's (soft) target: `(B, C)` → `(B, C, grid, grid)`."""
     return targets[:, :, None, None].expand(-1, -1, grid_size, grid_size)
@@ -245,6 +274,7 @@ __all__ = [
     "dense_soft_labels",
     "flatten_dense_labels",
     "follow_geometry",
+    "layout_evidence",
     "image_label_dense_targets",
     "mix_dense_labels",
     "normalize_scores",

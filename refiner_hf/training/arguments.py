@@ -137,6 +137,17 @@ class TrainingArguments:
         "processor's; else the preset's, S 0.9 / M 1.0 / L 1.13, or 0.9)."
     )
     drop_path: float | None = _arg("Stochastic depth rate of the last block (config `drop_path_rate`).")
+    aux_head: bool | None = _arg(
+        "Build the model with (true) or without (false) the auxiliary dense head (config `use_aux_head`; default: the "
+        "model's, which every preset has). The original's plain S and M scripts train without it (return_dense: false)."
+    )
+    attention_similarity_pairs: int | None = _arg(
+        "The original's attention regulariser (cos_reg_component): penalise the similarity of the first N pairs of "
+        "consecutive attention maps (config `attention_similarity_pairs`; 0: off; default: the model's)."
+    )
+    attention_similarity_weight: float | None = _arg(
+        "Weight of that regulariser (config `attention_similarity_weight`; default: the model's, 0.1)."
+    )
     gradient_checkpointing: bool = _arg("Recompute activations in the backward pass to save memory.", default=False)
     allow_large_model: bool = _arg(
         "Build a model of more than 2 billion parameters (refused otherwise: the largest Refiner-ViT has 81 million, "

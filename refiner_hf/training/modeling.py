@@ -22,7 +22,15 @@ from .errors import UsageError, check_model_path, loading_error, one_line
 
 # Configuration fields that change how a pretrained model trains, not the shapes of its weights.
 PRETRAINED_OVERRIDABLE = frozenset(
-    {"drop_path_rate", "hidden_dropout_prob", "attention_probs_dropout_prob", "aux_loss_weight", "aux_logits_weight"}
+    {
+        "drop_path_rate",
+        "hidden_dropout_prob",
+        "attention_probs_dropout_prob",
+        "aux_loss_weight",
+        "aux_logits_weight",
+        "attention_similarity_pairs",
+        "attention_similarity_weight",
+    }
 )
 # Class names shown in a log line before it is cut short.
 SHOWN_NAMES = 4
@@ -225,8 +233,14 @@ def build_model(args, num_labels: int, class_names: Sequence[str] | None) -> Bui
       configuration, each with `--config_overrides` applied (a `num_labels` there may make the head larger).
     """
     overrides = args.config_overrides_dict()
-    if args.drop_path is not None:
-        overrides["drop_path_rate"] = args.drop_path
+    for argument, config_field in (
+        ("drop_path", "drop_path_rate"),
+        ("aux_head", "use_aux_head"),
+        ("attention_similarity_pairs", "attention_similarity_pairs"),
+        ("attention_similarity_weight", "attention_similarity_weight"),
+    ):
+        if getattr(args, argument) is not None:
+            overrides[config_field] = getattr(args, argument)
     notes = []
     resized = False
     if args.model_name_or_path:
