@@ -285,3 +285,20 @@ def test_unknown_config_fields_in_a_recipe_name_the_file(tmp_path):
     recipe.write_text("config_overrides:\n  hidden_size: 64\n  hiden_size: 10\n")
     with pytest.raises(RecipeError, match=r"typo.yaml: config_overrides: 'hiden_size' is not a RefinerViTConfig field"):
         parse_args(["--recipe", str(recipe)])
+
+
+def test_a_field_given_twice_differently_is_an_error_not_a_silent_choice():
+    from refiner_hf.training.modeling import build_model
+
+    argv = ["--recipe", "refiner_vit_s.yaml", "--dataset_name", "x", "--config_overrides", '{"image_size": 28}']
+    args = parse_args(argv, recipe_dirs=[RECIPES])  # the recipe's --image_size is 224
+    with pytest.raises(
+        UsageError, match=r"sets image_size 28 but --image_size is 224: give it once \(--image_size 28\)"
+    ):
+        build_model(args, 10, None)
+    argv[-1] = (
+        '{"image_size": 32, "patch_size": 8, "hidden_size": 24, "num_attention_heads": 4, "num_hidden_layers": 4}'
+    )
+    args = parse_args(argv + ["--image_size", "32", "--drop_path", "0.3"], recipe_dirs=[RECIPES])
+    config = build_model(args, 10, None).model.config
+    assert (config.image_size, config.drop_path_rate) == (32, 0.3)

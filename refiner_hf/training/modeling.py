@@ -196,7 +196,10 @@ def new_model_config(args, overrides: dict, id2label: dict[int, str]) -> Refiner
         source = (
             f"--model {args.model}" if args.model else f"--config_name {args.config_name}" if args.config_name else ""
         )
-        raise UsageError(f"{source + ' with ' if source else ''}--config_overrides: {one_line(str(error))}") from None
+        raise UsageError(
+            f"The model configuration ({source + ' with ' if source else ''}--config_overrides and the model "
+            f"arguments): {one_line(str(error))}"
+        ) from None
 
 
 def build_image_processor(args, config: RefinerViTConfig, resized: bool) -> tuple[RefinerViTImageProcessor, str]:
@@ -238,9 +241,18 @@ def build_model(args, num_labels: int, class_names: Sequence[str] | None) -> Bui
         ("aux_head", "use_aux_head"),
         ("attention_similarity_pairs", "attention_similarity_pairs"),
         ("attention_similarity_weight", "attention_similarity_weight"),
+        ("image_size", "image_size"),
     ):
-        if getattr(args, argument) is not None:
-            overrides[config_field] = getattr(args, argument)
+        value = getattr(args, argument)
+        if value is None:
+            continue
+        if config_field in overrides and overrides[config_field] != value:  # e.g. a recipe's --image_size
+            raise UsageError(
+                f"--config_overrides sets {config_field} {overrides[config_field]!r} but --{argument} is "
+                f"{value!r}: give it once (--{argument} {overrides[config_field]!r})."
+            )
+        if argument != "image_size":  # a pretrained model's resolution is changed by resizing, below
+            overrides[config_field] = value
     notes = []
     resized = False
     if args.model_name_or_path:
