@@ -40,7 +40,7 @@ from refiner_hf.training.arguments import ArgumentParser, TrainingArguments
 from refiner_hf.training.data import decode_image, load_image_data
 from refiner_hf.training.distributed import processes_without_accelerators
 from refiner_hf.training.errors import UsageError, check_model_path, loading_error, run_command
-from refiner_hf.training.token_labeling import iter_relabel_keys
+from refiner_hf.training.relabel_targets import iter_relabel_keys
 
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

@@ -63,6 +63,7 @@ from refiner_hf.model_directory import save_model_directory
 from refiner_hf.modeling_refiner_vit import ModelTooLargeError
 from refiner_hf.token_labeling import RelabelError
 from refiner_hf.training.arguments import TrainingArguments, parse_args
+from refiner_hf.training.augmentation import TrainTransform
 from refiner_hf.training.card import training_model_card
 from refiner_hf.training.checkpointing import (
     CheckpointError,
@@ -81,17 +82,12 @@ from refiner_hf.training.ema import build_model_ema
 from refiner_hf.training.errors import UsageError, run_command
 from refiner_hf.training.evaluation import evaluate_classifier
 from refiner_hf.training.loaders import build_evaluation_loader, build_training_loader
-from refiner_hf.training.modeling import build_model, convert_sync_batchnorm
+from refiner_hf.training.mixing import BatchMixing, mix_batch
+from refiner_hf.training.model_setup import build_model, convert_sync_batchnorm
 from refiner_hf.training.optim import build_optimizer, build_scheduler
+from refiner_hf.training.relabel_targets import DENSE_LABELS, build_dense_label_builder, configure_token_labeling
 from refiner_hf.training.run_lock import RunLock, RunLockedError, lock_run_directory
-from refiner_hf.training.token_labeling import (
-    DENSE_LABELS,
-    build_dense_label_builder,
-    configure_token_labeling,
-    mix_batch,
-)
 from refiner_hf.training.tracking import format_epoch_summary, tracker_config, trackers_for
-from refiner_hf.training.transforms import BatchMixing, TrainTransform
 
 
 RECIPES = Path(__file__).resolve().parent / "recipes"

@@ -20,15 +20,13 @@ from refiner_hf.token_labeling import (
     check_relabel_coverage,
     dense_soft_labels,
     finalize_packed_store,
-    flatten_dense_labels,
-    image_label_dense_targets,
-    mix_dense_labels,
     open_relabel_store,
     pack_relabel_store,
     read_relabel_file,
     relabel_key,
 )
 from refiner_hf.token_labeling.pack_cli import main as pack_main
+from refiner_hf.training.mixing import mix_dense_labels
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,16 +96,6 @@ def test_mixup_and_cutmix_of_dense_labels():
     assert torch.equal(cut[..., ~inside], dense[..., ~inside])
     with pytest.raises(ValueError, match="image_size"):
         mix_dense_labels(dense, 0.5, cutmix_box=(0, 1, 0, 1))
-
-
-def test_image_label_fallback_and_token_order():
-    targets = torch.tensor([[0.9, 0.1], [0.2, 0.8]])
-    dense = image_label_dense_targets(targets, 3)
-    tokens = flatten_dense_labels(dense)
-    assert tokens.shape == (2, 9, 2)
-    assert torch.equal(tokens, targets[:, None, :].expand(2, 9, 2))
-    grid = torch.arange(4.0).reshape(1, 1, 2, 2)
-    assert flatten_dense_labels(grid)[0, :, 0].tolist() == [0.0, 1.0, 2.0, 3.0]
 
 
 def write_relabel_dir(root: Path, count: int = 12, dtype=torch.float16) -> dict[str, torch.Tensor]:

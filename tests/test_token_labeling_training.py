@@ -31,23 +31,22 @@ from refiner_hf.token_labeling import (
     RelabelMap,
     crop_soft_labels,
     dense_soft_labels,
-    mix_dense_labels,
     open_relabel_store,
 )
 from refiner_hf.training.arguments import TrainingArguments
+from refiner_hf.training.augmentation import TrainTransform, seeded_rng
 from refiner_hf.training.data import DataError, load_image_data
 from refiner_hf.training.errors import UsageError, run_command
 from refiner_hf.training.loaders import SampleKey, TrainingSet, collate_training_batch
-from refiner_hf.training.token_labeling import (
+from refiner_hf.training.mixing import BatchMixing, mix_batch, mix_dense_labels
+from refiner_hf.training.relabel_targets import (
     DENSE_LABELS,
     RELABEL_CLASS_TARGETS,
     DenseLabelBuilder,
     example_relabel_key,
     iter_relabel_keys,
-    mix_batch,
 )
 from refiner_hf.training.tracking import read_metrics
-from refiner_hf.training.transforms import BatchMixing, TrainTransform, seeded_rng
 
 
 NUM_SAMPLES = 64

@@ -19,6 +19,7 @@ from torchvision.transforms import functional as TF
 
 from refiner_hf import RefinerViTForImageClassification
 from refiner_hf.hub import image_processor_for_config
+from refiner_hf.training.augmentation import TrainTransform, seeded_rng
 from refiner_hf.training.checkpointing import CheckpointManager, TrainingProgress
 from refiner_hf.training.data import (
     BadImageError,
@@ -29,7 +30,7 @@ from refiner_hf.training.data import (
     split_class_names,
 )
 from refiner_hf.training.errors import UsageError
-from refiner_hf.training.evaluation import load_top_k_metric
+from refiner_hf.training.evaluation import top_k_hits
 from refiner_hf.training.loaders import (
     EpochSampler,
     EvaluationCollator,
@@ -38,9 +39,9 @@ from refiner_hf.training.loaders import (
     TrainingSet,
     collate_training_batch,
 )
-from refiner_hf.training.modeling import convert_sync_batchnorm, resize_position_embeddings
+from refiner_hf.training.mixing import BatchMixing
+from refiner_hf.training.model_setup import convert_sync_batchnorm
 from refiner_hf.training.optim import build_optimizer, build_scheduler, no_weight_decay_names
-from refiner_hf.training.transforms import BatchMixing, TrainTransform, seeded_rng
 
 
 # Learning-rate schedule
@@ -281,26 +282,26 @@ def test_evaluation_batches_use_the_image_processor_and_mark_bad_images():
 # Metric
 
 
-def test_top_k_metric_values():
-    metric = load_top_k_metric()
-    metric.add_batch(predictions=[[3, 1, 2, 0, 4, 5], [0, 1, 2, 3, 4, 5]], references=[3, 4])
-    metric.add_batch(predictions=[[1, 2, 3, 4, 5, 0]], references=[0])
-    assert metric.compute() == {"top1": pytest.approx(1 / 3), "top5": pytest.approx(2 / 3), "num_samples": 3}
+def test_top_k_hits():
+    ranked = torch.tensor([[3, 1, 2, 0, 4, 5], [0, 1, 2, 3, 4, 5], [1, 2, 3, 4, 5, 0]])
+    assert top_k_hits(ranked, torch.tensor([3, 4, 0]), (1, 5)) == {1: 1, 5: 2}
+    assert top_k_hits(ranked[:0], torch.tensor([], dtype=torch.long), (1,)) == {1: 0}
 
 
 # Model
 
 
-def test_position_embedding_resize_keeps_the_class_token_and_updates_the_config():
+def test_position_embedding_resize_keeps_the_class_token_the_freezing_and_updates_the_config():
     model = RefinerViTForImageClassification(tiny_config())
     before = model.refiner_vit.embeddings.position_embeddings.detach().clone()
-    resize_position_embeddings(model, 48)
+    model.refiner_vit.embeddings.position_embeddings.requires_grad_(False)  # e.g. frozen for fine-tuning
+    model.resize_position_embeddings(48)
     after = model.refiner_vit.embeddings.position_embeddings
-    assert after.shape == (1, 37, 24) and model.config.image_size == 48
+    assert after.shape == (1, 37, 24) and model.config.image_size == 48 and not after.requires_grad
     torch.testing.assert_close(after[:, 0], before[:, 0])
     assert model(torch.randn(1, 3, 48, 48)).logits.shape == (1, 5)
-    with pytest.raises(ValueError, match="multiple of the patch size"):
-        resize_position_embeddings(model, 50)
+    with pytest.raises(ValueError, match="must be a multiple of `patch_size`"):
+        model.resize_position_embeddings(50)
 
 
 # Checkpoints

@@ -21,7 +21,7 @@ from refiner_hf.training.data import DataError
 from refiner_hf.training.embedded_data import class_names as fashion_mnist_classes
 from refiner_hf.training.errors import UsageError
 from refiner_hf.training.loaders import check_one_step_fits
-from refiner_hf.training.modeling import fit_classifier_heads
+from refiner_hf.training.model_setup import fit_classifier_heads
 
 
 FOLDER_CLASSES = ["Pullover", "T-shirt-top", "Trouser"]  # imagefolder's order: sorted folder names

@@ -79,7 +79,7 @@ def test_pretraining_recipes_train_what_the_original_scripts_train(recipe):
 
 
 def test_the_plain_recipes_build_a_model_without_the_aux_head(tmp_path):
-    from refiner_hf.training.modeling import build_model
+    from refiner_hf.training.model_setup import build_model
 
     args = parse_args(["--recipe", "refiner_vit_s.yaml", "--dataset_name", "x"], recipe_dirs=[RECIPES])
     config = build_model(args, 10, None).model.config
@@ -288,7 +288,7 @@ def test_unknown_config_fields_in_a_recipe_name_the_file(tmp_path):
 
 
 def test_a_field_given_twice_differently_is_an_error_not_a_silent_choice():
-    from refiner_hf.training.modeling import build_model
+    from refiner_hf.training.model_setup import build_model
 
     argv = ["--recipe", "refiner_vit_s.yaml", "--dataset_name", "x", "--config_overrides", '{"image_size": 28}']
     args = parse_args(argv, recipe_dirs=[RECIPES])  # the recipe's --image_size is 224

@@ -4,9 +4,6 @@ from .dense_labels import (
     CropLabels,
     crop_soft_labels,
     dense_soft_labels,
-    flatten_dense_labels,
-    image_label_dense_targets,
-    mix_dense_labels,
     scatter_top_k,
 )
 from .store import (
@@ -36,9 +33,6 @@ __all__ = [
     "crop_soft_labels",
     "dense_soft_labels",
     "finalize_packed_store",
-    "flatten_dense_labels",
-    "image_label_dense_targets",
-    "mix_dense_labels",
     "open_relabel_store",
     "pack_relabel_store",
     "read_relabel_file",

@@ -225,58 +225,12 @@ def layout_evidence(
     return shares
 
 
-def image_label_dense_targets(targets: torch.Tensor, grid_size: int) -> torch.Tensor:
-    """Without relabel maps every token takes its image's (soft) target: `(B, C)` → `(B, C, grid, grid)`."""
-    return targets[:, :, None, None].expand(-1, -1, grid_size, grid_size)
-
-
-CutMixMode = Literal["box", "blend"]
-
-
-def mix_dense_labels(
-    dense: torch.Tensor,
-    lam: float,
-    cutmix_box: tuple[int, int, int, int] | None = None,
-    image_size: tuple[int, int] | None = None,
-    cutmix_mode: CutMixMode = "box",
-) -> torch.Tensor:
-    """
-    Mixes a batch of dense labels `(B, C, S, S)` the way the images were mixed with the batch reversed: mixup blends
-    every token's label (`lam * own + (1 - lam) * reversed`). For CutMix, `"box"` replaces the labels of the tokens
-    inside the box `(y_low, y_high, x_low, x_high)` (image pixels of `image_size`) by the reversed batch's (where the
-    pasted pixels are); `"blend"` blends every token's label with `lam` as for mixup, as the original training does.
-    """
-    reversed_batch = dense.flip(0)
-    if cutmix_mode not in ("box", "blend"):
-        raise ValueError(f"`cutmix_mode` must be 'box' or 'blend', got {cutmix_mode!r}.")
-    if cutmix_box is None or cutmix_mode == "blend":
-        return lam * dense + (1.0 - lam) * reversed_batch
-    if image_size is None:
-        raise ValueError("`image_size` is needed to place a CutMix box on the token grid.")
-    size = dense.shape[-1]
-    y_low, y_high, x_low, x_high = (
-        round(value * size / extent)
-        for value, extent in zip(cutmix_box, (image_size[0], image_size[0], image_size[1], image_size[1]))
-    )
-    mixed = dense.clone()
-    mixed[..., y_low:y_high, x_low:x_high] = reversed_batch[..., y_low:y_high, x_low:x_high]
-    return mixed
-
-
-def flatten_dense_labels(dense: torch.Tensor) -> torch.Tensor:
-    """`(B, C, S, S)` → `(B, S * S, C)`, the token order of the model's patch tokens (row-major)."""
-    return dense.flatten(2).transpose(1, 2)
-
-
 __all__ = [
     "CropLabels",
     "crop_soft_labels",
     "dense_soft_labels",
-    "flatten_dense_labels",
     "follow_geometry",
     "layout_evidence",
-    "image_label_dense_targets",
-    "mix_dense_labels",
     "normalize_scores",
     "scatter_top_k",
     "smooth_labels",

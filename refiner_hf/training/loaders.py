@@ -25,8 +25,8 @@ import torch
 from datasets.distributed import split_dataset_by_node
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
+from .augmentation import CropRecord, TrainTransform, seeded_rng
 from .data import BadImageError, DataError, ImageData, decode_image, example_name
-from .transforms import CropRecord, TrainTransform, seeded_rng
 
 
 TargetBuilder = Callable[[Mapping[str, Any], CropRecord], torch.Tensor | Mapping[str, torch.Tensor]]

@@ -1,5 +1,5 @@
 """
-Training augmentation and batch mixing, built from timm's implementations.
+Training augmentation, built from timm's implementations (batch mixing is in `mixing.py`).
 
 The training transform is timm's `create_transform(is_training=True)` pipeline (RandomResizedCrop with random
 interpolation, horizontal flip, RandAugment, normalisation, random erasing). It additionally returns where the crop was
@@ -21,8 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import PIL.Image
 import torch
-from timm.data import Mixup, auto_augment, create_transform
-from timm.data.mixup import cutmix_bbox_and_lam, mixup_target
+from timm.data import auto_augment, create_transform
 from timm.data.transforms import RandomResizedCropAndInterpolation
 from torchvision.transforms import functional as TF
 
@@ -233,114 +232,4 @@ class TrainTransform:
         return f"{type(self).__name__}(crop={self.crop}, hflip={self.hflip}, colour={self.colour}, final={self.final})"
 
 
-@dataclass(frozen=True)
-class MixRecord:
-    """
-    How a batch was mixed with its reverse: the weight `lam` of the batch's own images and, for CutMix, the pasted box
-    `(y_low, y_high, x_low, x_high)` in the images' pixels (None for mixup). Dense labels are mixed the same way.
-    """
-
-    lam: float
-    cutmix_box: tuple[int, int, int, int] | None = None
-
-
-class RecordingMixup(Mixup):
-    """
-    timm's `Mixup` that keeps the λ and the CutMix box of its last per-batch mix in `last_mix` (None: unmixed).
-
-    timm does not return the box it pastes. Its draw is replayed instead: the NumPy random state right after the
-    per-batch parameters are drawn is kept, and `cutmix_bbox_and_lam` is called again from that state with the same
-    arguments, which gives the very box timm used.
-    """
-
-    last_mix: MixRecord | None = None
-
-    def _params_per_batch(self) -> tuple[float, bool]:
-        lam, use_cutmix = super()._params_per_batch()
-        self._drawn = (lam, use_cutmix, np.random.get_state())
-        return lam, use_cutmix
-
-    def _mix_batch(self, x: torch.Tensor) -> float:
-        self.last_mix = None
-        lam = super()._mix_batch(x)
-        drawn_lam, use_cutmix, state = self._drawn
-        if drawn_lam == 1.0:
-            return lam
-        box = None
-        if use_cutmix:
-            after = np.random.get_state()
-            np.random.set_state(state)
-            box, _ = cutmix_bbox_and_lam(
-                x.shape, drawn_lam, ratio_minmax=self.cutmix_minmax, correct_lam=self.correct_lam
-            )
-            np.random.set_state(after)
-        self.last_mix = MixRecord(float(lam), tuple(int(v) for v in box) if box is not None else None)
-        return lam
-
-    def __call__(self, x: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self.last_mix = None  # per-pair and per-element modes mix each image differently: nothing to record
-        return super().__call__(x, target)
-
-
-class BatchMixing:
-    """
-    Turns a batch's class indices into the training targets: timm's `Mixup` (mixup / CutMix with label smoothing)
-    while mixing is on, otherwise label-smoothed one-hot targets (`mixup_target` with λ = 1), or the indices
-    themselves when there is neither mixing nor smoothing. `last_mix` tells how the last batch was mixed (None when
-    it was not, or not per batch), for mixing dense labels alike.
-    """
-
-    def __init__(
-        self,
-        num_labels: int,
-        mixup_alpha: float = 0.0,
-        cutmix_alpha: float = 0.0,
-        cutmix_minmax: Sequence[float] | None = None,
-        prob: float = 1.0,
-        switch_prob: float = 0.5,
-        mode: str = "batch",
-        label_smoothing: float = 0.0,
-        off_epoch: int = 0,
-    ) -> None:
-        self.num_labels = num_labels
-        self.label_smoothing = label_smoothing
-        self.off_epoch = off_epoch
-        self.mixup = None
-        self.last_mix: MixRecord | None = None
-        if prob > 0 and (mixup_alpha > 0 or cutmix_alpha > 0 or cutmix_minmax is not None):
-            self.mixup = RecordingMixup(
-                mixup_alpha=mixup_alpha,
-                cutmix_alpha=cutmix_alpha,
-                cutmix_minmax=list(cutmix_minmax) if cutmix_minmax is not None else None,
-                prob=prob,
-                switch_prob=switch_prob,
-                mode=mode,
-                label_smoothing=label_smoothing,
-                num_classes=num_labels,
-            )
-
-    def active(self, epoch: int) -> bool:
-        return self.mixup is not None and not (self.off_epoch and epoch >= self.off_epoch)
-
-    def __call__(
-        self, pixel_values: torch.Tensor, labels: torch.Tensor, epoch: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        self.last_mix = None
-        if self.active(epoch):
-            mixed = self.mixup(pixel_values, labels)
-            self.last_mix = self.mixup.last_mix
-            return mixed
-        if self.label_smoothing > 0:
-            return pixel_values, mixup_target(labels, self.num_labels, lam=1.0, smoothing=self.label_smoothing)
-        return pixel_values, labels
-
-
-__all__ = [
-    "GEOMETRIC_OPS",
-    "BatchMixing",
-    "CropRecord",
-    "MixRecord",
-    "RecordingMixup",
-    "TrainTransform",
-    "seeded_rng",
-]
+__all__ = ["GEOMETRIC_OPS", "CropRecord", "TrainTransform", "seeded_rng"]

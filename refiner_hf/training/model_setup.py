@@ -59,24 +59,6 @@ def _names(names: Sequence[str]) -> str:
     return f"{len(names)} ({shown})"
 
 
-def resize_position_embeddings(model: RefinerViTForImageClassification, image_size: int) -> None:
-    """
-    Changes the model's training resolution: the patch part of the position embedding is resized bicubically to the
-    new token grid (the class token's entry is kept) and `config.image_size` is updated, so the saved model and its
-    image processor use the new size.
-    """
-    config = model.config
-    if image_size % config.patch_size:
-        raise UsageError(f"--image_size {image_size} must be a multiple of the patch size {config.patch_size}.")
-    embeddings = model.refiner_vit.embeddings
-    grid = image_size // config.patch_size
-    with torch.no_grad():
-        resized = embeddings.interpolate_pos_encoding(grid, grid).detach().clone()
-    embeddings.position_embeddings = nn.Parameter(resized)
-    embeddings.image_size = image_size
-    config.image_size = image_size
-
-
 # Classifier heads
 
 
@@ -259,7 +241,11 @@ def build_model(args, num_labels: int, class_names: Sequence[str] | None) -> Bui
         model = load_pretrained_model(args, overrides)
         notes.append(fit_classifier_heads(model, num_labels, class_names, args.model_name_or_path))
         if args.image_size is not None and args.image_size != model.config.image_size:
-            resize_position_embeddings(model, args.image_size)
+            if args.image_size % model.config.patch_size:
+                raise UsageError(
+                    f"--image_size {args.image_size} must be a multiple of the patch size {model.config.patch_size}."
+                )
+            model.resize_position_embeddings(args.image_size)
             resized = True
     else:
         head = overrides.get("num_labels", num_labels)
@@ -299,5 +285,4 @@ __all__ = [
     "label_maps",
     "reorder_classifier_heads",
     "replace_classifier_heads",
-    "resize_position_embeddings",
 ]

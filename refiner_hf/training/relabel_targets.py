@@ -1,7 +1,7 @@
 """
-Token labeling in the trainer (Jiang et al., "All Tokens Matter"): naming training images by their relabel key, the
-checks made before training, the target builder that turns each sample's relabel map into dense soft labels that
-follow its crop and flip, and the mixing of those labels alongside the images.
+The trainer's token-labeling targets (Jiang et al., "All Tokens Matter"): naming training images by their relabel
+key, the checks made before training, and the target builder that turns each sample's relabel map into the teacher's
+labels of its tokens and of its crop, following the sample's augmentation (their mixing is in `mixing.py`).
 
 An image's relabel key is `relabel_key` of its original file name (`datasets` ImageNet: the file name; an
 `imagefolder`: the path, whose parent directory is the class), or its `image_id` for the embedded Fashion-MNIST set.
@@ -21,14 +21,13 @@ from ..token_labeling import (
     RelabelError,
     check_relabel_coverage,
     crop_soft_labels,
-    mix_dense_labels,
     open_relabel_store,
     relabel_key,
 )
 from ..token_labeling.store import RelabelStore
+from .augmentation import CropRecord
 from .data import EMBEDDED_ID_COLUMN
 from .errors import UsageError
-from .transforms import BatchMixing, CropRecord
 
 
 # Names of the batch entries holding the teacher's labels: the tokens' (B, C, S, S) and the crops' (B, C).
@@ -221,31 +220,6 @@ def build_dense_label_builder(args, model, train_split) -> DenseLabelBuilder:
     )
 
 
-def mix_batch(
-    mixing: BatchMixing,
-    batch: Mapping[str, torch.Tensor],
-    epoch: int,
-    class_target: str = "teacher",
-    cutmix_mode: str = "box",
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """
-    Mixes a training batch: the images and ground-truth class targets with `mixing`, and the teacher's labels (when
-    the batch has them) with the same λ and, for CutMix, the same box placed on the token grid (`cutmix_mode="box"`)
-    or λ for every token (`"blend"`, the original's). Returns the pixel values, the class targets (with relabel maps,
-    the teacher's crop labels unless `class_target="ground_truth"`) and the dense labels (None without relabel maps).
-    """
-    pixel_values, targets = mixing(batch["pixel_values"], batch["labels"], epoch)
-    dense, teacher = batch.get(DENSE_LABELS), batch.get(RELABEL_CLASS_TARGETS)
-    record = mixing.last_mix
-    if dense is not None and record is not None:
-        dense = mix_dense_labels(
-            dense, record.lam, record.cutmix_box, tuple(pixel_values.shape[-2:]), cutmix_mode=cutmix_mode
-        )
-    if teacher is not None and class_target == "teacher":
-        targets = teacher if record is None else record.lam * teacher + (1.0 - record.lam) * teacher.flip(0)
-    return pixel_values, targets, dense
-
-
 __all__ = [
     "DENSE_LABELS",
     "RELABEL_CLASS_TARGETS",
@@ -254,7 +228,6 @@ __all__ = [
     "configure_token_labeling",
     "example_relabel_key",
     "iter_relabel_keys",
-    "mix_batch",
     "relabel_key_of_value",
     "token_grid_size",
 ]

@@ -1,1 +1,0 @@
-"""`evaluate` metric modules shipped with the package, loaded by path (`evaluate.load(path)`), offline."""
