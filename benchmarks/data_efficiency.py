@@ -3,14 +3,14 @@
 Data efficiency of attention refinement: a small Refiner-ViT against a plain ViT of the same size, trained with the
 same recipe on growing shares of the embedded Fashion-MNIST training set.
 
-Both models are `RefinerViTConfig`s of the embedded recipe's width, depth, heads, patch size, MLP and convolutional
-stem (examples/recipes/embedded_fashion_mnist.yaml). The Refiner-ViT refines the attention maps in every block
-(`block_types` all `"refined"`: expansion and the depthwise convolution on the maps); the plain ViT has every block
-`"plain"` (no refinement), so the two differ only by the refinement's few parameters (checked: within 5 %). Every run
-is examples/run_imagenet.py's own `main` (same data pipeline, augmentation, optimizer and schedule), with the EMA
-off. Each run makes the same number of optimizer steps: `--epochs` on the full set, proportionally more epochs (and a
-proportionally longer warmup) on a smaller share: a share of the data, not of the compute. The top-1 reported is the
-final epoch's, on the full validation split (1,000 images).
+Both models are `RefinerViTConfig`s of the embedded recipe's width, depth, heads, patch size, MLP and convolutional stem
+(examples/recipes/embedded_fashion_mnist.yaml). The Refiner-ViT refines the attention maps in every block (`block_types`
+all `"refined"`: expansion and the depthwise convolution on the maps); the plain ViT has every block `"plain"` (no
+refinement), so the two differ only by the refinement's few parameters (checked: within 5 %). Every run is the package's
+trainer, `refiner_hf.training.trainer.train` (examples/run_imagenet.py's: same data pipeline, augmentation, optimizer
+and schedule), with the EMA off. Each run makes the same number of optimizer steps: `--epochs` on the full set,
+proportionally more epochs (and a proportionally longer warmup) on a smaller share: a share of the data, not of the
+compute. The top-1 reported is the final epoch's, on the full validation split (1,000 images).
 
 Prints the mean ± std top-1 over the seeds (one row per model, one column per share) and draws it as a plot:
 
@@ -25,16 +25,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import importlib.util
 import json
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import matplotlib
@@ -46,10 +43,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from refiner_hf import RefinerViTConfig, RefinerViTForImageClassification  # noqa: E402
 from refiner_hf.training.arguments import load_recipe  # noqa: E402
+from refiner_hf.training.arguments import parse_args as trainer_arguments  # noqa: E402
+from refiner_hf.training.trainer import train as run_training  # noqa: E402
 
 
 ROOT = Path(__file__).resolve().parents[1]
-TRAINER = ROOT / "examples" / "run_imagenet.py"
 RECIPE = ROOT / "examples" / "recipes" / "embedded_fashion_mnist.yaml"
 TRAINING_IMAGES = 3400  # the embedded training split
 MODELS = {"plain ViT": "plain", "Refiner-ViT": "refined"}
@@ -102,19 +100,8 @@ def parameter_count(config: dict[str, Any]) -> int:
     return RefinerViTForImageClassification(RefinerViTConfig(num_labels=10, **config)).num_parameters()
 
 
-def load_trainer() -> ModuleType:
-    """examples/run_imagenet.py as a module, to call its `main(argv)` in this process."""
-    spec = importlib.util.spec_from_file_location("run_imagenet", TRAINER)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-def train(trainer: ModuleType, config: dict[str, Any], fraction: float, seed: int, output_dir: Path, args) -> float:
+def train(config: dict[str, Any], fraction: float, seed: int, output_dir: Path, args) -> float:
     """One run of the trainer; returns the final epoch's top-1 on the validation split."""
-    from accelerate.state import AcceleratorState
-
     samples = max(1, round(fraction * TRAINING_IMAGES))
     # The recipe's warmup, at most half of a short run, in epochs of the full set.
     warmup_epochs = min(recipe_values()["warmup_epochs"], args.epochs / 2)
@@ -141,16 +128,13 @@ def train(trainer: ModuleType, config: dict[str, Any], fraction: float, seed: in
         if value is not None:
             argv += [flag, str(value)]
     output_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        # The run's report and progress bars go to its own log; errors still stop the benchmark.
-        with (
-            open(output_dir / "train.log", "w") as log,
-            contextlib.redirect_stdout(log),
-            contextlib.redirect_stderr(log),
-        ):
-            results = trainer.main(argv)
-    finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
+    # The run's report and progress bars go to its own log; errors still stop the benchmark.
+    with (
+        open(output_dir / "train.log", "w") as log,
+        contextlib.redirect_stdout(log),
+        contextlib.redirect_stderr(log),
+    ):
+        results = run_training(trainer_arguments(argv))
     return results["history"][-1]["eval_top1"]
 
 
@@ -206,7 +190,6 @@ def main(argv: Sequence[str] | None = None) -> list[Setting]:
         f"the steps of {args.epochs} epoch(s) on the full set per run",
         flush=True,
     )
-    trainer = load_trainer()
     settings = [Setting(model, fraction, []) for fraction in args.fractions for model in MODELS]
     with contextlib.ExitStack() as stack:
         work_dir = args.work_dir or Path(stack.enter_context(tempfile.TemporaryDirectory()))
@@ -214,7 +197,7 @@ def main(argv: Sequence[str] | None = None) -> list[Setting]:
             for seed in args.seeds:
                 start = time.perf_counter()
                 name = f"{MODELS[setting.model]}_{setting.fraction:g}_seed{seed}"
-                top1 = train(trainer, configs[setting.model], setting.fraction, seed, work_dir / name, args)
+                top1 = train(configs[setting.model], setting.fraction, seed, work_dir / name, args)
                 setting.top1.append(top1)
                 print(
                     f"  {setting.model:<12} {setting.fraction:>5.0%} seed {seed}: {100 * top1:6.2f} % top-1 "

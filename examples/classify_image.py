@@ -19,7 +19,7 @@ from transformers.utils import logging
 
 from refiner_hf import convert_original_checkpoint
 from refiner_hf.assets import sample_image_path
-from refiner_hf.hub import image_processor_for_config
+from refiner_hf.image_processing_refiner_vit import image_processor_for_config
 from refiner_hf.training.errors import ArgumentParser, UsageError, check_model_path, loading_error, run_command
 
 

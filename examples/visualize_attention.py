@@ -47,7 +47,7 @@ from transformers.utils import logging  # noqa: E402
 from refiner_hf import RefinerViTForImageClassification, convert_original_checkpoint  # noqa: E402
 from refiner_hf.assets import sample_image_path  # noqa: E402
 from refiner_hf.attention_analysis import class_token_attention, head_similarity, upsample_to_image  # noqa: E402
-from refiner_hf.hub import image_processor_for_config  # noqa: E402
+from refiner_hf.image_processing_refiner_vit import image_processor_for_config  # noqa: E402
 from refiner_hf.training import embedded_data  # noqa: E402
 from refiner_hf.training.errors import (  # noqa: E402
     ArgumentParser,

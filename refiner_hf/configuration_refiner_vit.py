@@ -2,6 +2,7 @@
 
 import copy
 import math
+from dataclasses import dataclass
 
 from huggingface_hub.dataclasses import strict
 from transformers.configuration_utils import PreTrainedConfig
@@ -10,11 +11,10 @@ from transformers.configuration_utils import PreTrainedConfig
 BLOCK_TYPES = ("plain", "refined", "shared")
 STEM_TYPES = ("conv", "patch")
 
-# The released presets (Zhou et al., 2021). Every preset alternates a plain block (its own softmax attention) with a
+# The released architectures (Zhou et al., 2021). Every one alternates a plain block (its own softmax attention) with a
 # shared block (which refines the previous plain block's map instead of computing one), has the convolutional stem
 # and the dense auxiliary head, and classifies ImageNet-1k.
-_BASE_PRESET = {
-    "image_size": 224,
+_RELEASED_FIELDS = {
     "patch_size": 16,
     "mlp_ratio": 3.0,
     "qkv_bias": True,
@@ -23,16 +23,47 @@ _BASE_PRESET = {
     "use_aux_head": True,
     "num_labels": 1000,
 }
-PRESETS: dict[str, dict] = {
-    "refiner-vit-s": {**_BASE_PRESET, "hidden_size": 384, "num_attention_heads": 12, "num_hidden_layers": 16},
-    "refiner-vit-m": {**_BASE_PRESET, "hidden_size": 420, "num_attention_heads": 12, "num_hidden_layers": 32},
-    "refiner-vit-l": {**_BASE_PRESET, "hidden_size": 512, "num_attention_heads": 16, "num_hidden_layers": 32},
+ARCHITECTURES: dict[str, dict] = {
+    "refiner-vit-s": {**_RELEASED_FIELDS, "hidden_size": 384, "num_attention_heads": 12, "num_hidden_layers": 16},
+    "refiner-vit-m": {**_RELEASED_FIELDS, "hidden_size": 420, "num_attention_heads": 12, "num_hidden_layers": 32},
+    "refiner-vit-l": {**_RELEASED_FIELDS, "hidden_size": 512, "num_attention_heads": 16, "num_hidden_layers": 32},
 }
-# Evaluation crop ratio of each preset in the released code (`crop_pct` of timm's eval transform).
-PRESET_CROP_PCT = {"refiner-vit-s": 0.9, "refiner-vit-m": 1.0, "refiner-vit-l": 1.13}
-# Fine-tuned resolutions published in the paper.
-for _name, _size in (("refiner-vit-s", 384), ("refiner-vit-m", 384), ("refiner-vit-l", 384), ("refiner-vit-l", 448)):
-    PRESETS[f"{_name}-{_size}"] = {**PRESETS[_name], "image_size": _size}
+
+
+@dataclass(frozen=True)
+class Preset:
+    """
+    A released Refiner-ViT: its architecture (a key of `ARCHITECTURES`) at a resolution, the evaluation crop ratio of
+    the released code (timm's `crop_pct`) and the paper's ImageNet-1k top-1 (%).
+    """
+
+    architecture: str
+    image_size: int
+    crop_pct: float
+    top1: float
+
+    @property
+    def name(self) -> str:
+        """`refiner-vit-s`, with the resolution appended when it is not 224: `refiner-vit-l-448`."""
+        return self.architecture if self.image_size == 224 else f"{self.architecture}-{self.image_size}"
+
+    def config_fields(self) -> dict:
+        """The `RefinerViTConfig` fields of this preset."""
+        return {**copy.deepcopy(ARCHITECTURES[self.architecture]), "image_size": self.image_size}
+
+
+PRESETS: dict[str, Preset] = {
+    preset.name: preset
+    for preset in (
+        Preset("refiner-vit-s", 224, crop_pct=0.9, top1=83.6),
+        Preset("refiner-vit-s", 384, crop_pct=0.9, top1=84.6),
+        Preset("refiner-vit-m", 224, crop_pct=1.0, top1=84.6),
+        Preset("refiner-vit-m", 384, crop_pct=1.0, top1=85.6),
+        Preset("refiner-vit-l", 224, crop_pct=1.13, top1=84.9),
+        Preset("refiner-vit-l", 384, crop_pct=1.13, top1=85.8),
+        Preset("refiner-vit-l", 448, crop_pct=1.13, top1=86.0),
+    )
+}
 
 
 @strict
@@ -260,15 +291,15 @@ class RefinerViTConfig(PreTrainedConfig):
         """
         if name not in PRESETS:
             raise ValueError(f"Unknown Refiner-ViT preset {name!r}; available: {', '.join(PRESETS)}.")
-        preset = copy.deepcopy(PRESETS[name])
+        preset = PRESETS[name].config_fields()
         if "id2label" in kwargs:
             del preset["num_labels"]  # the head is sized from the labels given, not the preset's ImageNet classes
         return cls(**{**preset, **kwargs})
 
-    def matching_preset(self) -> str | None:
+    def matching_architecture(self) -> str | None:
         """
-        The name of the released architecture this configuration has (`"refiner-vit-s"`, `-m` or `-l`, with the
-        resolution appended when it is not 224), whatever its head's number of labels; `None` for other architectures.
+        The released architecture this configuration has (`"refiner-vit-s"`, `-m` or `-l`, keys of `ARCHITECTURES`),
+        whatever its resolution and its head's number of labels; `None` for other architectures.
         """
         fields = (
             "patch_size", "num_channels", "hidden_size", "num_hidden_layers", "num_attention_heads",
@@ -276,11 +307,22 @@ class RefinerViTConfig(PreTrainedConfig):
             "block_types", "refine_expansion", "shared_expansion", "refine_kernel_size", "use_aux_head",
             "aux_logits_weight", "residual_scale",
         )  # fmt: skip
-        for name in ("refiner-vit-s", "refiner-vit-m", "refiner-vit-l"):
-            preset = RefinerViTConfig.from_preset(name)
-            if all(getattr(self, field) == getattr(preset, field) for field in fields):
-                return name if self.image_size == 224 else f"{name}-{self.image_size}"
+        for name, released in ARCHITECTURES.items():
+            reference = RefinerViTConfig(**released)
+            if all(getattr(self, field) == getattr(reference, field) for field in fields):
+                return name
         return None
+
+    def matching_preset(self) -> str | None:
+        """
+        The name of the released architecture this configuration has, with the resolution appended when it is not 224
+        (`"refiner-vit-l-448"`), whatever its head's number of labels; `None` for other architectures. A resolution
+        the paper did not publish gives a name that is not a key of `PRESETS` (`"refiner-vit-s-448"`).
+        """
+        architecture = self.matching_architecture()
+        if architecture is None:
+            return None
+        return architecture if self.image_size == 224 else f"{architecture}-{self.image_size}"
 
     @staticmethod
     def preset_names() -> list[str]:
@@ -288,4 +330,4 @@ class RefinerViTConfig(PreTrainedConfig):
         return list(PRESETS)
 
 
-__all__ = ["RefinerViTConfig"]
+__all__ = ["ARCHITECTURES", "PRESETS", "Preset", "RefinerViTConfig"]

@@ -25,8 +25,10 @@ from PIL import Image
 from transformers.utils import logging
 
 from .assets import sample_image_path
+from .configuration_refiner_vit import PRESETS
 from .conversion import MAX_TOKENS, CheckpointError, load_original_weights, model_from_original_state_dict
-from .hub import PUBLISHED_TOP1, build_model_card, image_processor_for_config, imagenet_1k_id2label, push_to_hub
+from .hub import build_model_card, imagenet_1k_id2label, push_to_hub
+from .image_processing_refiner_vit import image_processor_for_config
 from .model_directory import (
     ModelDirectoryError,
     check_output_directory,
@@ -86,12 +88,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--push-to-hub", metavar="REPO_ID", help="Upload the directory to this Hub model repository.")
     parser.add_argument("--private", action="store_true", help="Create the Hub repository as private.")
     parser.add_argument(
-        "--safe-serialization",
-        action="store_true",
-        default=True,
-        help="Write the weights as safetensors (always done; kept for familiarity with other converters).",
-    )
-    parser.add_argument(
         "--overwrite",
         action="store_true",
         help="Replace a model directory written before at --output-dir (never a folder holding other files).",
@@ -100,11 +96,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
     with path.open("rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(file, "sha256").hexdigest()
 
 
 def model_card(
@@ -117,7 +110,7 @@ def model_card(
 ) -> str:
     config = model.config
     preset = config.matching_preset()
-    published = PUBLISHED_TOP1.get(preset)
+    published = PRESETS[preset].top1 if preset in PRESETS else None
     details = {
         "Architecture": preset or "custom Refiner-ViT",
         "Source checkpoint": f"`{args.checkpoint.name}`",

@@ -1,7 +1,7 @@
 """
-The Hugging Face Hub side of a model directory: the evaluation image processor of a model, ImageNet-1k label names,
-the model card, and the upload of a directory written by `model_directory.save_model_directory`. Both the checkpoint
-converter and the trainer go through these functions.
+The Hugging Face Hub side of a model directory: ImageNet-1k label names, the model card, and the upload of a directory
+written by `model_directory.save_model_directory`. Both the checkpoint converter and the trainer go through these
+functions.
 """
 
 from __future__ import annotations
@@ -13,8 +13,7 @@ from pathlib import Path
 from huggingface_hub import CommitOperationAdd, HfApi
 from huggingface_hub.hf_api import CommitInfo
 
-from .configuration_refiner_vit import PRESET_CROP_PCT, RefinerViTConfig
-from .image_processing_refiner_vit import RefinerViTImageProcessor
+from .configuration_refiner_vit import RefinerViTConfig
 
 
 PAPER_CITATION = """@article{zhou2021refiner,
@@ -24,37 +23,6 @@ PAPER_CITATION = """@article{zhou2021refiner,
   journal = {arXiv preprint arXiv:2106.03714},
   year    = {2021}
 }"""
-
-# Published ImageNet-1k top-1 (%) of the released models, by preset name (the paper's figures).
-PUBLISHED_TOP1 = {
-    "refiner-vit-s": 83.6,
-    "refiner-vit-s-384": 84.6,
-    "refiner-vit-m": 84.6,
-    "refiner-vit-m-384": 85.6,
-    "refiner-vit-l": 84.9,
-    "refiner-vit-l-384": 85.8,
-    "refiner-vit-l-448": 86.0,
-}
-
-
-def default_crop_pct(config: RefinerViTConfig) -> float:
-    """The released evaluation `crop_pct` of the preset `config` matches (S 0.9, M 1.0, L 1.13); 0.9 otherwise."""
-    preset = config.matching_preset()
-    base = preset.rsplit("-", 1)[0] if preset and preset[-1].isdigit() else preset
-    return PRESET_CROP_PCT.get(base, 0.9)
-
-
-def image_processor_for_config(config: RefinerViTConfig, crop_pct: float | None = None) -> RefinerViTImageProcessor:
-    """
-    The evaluation image processor of a model: crops `config.image_size` after resizing the shorter side to
-    `image_size / crop_pct`, with the preset's published `crop_pct` unless one is given.
-    """
-    size = config.image_size
-    return RefinerViTImageProcessor(
-        size={"shortest_edge": size},
-        crop_size={"height": size, "width": size},
-        crop_pct=default_crop_pct(config) if crop_pct is None else crop_pct,
-    )
 
 
 def imagenet_1k_id2label() -> dict[int, str]:
@@ -152,10 +120,7 @@ logits = model(**processor(image, return_tensors="pt")).logits
 
 
 __all__ = [
-    "PUBLISHED_TOP1",
     "build_model_card",
-    "default_crop_pct",
-    "image_processor_for_config",
     "imagenet_1k_id2label",
     "push_to_hub",
 ]

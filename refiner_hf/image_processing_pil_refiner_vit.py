@@ -22,56 +22,23 @@ from transformers.image_utils import (
     PILImageResampling,
     SizeDict,
     get_image_type,
-    infer_channel_dimension_format,
 )
 from transformers.processing_utils import Unpack
 from transformers.utils import TensorType
 
-from .image_processing_refiner_vit import (
+from .image_processing_refiner_vit_common import (
     RefinerViTImageProcessingMixin,
     RefinerViTImageProcessorKwargs,
     check_float_pixels,
-    get_refiner_vit_resize_output_size,
     integer_pixels_to_uint8,
     pil_image_to_refiner_vit_array,
+    refiner_vit_processor_docstring,
+    to_channels_first,
 )
 
 
 class RefinerViTImageProcessorPil(RefinerViTImageProcessingMixin, PilBackend):
-    r"""
-    Constructs a Refiner-ViT image processor (PIL backend) that reproduces timm's evaluation transform: resize the
-    shorter side to `floor(size["shortest_edge"] / crop_pct)` (bicubic, with PIL like timm), center-crop `crop_size`,
-    zero-padding like `torchvision.transforms.CenterCrop` where the crop is larger than the image, then rescale to
-    [0, 1] and normalize.
-
-    Args:
-        do_convert_rgb (`bool`, *optional*, defaults to `True`):
-            Convert inputs to RGB. PIL images use `Image.convert("RGB")` (alpha is dropped); arrays with 1 channel are
-            repeated, arrays with 4 channels are treated as RGBA and lose their alpha channel.
-        do_resize (`bool`, *optional*, defaults to `True`):
-            Whether to resize the image.
-        size (`dict[str, int]`, *optional*, defaults to `{"shortest_edge": 224}`):
-            Size before `crop_pct` scaling: the shorter side is resized to `floor(size["shortest_edge"] / crop_pct)`.
-            `{"height": h, "width": w}` with `h != w` uses timm's aspect-preserving resize for non-square sizes.
-        crop_pct (`float`, *optional*, defaults to 0.9):
-            Ratio of the crop to the resized image. Passing `crop_pct=None` to the call resizes straight to `size`.
-        resample (`PILImageResampling`, *optional*, defaults to `PILImageResampling.BICUBIC`):
-            Resampling filter.
-        do_center_crop (`bool`, *optional*, defaults to `True`):
-            Whether to center-crop the image.
-        crop_size (`dict[str, int]`, *optional*, defaults to `{"height": 224, "width": 224}`):
-            Output size of the center crop.
-        do_rescale (`bool`, *optional*, defaults to `True`):
-            Whether to rescale pixel values by `rescale_factor`.
-        rescale_factor (`float`, *optional*, defaults to `1/255`):
-            Rescaling factor.
-        do_normalize (`bool`, *optional*, defaults to `True`):
-            Whether to normalize the image.
-        image_mean (`list[float]`, *optional*, defaults to `[0.5, 0.5, 0.5]`):
-            Normalization mean.
-        image_std (`list[float]`, *optional*, defaults to `[0.5, 0.5, 0.5]`):
-            Normalization standard deviation.
-    """
+    __doc__ = refiner_vit_processor_docstring("PIL")
 
     def process_image(
         self,
@@ -92,20 +59,7 @@ class RefinerViTImageProcessorPil(RefinerViTImageProcessingMixin, PilBackend):
         else:
             check_float_pixels(float(image.min()), float(image.max()), kwargs.get("do_rescale"))
 
-        if image.ndim == 2:
-            image = image[None]
-            input_data_format = ChannelDimension.FIRST
-        if input_data_format is None:
-            try:
-                input_data_format = infer_channel_dimension_format(image, num_channels=(1, 3, 4))
-            except ValueError:
-                raise ValueError(
-                    f"Could not find the channel dimension of an image of shape {tuple(image.shape)}: expected 1, 3 "
-                    "or 4 channels in the first or last dimension."
-                ) from None
-        if input_data_format == ChannelDimension.LAST:
-            image = np.moveaxis(image, -1, 0)
-
+        image = to_channels_first(image, input_data_format)
         if do_convert_rgb:
             image = self.convert_to_rgb(image, input_data_format=ChannelDimension.FIRST)
         return np.ascontiguousarray(image)
@@ -132,10 +86,7 @@ class RefinerViTImageProcessorPil(RefinerViTImageProcessingMixin, PilBackend):
         **kwargs,
     ) -> np.ndarray:
         """Resize so that the `crop_pct` center crop of the result has size `size` (timm evaluation resize)."""
-        if crop_pct is not None:
-            height, width = image.shape[-2:]
-            new_height, new_width = get_refiner_vit_resize_output_size(height, width, size, crop_pct)
-            size = SizeDict(height=new_height, width=new_width)
+        size = self._resize_size(*image.shape[-2:], size, crop_pct)
         if image.dtype.kind == "f":
             # Float images are resampled as floats, channel by channel in PIL's mode "F" (the base class would round
             # them to 8 bits and clip the overshoot), as the torchvision backend does with float tensors.

@@ -32,7 +32,8 @@ from transformers.dynamic_module_utils import get_relative_import_files, get_rel
 
 from . import image_processing_refiner_vit, modeling_refiner_vit
 from .image_processing_pil_refiner_vit import RefinerViTImageProcessorPil
-from .image_processing_refiner_vit import RefinerViTImageProcessor, image_processor_auto_map
+from .image_processing_refiner_vit import RefinerViTImageProcessor
+from .image_processing_refiner_vit_common import image_processor_auto_map
 from .modeling_refiner_vit import RefinerViTPreTrainedModel, model_auto_map
 
 

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import randomize_, tiny_config
+from helpers import randomize_, tiny_config
 
 from refiner_hf import RefinerViTForImageClassification
 from refiner_hf.attention_analysis import (

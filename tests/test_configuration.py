@@ -5,7 +5,7 @@ import time
 
 import pytest
 import torch
-from conftest import tiny_config
+from helpers import tiny_config
 from safetensors.torch import save_file
 from transformers import AutoModelForImageClassification
 

@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 import torchvision
-from conftest import FIXTURES, hf_to_original, randomize_, tiny_config
+from helpers import FIXTURES, assert_matches_original, hf_to_original, original_outputs, randomize_, tiny_config
 
 from refiner_hf import CheckpointError, RefinerViTForImageClassification, convert_original_checkpoint
 from refiner_hf.conversion import infer_config, load_checkpoint_file, load_original_weights
@@ -18,49 +18,32 @@ RELEASED = FIXTURES / "released_tiny.pth"
 PAPER = FIXTURES / "paper_tiny.pth"
 
 
-def expected_outputs(name: str) -> dict:
-    return torch.load(FIXTURES / f"{name}_expected.pt", weights_only=True)
-
-
-def assert_matches(model: RefinerViTForImageClassification, pixel_values: torch.Tensor, expected: dict) -> None:
-    with torch.no_grad():
-        outputs = model(pixel_values)
-        hidden = model.refiner_vit(pixel_values).last_hidden_state
-    torch.testing.assert_close(outputs.logits, expected["logits"], atol=TOLERANCE, rtol=0)
-    torch.testing.assert_close(outputs.cls_logits, expected["cls_logits"], atol=TOLERANCE, rtol=0)
-    torch.testing.assert_close(hidden, expected["last_hidden_state"], atol=TOLERANCE, rtol=0)
-    if "aux_logits" in expected:
-        torch.testing.assert_close(outputs.aux_logits, expected["aux_logits"], atol=TOLERANCE, rtol=0)
-    else:
-        assert outputs.aux_logits is None
-
-
 @pytest.mark.parametrize("weights, key", [("raw", "expected"), ("ema", "expected_ema")])
 def test_released_format_reproduces_original_outputs(weights, key):
-    fixture = expected_outputs("released_tiny")
+    fixture = original_outputs("released_tiny")
     model = convert_original_checkpoint(RELEASED, weights=weights)
-    assert_matches(model, fixture["input"], fixture[key])
+    assert_matches_original(model, fixture["input"], fixture[key])
 
 
 def test_timm_checkpoint_defaults_to_ema_weights():
     original = load_original_weights(RELEASED)
     assert original.weights == "ema" and original.has_ema
-    fixture = expected_outputs("released_tiny")
-    assert_matches(convert_original_checkpoint(RELEASED), fixture["input"], fixture["expected_ema"])
+    fixture = original_outputs("released_tiny")
+    assert_matches_original(convert_original_checkpoint(RELEASED), fixture["input"], fixture["expected_ema"])
 
 
 def test_ddp_state_dict_reproduces_original_outputs():
-    fixture = expected_outputs("paper_tiny")
+    fixture = original_outputs("paper_tiny")
     model = convert_original_checkpoint(PAPER)
-    assert_matches(model, fixture["input"], fixture["expected"])
+    assert_matches_original(model, fixture["input"], fixture["expected"])
 
 
 def test_bare_state_dict_without_prefix_and_model_key():
-    fixture = expected_outputs("paper_tiny")
+    fixture = original_outputs("paper_tiny")
     state_dict = torch.load(PAPER, weights_only=True)
     bare = {k.removeprefix("module."): v for k, v in state_dict.items()}
-    assert_matches(convert_original_checkpoint(bare), fixture["input"], fixture["expected"])
-    assert_matches(convert_original_checkpoint({"model": bare}), fixture["input"], fixture["expected"])
+    assert_matches_original(convert_original_checkpoint(bare), fixture["input"], fixture["expected"])
+    assert_matches_original(convert_original_checkpoint({"model": bare}), fixture["input"], fixture["expected"])
 
 
 def test_inferred_configurations():
@@ -214,9 +197,9 @@ def test_non_tensor_entries_are_refused():
 def test_safetensors_checkpoint(tmp_path):
     from safetensors.torch import save_file
 
-    fixture = expected_outputs("paper_tiny")
+    fixture = original_outputs("paper_tiny")
     bare = {k.removeprefix("module."): v for k, v in torch.load(PAPER, weights_only=True).items()}
     save_file(bare, tmp_path / "paper_tiny.safetensors")
-    assert_matches(
+    assert_matches_original(
         convert_original_checkpoint(tmp_path / "paper_tiny.safetensors"), fixture["input"], fixture["expected"]
     )

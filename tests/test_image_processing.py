@@ -14,10 +14,8 @@ from timm.data import create_transform
 from transformers.image_utils import SizeDict
 
 from refiner_hf.image_processing_pil_refiner_vit import RefinerViTImageProcessorPil
-from refiner_hf.image_processing_refiner_vit import (
-    RefinerViTImageProcessor,
-    get_refiner_vit_resize_output_size,
-)
+from refiner_hf.image_processing_refiner_vit import RefinerViTImageProcessor
+from refiner_hf.image_processing_refiner_vit_common import get_refiner_vit_resize_output_size
 
 
 BACKENDS = [RefinerViTImageProcessor, RefinerViTImageProcessorPil]

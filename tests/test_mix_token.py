@@ -49,7 +49,7 @@ def test_sampled_boxes_follow_the_released_rule():
 
 def test_model_mixes_tokens_unmixes_aux_outputs_and_mixes_the_class_target():
     import torch.nn.functional as F
-    from conftest import randomize_, tiny_config
+    from helpers import randomize_, tiny_config
 
     from refiner_hf import RefinerViTForImageClassification
 
@@ -87,7 +87,7 @@ def test_model_mixes_tokens_unmixes_aux_outputs_and_mixes_the_class_target():
 
 
 def test_dense_loss_against_a_hand_computation():
-    from conftest import tiny_config
+    from helpers import tiny_config
 
     from refiner_hf import RefinerViTForImageClassification
 
@@ -109,7 +109,7 @@ def test_dense_loss_against_a_hand_computation():
 
 
 def test_dense_labels_need_the_aux_head_and_class_labels():
-    from conftest import tiny_config
+    from helpers import tiny_config
 
     from refiner_hf import RefinerViTForImageClassification
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 import transformers.modeling_utils
 import transformers.utils.hub
-from conftest import FIXTURES, randomize_, tiny_config
+from helpers import FIXTURES, randomize_, tiny_config
 from huggingface_hub import HfApi, ModelCard
 from huggingface_hub.hf_api import CommitInfo, RepoUrl
 from PIL import Image
@@ -24,7 +24,7 @@ from transformers import AutoImageProcessor, AutoModelForImageClassification
 
 from refiner_hf import RefinerViTForImageClassification, convert_checkpoint
 from refiner_hf.assets import sample_image_path
-from refiner_hf.hub import image_processor_for_config
+from refiner_hf.image_processing_refiner_vit import image_processor_for_config
 from refiner_hf.model_directory import (
     ModelDirectoryError,
     compare_logits,

@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import loss_gradients_and_statistics, randomize_, tiny_config
+from helpers import loss_gradients_and_statistics, randomize_, tiny_config
 from PIL import Image
 from transformers import (
     AutoConfig,

@@ -8,7 +8,14 @@ import textwrap
 
 import pytest
 import torch
-from conftest import FIXTURES, loss_gradients_and_statistics, randomize_, tiny_config
+from helpers import (
+    FIXTURES,
+    assert_matches_original,
+    loss_gradients_and_statistics,
+    original_outputs,
+    randomize_,
+    tiny_config,
+)
 
 from refiner_hf import RefinerViTConfig, RefinerViTForImageClassification, convert_original_checkpoint
 from refiner_hf.cpu_kernels import kernels_available, set_kernels_enabled
@@ -57,19 +64,11 @@ def assert_same_outputs(fast, reference, inputs, atol=TOLERANCE, **kwargs) -> No
 
 @pytest.mark.parametrize("name", ["released_tiny", "paper_tiny"])
 def test_fast_path_reproduces_the_original_fixtures(backend, name):
-    fixture = torch.load(FIXTURES / f"{name}_expected.pt", weights_only=True)
-    model = convert_original_checkpoint(FIXTURES / f"{name}.pth").eval()
-    model.set_fast_inference()
-    with torch.no_grad():
-        outputs = model(fixture["input"])
-        hidden = model.refiner_vit(fixture["input"]).last_hidden_state
+    fixture = original_outputs(name)
+    model = convert_original_checkpoint(FIXTURES / f"{name}.pth").eval().set_fast_inference()
     # The converter loads a timm checkpoint's EMA weights by default; the other fixture has raw weights only.
     expected = fixture.get("expected_ema", fixture["expected"])
-    torch.testing.assert_close(outputs.logits, expected["logits"], atol=TOLERANCE, rtol=0)
-    torch.testing.assert_close(outputs.cls_logits, expected["cls_logits"], atol=TOLERANCE, rtol=0)
-    torch.testing.assert_close(hidden, expected["last_hidden_state"], atol=TOLERANCE, rtol=0)
-    if "aux_logits" in expected:
-        torch.testing.assert_close(outputs.aux_logits, expected["aux_logits"], atol=TOLERANCE, rtol=0)
+    assert_matches_original(model, fixture["input"], expected, tolerance=TOLERANCE)
 
 
 def test_fast_path_matches_reference_on_a_preset_shaped_model(backend):
@@ -264,7 +263,7 @@ def test_memory_lean_refinement_alone(backend):
 
 def test_bfloat16_autocast_stays_close_to_float32(backend):
     model = convert_original_checkpoint(FIXTURES / "released_tiny.pth").eval()
-    fixture = torch.load(FIXTURES / "released_tiny_expected.pt", weights_only=True)
+    fixture = original_outputs("released_tiny")
     inputs, expected = fixture["input"], fixture["expected_ema"]["logits"]
     for fast in (False, True):
         model.set_fast_inference(fast)

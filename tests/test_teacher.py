@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from conftest import randomize_, tiny_config
+from helpers import randomize_, tiny_config
 from PIL import Image
 
 from refiner_hf import RefinerViTForImageClassification

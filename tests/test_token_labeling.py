@@ -18,7 +18,7 @@ from refiner_hf.token_labeling import (
     RelabelError,
     RelabelMap,
     check_relabel_coverage,
-    dense_soft_labels,
+    crop_soft_labels,
     finalize_packed_store,
     open_relabel_store,
     pack_relabel_store,
@@ -30,6 +30,11 @@ from refiner_hf.training.mixing import mix_dense_labels
 
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def dense_labels(*args, **kwargs) -> torch.Tensor:
+    """The tokens' soft labels of a crop (the dense part of `crop_soft_labels`)."""
+    return crop_soft_labels(*args, **kwargs).dense
 
 
 def halves_map(left: int = 3, right: int = 7, size: int = 18) -> RelabelMap:
@@ -50,24 +55,24 @@ def test_relabel_keys_from_file_names():
 
 
 def test_crop_of_the_right_half_labels_every_token_with_the_right_class():
-    labels = dense_soft_labels(halves_map(), (0, 300, 600, 300), (600, 600), output_size=14, num_classes=10)
+    labels = dense_labels(halves_map(), (0, 300, 600, 300), (600, 600), output_size=14, num_classes=10)
     assert labels.shape == (10, 14, 14)
     assert torch.all(labels.argmax(0) == 7)
-    left = dense_soft_labels(halves_map(), (100, 0, 400, 290), (600, 600), output_size=14, num_classes=10)
+    left = dense_labels(halves_map(), (100, 0, 400, 290), (600, 600), output_size=14, num_classes=10)
     assert torch.all(left.argmax(0) == 3)
 
 
 def test_flip_mirrors_the_map_and_a_straddling_crop_splits_where_it_should():
-    whole = dense_soft_labels(halves_map(), (0, 0, 600, 600), (600, 600), 14, 10)
-    flipped = dense_soft_labels(halves_map(), (0, 0, 600, 600), (600, 600), 14, 10, flipped=True)
+    whole = dense_labels(halves_map(), (0, 0, 600, 600), (600, 600), 14, 10)
+    flipped = dense_labels(halves_map(), (0, 0, 600, 600), (600, 600), 14, 10, flipped=True)
     torch.testing.assert_close(flipped, whole.flip(-1))
     assert torch.all(whole.argmax(0)[:, :7] == 3) and torch.all(whole.argmax(0)[:, 7:] == 7)
     assert torch.all(flipped.argmax(0)[:, :7] == 7) and torch.all(flipped.argmax(0)[:, 7:] == 3)
     # A crop from x = 200 to 500 of a 600-wide image: the middle (x = 300) is a third of the way in.
-    straddling = dense_soft_labels(halves_map(), (0, 200, 600, 300), (600, 600), 12, 10).argmax(0)
+    straddling = dense_labels(halves_map(), (0, 200, 600, 300), (600, 600), 12, 10).argmax(0)
     assert torch.all(straddling[:, :4] == 3) and torch.all(straddling[:, 4:] == 7)
     # Non-square images and rectangular crops scale each axis separately.
-    wide = dense_soft_labels(halves_map(), (0, 400, 300, 400), (300, 800), 6, 10).argmax(0)
+    wide = dense_labels(halves_map(), (0, 400, 300, 400), (300, 800), 6, 10).argmax(0)
     assert torch.all(wide == 7)
 
 
@@ -75,13 +80,13 @@ def test_label_values_softmax_and_sum_normalisation():
     scores = torch.tensor([[[4.0]], [[2.0]]])
     indices = torch.tensor([[[1]], [[3]]])
     relabel = RelabelMap(scores=scores, indices=indices)
-    labels = dense_soft_labels(relabel, (0, 0, 8, 8), (8, 8), 2, 5)
+    labels = dense_labels(relabel, (0, 0, 8, 8), (8, 8), 2, 5)
     expected = torch.tensor([0.0, 4.0, 0.0, 2.0, 0.0]).softmax(0)
     torch.testing.assert_close(labels[:, 1, 1], expected)
-    summed = dense_soft_labels(relabel, (0, 0, 8, 8), (8, 8), 2, 5, normalization="sum")
+    summed = dense_labels(relabel, (0, 0, 8, 8), (8, 8), 2, 5, normalization="sum")
     torch.testing.assert_close(summed[:, 0, 0], torch.tensor([0.0, 4 / 6, 0.0, 2 / 6, 0.0]))
     with pytest.raises(ValueError, match="`normalization` must be"):
-        dense_soft_labels(relabel, (0, 0, 8, 8), (8, 8), 2, 5, normalization="max")
+        dense_labels(relabel, (0, 0, 8, 8), (8, 8), 2, 5, normalization="max")
 
 
 def test_mixup_and_cutmix_of_dense_labels():
@@ -189,7 +194,7 @@ def test_pack_command_exit_codes(tmp_path, capsys):
     assert pack_main([str(tmp_path / "absent"), str(tmp_path / "x")]) == 1
     assert "Relabel directory not found" in capsys.readouterr().err
     script = subprocess.run(
-        [sys.executable, str(ROOT / "convert" / "pack_relabel.py"), "--help"], capture_output=True, text=True
+        [sys.executable, str(ROOT / "examples" / "pack_relabel.py"), "--help"], capture_output=True, text=True
     )
     assert script.returncode == 0 and "relabel_root" in script.stdout
 

@@ -12,10 +12,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from conftest import load_script
 from training_utils import (
-    RELABEL_SCRIPT,
-    SCRIPT,
     TINY_MODEL,
     read_results,
     run_in_process,
@@ -30,14 +27,13 @@ from refiner_hf.token_labeling import (
     RelabelError,
     RelabelMap,
     crop_soft_labels,
-    dense_soft_labels,
     open_relabel_store,
 )
-from refiner_hf.training.arguments import TrainingArguments
+from refiner_hf.training.arguments import DataArguments
 from refiner_hf.training.augmentation import TrainTransform, seeded_rng
 from refiner_hf.training.data import DataError, load_image_data
 from refiner_hf.training.errors import UsageError, run_command
-from refiner_hf.training.loaders import SampleKey, TrainingSet, collate_training_batch
+from refiner_hf.training.loaders import SampleKey, SampleRecipe, TrainingSet, collate_training_batch
 from refiner_hf.training.mixing import BatchMixing, mix_batch, mix_dense_labels
 from refiner_hf.training.relabel_targets import (
     DENSE_LABELS,
@@ -46,7 +42,9 @@ from refiner_hf.training.relabel_targets import (
     example_relabel_key,
     iter_relabel_keys,
 )
+from refiner_hf.training.teacher_relabeling import parse_relabel_args, relabel_training_set
 from refiner_hf.training.tracking import read_metrics
+from refiner_hf.training.trainer import STOPPING_ERRORS
 
 
 NUM_SAMPLES = 64
@@ -54,13 +52,8 @@ GRID = 7  # the tiny model's token grid: 28 px with 4-pixel patches
 
 
 def generate(argv: list[str]) -> dict:
-    """examples/generate_relabel.py's `main(argv)` in this process (accelerate's state reset afterwards)."""
-    from accelerate.state import AcceleratorState
-
-    try:
-        return load_script(RELABEL_SCRIPT).main(argv)
-    finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
+    """examples/generate_relabel.py's command line `argv`, run in this process."""
+    return relabel_training_set(*parse_relabel_args(argv))
 
 
 def relabel_argv(teacher, output, **overrides) -> list[str]:
@@ -76,7 +69,7 @@ def token_labeling_args(output_dir, store, **overrides) -> list[str]:
 
 
 def training_keys(num_samples: int = NUM_SAMPLES) -> list[str]:
-    data = load_image_data(TrainingArguments(max_train_samples=num_samples))
+    data = load_image_data(DataArguments(max_train_samples=num_samples), seed=42)
     return list(iter_relabel_keys(data.train, "image"))
 
 
@@ -152,14 +145,16 @@ def test_missing_maps_and_mismatches_fail_before_training(store, tmp_path):
 
 
 def test_batch_dense_labels_follow_the_crop_flip_and_cutmix_box(store):
-    data = load_image_data(TrainingArguments(max_train_samples=NUM_SAMPLES))
+    data = load_image_data(DataArguments(max_train_samples=NUM_SAMPLES), seed=42)
     relabel = open_relabel_store(store / "store", num_classes=10)
     builder = DenseLabelBuilder(store / "store", "image", GRID, 10, "softmax")
     builder = pickle.loads(pickle.dumps(builder))  # as DataLoader workers get it under spawn
     transform = TrainTransform(
         28, mean=(0.5,) * 3, std=(0.5,) * 3, scale=(0.2, 0.6), auto_augment="rand-m9", re_prob=0.5
     )
-    train_set = TrainingSet(data.train, "image", "label", transform, seed=0, target_builders={DENSE_LABELS: builder})
+    train_set = TrainingSet(
+        data.train, SampleRecipe("image", "label", transform, seed=0, target_builders={DENSE_LABELS: builder})
+    )
     samples = [train_set[SampleKey(0, index)] for index in range(8)]
     batch = collate_training_batch(samples)
     assert batch[DENSE_LABELS].shape == (8, 10, GRID, GRID)
@@ -167,10 +162,10 @@ def test_batch_dense_labels_follow_the_crop_flip_and_cutmix_box(store):
     assert any(s["crop"].flipped for s in samples) and not all(s["crop"].flipped for s in samples)
     for i, sample in enumerate(samples):
         crop = sample["crop"]
-        expected = dense_soft_labels(
+        expected = crop_soft_labels(
             relabel[keys[i]], (crop.top, crop.left, crop.height, crop.width), (28, 28), GRID, 10, flipped=crop.flipped,
             geometry=crop.geometry, output_size_pixels=crop.output_size,
-        )  # fmt: skip
+        ).dense  # fmt: skip
         torch.testing.assert_close(batch[DENSE_LABELS][i], expected)
     assert any(sample["crop"].geometry for sample in samples)  # RandAugment moved some images: their labels followed
 
@@ -239,13 +234,9 @@ def test_relabeling_fewer_images_than_one_step_is_refused_then_trains_with_a_bat
 
 
 def test_relabel_problems_are_one_line_errors(store, tmp_path, capsys):
-    trainer = load_script(SCRIPT)
     argv = token_labeling_args(tmp_path / "missing", store / "store", max_train_samples=80)
     with pytest.raises(SystemExit) as exit_info:
-        run_command(lambda: trainer.main(argv), usage_errors=(RelabelError,))
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
+        run_command(lambda: run_in_process(argv), usage_errors=STOPPING_ERRORS)
     assert exit_info.value.code == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and ": error: 16 of 80 training images have no relabel map (e.g. fashion_mnist/" in lines[0]
@@ -269,11 +260,13 @@ def crop_label_by_hand(relabel, crop, num_classes: int, smoothing: float) -> tor
 
 
 def test_the_class_target_is_the_teachers_label_of_the_crop_smoothed_and_mixed_like_the_images(store):
-    data = load_image_data(TrainingArguments(max_train_samples=NUM_SAMPLES))
+    data = load_image_data(DataArguments(max_train_samples=NUM_SAMPLES), seed=42)
     relabel = open_relabel_store(store / "store", num_classes=10)
     builder = DenseLabelBuilder(store / "store", "image", GRID, 10, "softmax", smoothing=0.1)
     transform = TrainTransform(28, mean=(0.5,) * 3, std=(0.5,) * 3, scale=(0.2, 0.6))
-    train_set = TrainingSet(data.train, "image", "label", transform, seed=0, target_builders={DENSE_LABELS: builder})
+    train_set = TrainingSet(
+        data.train, SampleRecipe("image", "label", transform, seed=0, target_builders={DENSE_LABELS: builder})
+    )
     samples = [train_set[SampleKey(0, index)] for index in range(8)]
     batch = collate_training_batch(samples)
     keys = training_keys()
@@ -391,7 +384,7 @@ def oracle_store(directory) -> None:
     """A store whose maps name each training image's own class everywhere: a teacher that is always right."""
     from refiner_hf.token_labeling import PackedRelabelWriter, finalize_packed_store
 
-    data = load_image_data(TrainingArguments(max_train_samples=NUM_SAMPLES))
+    data = load_image_data(DataArguments(max_train_samples=NUM_SAMPLES), seed=42)
     writer = PackedRelabelWriter(directory, shard_size=64)
     for key, label in zip(iter_relabel_keys(data.train, "image"), data.train["label"]):
         indices = torch.tensor([label] + [c for c in range(10) if c != label][:4])[:, None, None].expand(5, GRID, GRID)

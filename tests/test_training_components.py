@@ -14,11 +14,11 @@ import pytest
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from conftest import tiny_config
+from helpers import tiny_config
 from torchvision.transforms import functional as TF
 
 from refiner_hf import RefinerViTForImageClassification
-from refiner_hf.hub import image_processor_for_config
+from refiner_hf.image_processing_refiner_vit import image_processor_for_config
 from refiner_hf.training.augmentation import TrainTransform, seeded_rng
 from refiner_hf.training.checkpointing import CheckpointManager, TrainingProgress
 from refiner_hf.training.data import (
@@ -36,6 +36,7 @@ from refiner_hf.training.loaders import (
     EvaluationCollator,
     EvaluationSet,
     SampleKey,
+    SampleRecipe,
     TrainingSet,
     collate_training_batch,
 )
@@ -200,8 +201,8 @@ def test_a_corrupt_image_is_named_or_replaced_and_counted():
     source = small_dataset(corrupt=(2,))
     transform = TrainTransform(8, (0.5,) * 3, (0.5,) * 3, scale=(0.5, 1.0))
     with pytest.raises(BadImageError, match=r"image 2 \(class_0/img_2.png\)"):
-        TrainingSet(source, "image", "label", transform, seed=0)[SampleKey(0, 2)]
-    skipping = TrainingSet(source, "image", "label", transform, seed=0, skip_bad_images=True)
+        TrainingSet(source, SampleRecipe("image", "label", transform, seed=0))[SampleKey(0, 2)]
+    skipping = TrainingSet(source, SampleRecipe("image", "label", transform, seed=0, skip_bad_images=True))
     sample = skipping[SampleKey(0, 2)]
     assert sample["index"] != 2 and sample["bad_images"] == [2]
     assert skipping[SampleKey(0, 2)]["index"] == sample["index"]  # the replacement is drawn under the sample's seed
@@ -218,7 +219,7 @@ def test_extra_per_sample_targets_follow_the_crop():
     source = small_dataset()
     transform = TrainTransform(8, (0.5,) * 3, (0.5,) * 3, scale=(0.5, 1.0))
     builders = {"crop_area": lambda example, crop: torch.tensor(crop.height * crop.width / 144.0)}
-    dataset = TrainingSet(source, "image", "label", transform, seed=0, target_builders=builders)
+    dataset = TrainingSet(source, SampleRecipe("image", "label", transform, seed=0, target_builders=builders))
     batch = collate_training_batch([dataset[SampleKey(0, i)] for i in range(3)])
     boxes = batch["crop_boxes"]
     torch.testing.assert_close(batch["crop_area"], (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))
@@ -227,7 +228,7 @@ def test_extra_per_sample_targets_follow_the_crop():
 def test_labels_outside_the_head_are_named():
     transform = TrainTransform(8, (0.5,) * 3, (0.5,) * 3)
     with pytest.raises(DataError, match="Training example 1 has label 1, outside the model's 1 classes"):
-        TrainingSet(small_dataset(), "image", "label", transform, seed=0, num_labels=1)[SampleKey(0, 1)]
+        TrainingSet(small_dataset(), SampleRecipe("image", "label", transform, seed=0, num_labels=1))[SampleKey(0, 1)]
 
 
 def test_missing_columns_are_named_with_the_columns_there_are():

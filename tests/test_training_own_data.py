@@ -10,13 +10,13 @@ import re
 
 import pytest
 import torch
-from conftest import randomize_
+from helpers import randomize_
 from safetensors.torch import load_file
 from training_utils import TINY_MODEL, run_in_process, tiny_run_args, write_image_folder
 from transformers import AutoModelForImageClassification
 
 from refiner_hf import RefinerViTConfig, RefinerViTForImageClassification
-from refiner_hf.hub import image_processor_for_config
+from refiner_hf.image_processing_refiner_vit import image_processor_for_config
 from refiner_hf.training.data import DataError
 from refiner_hf.training.embedded_data import class_names as fashion_mnist_classes
 from refiner_hf.training.errors import UsageError

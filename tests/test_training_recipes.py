@@ -34,9 +34,10 @@ def test_every_recipe_key_maps_to_an_argument_and_the_recipe_parses(path):
     assert set(raw) <= set(recipe_keys())
     values = load_recipe(path)
     args = parse_args(["--recipe", path.name, "--dataset_name", "some/dataset"], recipe_dirs=[RECIPES])
+    flat = args.flat()
     for key, value in values.items():
-        assert getattr(args, key) == value, key
-    assert args.recipe == str(path)
+        assert flat[key] == value, key
+    assert args.training.recipe == str(path)
 
 
 # The original repository's training scripts (scripts/refiner_*.yaml, arguments of timm's train.py), in this
@@ -67,11 +68,12 @@ ORIGINAL_SCRIPTS = {
 def test_pretraining_recipes_train_what_the_original_scripts_train(recipe):
     args = parse_args(["--recipe", recipe, "--dataset_name", "x"], recipe_dirs=[RECIPES])
     expected = {**ORIGINAL_COMMON, **ORIGINAL_SCRIPTS[recipe]}
-    assert {key: getattr(args, key) for key in expected} == expected
-    assert args.ratio == pytest.approx([3 / 4, 4 / 3])
-    assert args.total_epochs == 310
+    flat = args.flat()
+    assert {key: flat[key] for key in expected} == expected
+    assert args.training.ratio == pytest.approx([3 / 4, 4 / 3])
+    assert args.training.total_epochs == 310
     if "relabel" in recipe:  # the original's teacher class target and its CutMix of the dense labels
-        assert (args.relabel_class_target, args.dense_label_cutmix, args.relabel_normalization) == (
+        assert (flat["relabel_class_target"], flat["dense_label_cutmix"], flat["relabel_normalization"]) == (
             "teacher",
             "blend",
             "softmax",
@@ -82,14 +84,16 @@ def test_the_plain_recipes_build_a_model_without_the_aux_head(tmp_path):
     from refiner_hf.training.model_setup import build_model
 
     args = parse_args(["--recipe", "refiner_vit_s.yaml", "--dataset_name", "x"], recipe_dirs=[RECIPES])
-    config = build_model(args, 10, None).model.config
+    config = build_model(args.model, 10, None).model.config
     assert not config.use_aux_head and config.attention_similarity_pairs == 2 and config.drop_path_rate == 0.1
 
 
 def test_finetune_recipes_set_the_resolution():
     for name, size in (("refiner_vit_s_384_finetune.yaml", 384), ("refiner_vit_l_448_finetune.yaml", 448)):
         args = parse_args(["--recipe", name, "--dataset_name", "x", "--model_name_or_path", "m"], recipe_dirs=[RECIPES])
-        assert args.image_size == size and args.lr == 5e-6 and args.min_lr == 5e-6 and args.weight_decay == 1e-8
+        training = args.training
+        assert args.model.image_size == size and training.lr == 5e-6 and training.min_lr == 5e-6
+        assert training.weight_decay == 1e-8
 
 
 def test_command_line_overrides_the_recipe():
@@ -108,17 +112,17 @@ def test_command_line_overrides_the_recipe():
         ],
         recipe_dirs=[RECIPES],
     )
-    assert args.lr == 1e-3 and args.model_ema is False and args.scale == [0.2, 1.0]
-    assert args.weight_decay == 0.05 and args.model == "refiner-vit-s"
+    assert args.training.lr == 1e-3 and args.training.model_ema is False and args.training.scale == [0.2, 1.0]
+    assert args.training.weight_decay == 0.05 and args.model.model == "refiner-vit-s"
 
 
 def test_without_data_arguments_the_embedded_recipe_is_used():
     args = parse_args([], recipe_dirs=[RECIPES])
-    assert args.uses_embedded_data
-    assert args.recipe.endswith("embedded_fashion_mnist.yaml")
-    assert args.config_overrides_dict()["image_size"] == 28
+    assert args.data.uses_embedded_data
+    assert args.training.recipe.endswith("embedded_fashion_mnist.yaml")
+    assert args.model.config_overrides_dict()["image_size"] == 28
     # With a data argument, the defaults are the paper's S recipe values, not the embedded ones.
-    assert parse_args(["--dataset_name", "x"], recipe_dirs=[RECIPES]).lr == 5e-4
+    assert parse_args(["--dataset_name", "x"], recipe_dirs=[RECIPES]).training.lr == 5e-4
 
 
 def test_an_unknown_recipe_key_is_an_error_naming_it(tmp_path):
@@ -151,7 +155,8 @@ def test_yaml_numbers_without_a_dot_are_read_as_numbers(tmp_path):
     recipe = tmp_path / "numbers.yaml"
     recipe.write_text("lr: 1e-3\nwarmup_lr: 1\nepochs: 40\n")  # YAML reads `1e-3` as a string
     args = parse_args(["--recipe", str(recipe)])
-    assert args.lr == 1e-3 and isinstance(args.warmup_lr, float) and args.epochs == 40
+    training = args.training
+    assert training.lr == 1e-3 and isinstance(training.warmup_lr, float) and training.epochs == 40
 
 
 def test_a_missing_recipe_names_where_it_was_looked_for():
@@ -194,18 +199,24 @@ def test_a_bare_finetuning_run_uses_the_finetuning_recipe():
     finetuning = load_recipe(RECIPES / "finetune_own_data.yaml")
     for data in ([], ["--dataset_name", "x"]):  # on the embedded data as on one's own
         args = parse_args(["--model_name_or_path", "some/model", *data], recipe_dirs=[RECIPES])
-        assert args.recipe == str(RECIPES / "finetune_own_data.yaml")
+        assert args.training.recipe == str(RECIPES / "finetune_own_data.yaml")
         assert args.recipe_source.endswith("(the fine-tuning recipe: --model_name_or_path without --recipe)")
-        assert {key: getattr(args, key) for key in finetuning} == finetuning
+        assert {key: args.flat()[key] for key in finetuning} == finetuning
     # A short per-step schedule with a short warmup and no EMA, not the ImageNet pretraining's 300 epochs.
-    assert (args.epochs, args.warmup_epochs, args.lr_schedule_unit, args.model_ema) == (10, 1, "step", False)
+    training = args.training
+    assert (training.epochs, training.warmup_epochs, training.lr_schedule_unit, training.model_ema) == (
+        10,
+        1,
+        "step",
+        False,
+    )
     # The model's own resolution, architecture and image processor.
-    assert args.image_size is None and args.config_overrides is None and args.crop_pct is None
+    assert args.model.image_size is None and args.model.config_overrides is None and args.model.crop_pct is None
     # A named recipe is the one used; a from-scratch run on one's data uses the argument defaults, and says so.
     named = ["--model_name_or_path", "m", "--recipe", "refiner_vit_s_384_finetune.yaml", "--dataset_name", "x"]
-    assert parse_args(named, recipe_dirs=[RECIPES]).lr == 5e-6
+    assert parse_args(named, recipe_dirs=[RECIPES]).training.lr == 5e-6
     scratch = parse_args(["--dataset_name", "x"], recipe_dirs=[RECIPES])
-    assert scratch.recipe is None and scratch.recipe_source.startswith(
+    assert scratch.training.recipe is None and scratch.recipe_source.startswith(
         "none: the argument defaults: the paper's Refiner-ViT-S ImageNet pretraining recipe"
     )
 
@@ -295,10 +306,10 @@ def test_a_field_given_twice_differently_is_an_error_not_a_silent_choice():
     with pytest.raises(
         UsageError, match=r"sets image_size 28 but --image_size is 224: give it once \(--image_size 28\)"
     ):
-        build_model(args, 10, None)
+        build_model(args.model, 10, None)
     argv[-1] = (
         '{"image_size": 32, "patch_size": 8, "hidden_size": 24, "num_attention_heads": 4, "num_hidden_layers": 4}'
     )
     args = parse_args(argv + ["--image_size", "32", "--drop_path", "0.3"], recipe_dirs=[RECIPES])
-    config = build_model(args, 10, None).model.config
+    config = build_model(args.model, 10, None).model.config
     assert (config.image_size, config.drop_path_rate) == (32, 0.3)

@@ -15,7 +15,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from training_utils import load_trainer, read_results, run_in_process, tiny_run_args
+from training_utils import read_results, run_in_process, tiny_run_args
 
 from refiner_hf import RefinerViTForImageClassification
 from refiner_hf.token_labeling import RelabelError
@@ -28,6 +28,7 @@ from refiner_hf.training.checkpointing import (
 )
 from refiner_hf.training.data import DataError, decode_image
 from refiner_hf.training.run_lock import LOCK_FILE, RunLockedError
+from refiner_hf.training.trainer import NonFiniteLossError
 
 
 # 32 training images in batches of 4 (8 steps per epoch), 16 validation images, a checkpoint every 3 steps.
@@ -139,7 +140,6 @@ def test_a_second_run_on_the_same_directory_is_refused_and_a_dead_ones_lock_take
 
 
 def test_a_non_finite_loss_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-    trainer = load_trainer()
     forward, calls = RefinerViTForImageClassification.forward, []
 
     def diverging(self, *args, **kwargs):
@@ -152,11 +152,8 @@ def test_a_non_finite_loss_stops_the_run_naming_the_step_and_keeps_the_last_good
 
     monkeypatch.setattr(RefinerViTForImageClassification, "forward", diverging)
     output_dir = tmp_path / "run"
-    with pytest.raises(trainer.NonFiniteLossError, match=r"loss is nan at step 5 \(epoch 1, batch 5\).*step_00000003"):
-        trainer.main(tiny_run_args(output_dir, **ONE_EPOCH))
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
+    with pytest.raises(NonFiniteLossError, match=r"loss is nan at step 5 \(epoch 1, batch 5\).*step_00000003"):
+        run_in_process(tiny_run_args(output_dir, **ONE_EPOCH))
     assert [p.name for p in checkpoints_of(output_dir)] == ["step_00000003"]
     assert not (output_dir / "model").exists() and not (output_dir / "all_results.json").exists()
 

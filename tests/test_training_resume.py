@@ -10,24 +10,18 @@ like a signal) at the chosen call; one test kills a real process with SIGKILL.
 
 import json
 import shutil
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from accelerate.state import AcceleratorState
 from training_utils import (
-    ROOT,
-    SCRIPT,
-    load_trainer,
+    kill_script_at,
     read_results,
     run_in_process,
     run_script,
-    subprocess_env,
     tiny_run_args,
 )
 
+from refiner_hf.training import trainer
 from refiner_hf.training.checkpointing import CheckpointManager
 
 
@@ -49,9 +43,8 @@ class Killed(BaseException):
 def kill_at(owner, name: str, call: int, after: bool = False):
     """A patch: `owner.name` raises [`Killed`] at its `call`-th call, before it runs (or, with `after`, once it has)."""
 
-    def patch(monkeypatch, script):
-        target = script if owner == "script" else owner
-        original, calls = getattr(target, name), []
+    def patch(monkeypatch):
+        original, calls = getattr(owner, name), []
 
         def wrapper(*args, **kwargs):
             calls.append(1)
@@ -62,7 +55,7 @@ def kill_at(owner, name: str, call: int, after: bool = False):
                 raise Killed(name)
             return result
 
-        monkeypatch.setattr(target, name, wrapper)
+        monkeypatch.setattr(owner, name, wrapper)
 
     return patch
 
@@ -80,16 +73,13 @@ def delete(*names: str):
 
 def attempt(argv: list[str], monkeypatch, patch=None) -> bool:
     """Runs the trainer in this process with `patch` applied; returns whether it was killed."""
-    script = load_trainer()
     with monkeypatch.context() as patched:
         if patch is not None:
-            patch(patched, script)
+            patch(patched)
         try:
-            script.main(argv)
+            run_in_process(argv)
         except Killed:
             return True
-        finally:
-            AcceleratorState._reset_state(reset_partial_state=True)
     return False
 
 
@@ -132,22 +122,22 @@ def test_the_uninterrupted_runs_keep_the_best_and_the_last_checkpoint(references
 
 
 STOPPED_MID_EPOCH_KILLS = {
-    "mid-epoch 1": [kill_at("script", "mix_batch", call=7)],
-    "mid-epoch 2": [kill_at("script", "mix_batch", call=11)],
+    "mid-epoch 1": [kill_at(trainer, "mix_batch", call=7)],
+    "mid-epoch 2": [kill_at(trainer, "mix_batch", call=11)],
     "after the epoch-end checkpoint": [kill_at(CheckpointManager, "save", call=2, after=True)],
-    "during the final evaluation": [kill_at("script", "evaluate_classifier", call=3)],
+    "during the final evaluation": [kill_at(trainer, "evaluate_classifier", call=3)],
     "after the last checkpoint": [kill_at(CheckpointManager, "save", call=4, after=True)],
     "while the model directory is written, twice": [
-        kill_at("script", "save_model_directory", call=1),  # the best of epoch 1
-        kill_at("script", "save_model_directory", call=1),  # the resumed run writing it at the end
+        kill_at(trainer, "save_model_directory", call=1),  # the best of epoch 1
+        kill_at(trainer, "save_model_directory", call=1),  # the resumed run writing it at the end
     ],
     "before the results are written": [delete("all_results.json")],
     "while the model or the results are written": [delete("model", "all_results.json")],
 }
 SINGLE_EPOCH_KILLS = {
-    "during the final evaluation": [kill_at("script", "evaluate_classifier", call=1)],
+    "during the final evaluation": [kill_at(trainer, "evaluate_classifier", call=1)],
     "after the last checkpoint": [kill_at(CheckpointManager, "save", call=3, after=True)],
-    "while the model directory is written": [kill_at("script", "save_model_directory", call=1)],
+    "while the model directory is written": [kill_at(trainer, "save_model_directory", call=1)],
 }
 CASES = [("A", name, kills) for name, kills in STOPPED_MID_EPOCH_KILLS.items()]
 CASES += [("B", name, kills) for name, kills in SINGLE_EPOCH_KILLS.items()]
@@ -188,21 +178,9 @@ def test_a_process_killed_after_its_last_checkpoint_resumes_to_the_same_model_di
     reference, interrupted = tmp_path / "reference", tmp_path / "interrupted"
     run_script(tiny_run_args(reference, **SINGLE_EPOCH))
     argv = tiny_run_args(interrupted, **SINGLE_EPOCH)
-    process = subprocess.Popen(
-        [sys.executable, str(SCRIPT), *argv], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-        env=subprocess_env(), cwd=ROOT,
-    )  # fmt: skip
     last_checkpoint = f"Saved checkpoint {interrupted / 'checkpoints' / 'step_00000008'}"
-    try:
-        for line in process.stdout:
-            if line.strip() == last_checkpoint:  # then it writes the model directory and the results
-                process.send_signal(signal.SIGKILL)
-                break
-        process.wait(timeout=120)
-    finally:
-        process.kill()
     # Killed while writing the model directory or the results, or just before (a slow reader may let it go further).
-    assert process.returncode == -signal.SIGKILL
+    kill_script_at(argv, lambda line: line == last_checkpoint)  # then it writes the model directory and the results
 
     resumed = run_script(argv + ["--resume_from_checkpoint", "latest"]).stdout
     assert "training and evaluation finished; the model directory and the results are left" in resumed

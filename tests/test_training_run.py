@@ -1,13 +1,12 @@
 """
-End-to-end runs of examples/run_imagenet.py on the embedded data with a tiny model: the saved model, bad input,
-bf16, local image folders, streaming, fine-tuning at another resolution, resuming after SIGKILL, and two processes.
+End-to-end runs of the trainer (and its command line, examples/run_imagenet.py) on the embedded data with a tiny
+model: the saved model, bad input, bf16, local image folders, streaming, fine-tuning at another resolution, resuming
+after SIGKILL, and two processes.
 """
 
 import json
 import math
 import os
-import signal
-import subprocess
 import sys
 from types import SimpleNamespace
 
@@ -16,23 +15,21 @@ import PIL.Image
 import pytest
 import torch
 from training_utils import (
-    ROOT,
-    SCRIPT,
     TINY_MODEL,
     TINY_MODEL_WITHOUT_BATCHNORM,
     checkpoint_tensors,
     final_checkpoint,
-    load_trainer,
+    kill_script_at,
     read_results,
     run_in_process,
     run_script,
-    subprocess_env,
     tiny_run_args,
     write_image_folder,
 )
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
 import refiner_hf  # noqa: F401  (registers the model type with the Auto classes)
+from refiner_hf.training import trainer
 from refiner_hf.training.data import BadImageError, DataError, load_embedded_dataset
 from refiner_hf.training.tracking import read_metrics
 
@@ -97,15 +94,12 @@ def test_checkpoints_are_kept_and_rotated(trained):
 def test_finetuning_at_another_resolution_resizes_and_saves_the_new_size(trained, tmp_path, monkeypatch):
     pretrained, _ = trained
     uploads = []
-    script = load_trainer()
 
     def fake_push_to_hub(*args, **kwargs):
         uploads.append((args, kwargs))
         return SimpleNamespace(repo_url=f"https://hub.example/{args[1]}")
 
-    monkeypatch.setattr(script, "push_to_hub", fake_push_to_hub)
-    from accelerate.state import AcceleratorState
-
+    monkeypatch.setattr(trainer, "push_to_hub", fake_push_to_hub)
     argv = tiny_run_args(
         tmp_path,
         model_name_or_path=pretrained / "model",
@@ -114,10 +108,7 @@ def test_finetuning_at_another_resolution_resizes_and_saves_the_new_size(trained
         crop_pct=0.875,
         max_train_steps=2,
     )
-    try:
-        results = script.main(argv + ["--push_to_hub", "--hub_model_id", "someone/refiner-vit-tiny-56"])
-    finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
+    results = run_in_process(argv + ["--push_to_hub", "--hub_model_id", "someone/refiner-vit-tiny-56"])
     assert results["global_step"] == 2
     config = json.loads((tmp_path / "model" / "config.json").read_text())
     processor = json.loads((tmp_path / "model" / "preprocessor_config.json").read_text())
@@ -206,19 +197,7 @@ def test_resume_after_sigkill_mid_epoch_gives_the_same_weights(tmp_path):
     interrupted = tmp_path / "interrupted"
     # The interrupted run also loads its data with a worker process: the data must not depend on it.
     argv = tiny_run_args(interrupted, dataloader_num_workers=1, **common)
-    process = subprocess.Popen(
-        [sys.executable, str(SCRIPT), *argv], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-        env=subprocess_env(), cwd=ROOT,
-    )  # fmt: skip
-    try:
-        for line in process.stdout:
-            if line.startswith("Saved checkpoint") and "batch 3)" in line:
-                process.send_signal(signal.SIGKILL)
-                break
-        process.wait(timeout=120)
-    finally:
-        process.kill()
-    assert process.returncode == -signal.SIGKILL
+    kill_script_at(argv, lambda line: line.startswith("Saved checkpoint") and "batch 3)" in line)
     checkpoints = sorted(p.name for p in (interrupted / "checkpoints").iterdir() if not p.name.startswith("."))
     assert checkpoints and checkpoints[-1] in ("step_00000003", "step_00000006")  # mid-epoch
     assert not (interrupted / "all_results.json").exists()

@@ -6,14 +6,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import load_script, randomize_, tiny_config
+from helpers import load_script, randomize_, tiny_config
 from PIL import Image
 from transformers import AutoModelForImageClassification
 
 from refiner_hf import RefinerViTForImageClassification
 from refiner_hf.assets import sample_image_path
 from refiner_hf.attention_analysis import class_token_attention
-from refiner_hf.hub import image_processor_for_config
+from refiner_hf.image_processing_refiner_vit import image_processor_for_config
 from refiner_hf.training import embedded_data
 from refiner_hf.training.errors import UsageError, run_command
 

@@ -1,17 +1,18 @@
-"""Helpers of the trainer's tests: a tiny model and run, and running examples/run_imagenet.py in or out of process."""
+"""Helpers of the trainer's tests: a tiny model and run, and running the trainer in this process or its command line
+(examples/run_imagenet.py) in a subprocess."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
-from conftest import load_script
+from helpers import TINY_FIELDS
 from safetensors.torch import load_file
 
 
@@ -19,16 +20,13 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "run_imagenet.py"
 RECIPES = ROOT / "examples" / "recipes"
 
-# A Refiner-ViT with every block type, the convolutional stem and both heads, on the embedded 28x28 images.
+# The unit tests' tiny model (every block type, the convolutional stem, both heads) on the embedded 28x28 images, a
+# little wider; the head is sized from the data set.
 TINY_MODEL = {
+    **{key: value for key, value in TINY_FIELDS.items() if key != "num_labels"},
     "image_size": 28,
     "patch_size": 4,
     "hidden_size": 32,
-    "num_hidden_layers": 4,
-    "num_attention_heads": 4,
-    "mlp_ratio": 2.0,
-    "block_types": ["refined", "shared", "plain", "shared"],
-    "refine_expansion": 2,
     "shared_expansion": 2,
     "stem_hidden_sizes": [8, 16, 16],
 }
@@ -77,19 +75,12 @@ def tiny_run_args(output_dir: Path, model: dict[str, Any] | None = None, **overr
     return argv
 
 
-def load_trainer() -> ModuleType:
-    """examples/run_imagenet.py as a module, to call its `main(argv)` in this process."""
-    return load_script(SCRIPT)
-
-
 def run_in_process(argv: list[str]) -> dict[str, Any]:
-    """Runs the trainer in this process and resets accelerate's process-wide state afterwards."""
-    from accelerate.state import AcceleratorState
+    """Trains in this process with the command line `argv` of examples/run_imagenet.py (its recipes included)."""
+    from refiner_hf.training.arguments import parse_args
+    from refiner_hf.training.trainer import train
 
-    try:
-        return load_trainer().main(argv)
-    finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
+    return train(parse_args(argv, recipe_dirs=[RECIPES]))
 
 
 def subprocess_env() -> dict[str, str]:
@@ -113,6 +104,26 @@ def run_script(argv: list[str], launcher: list[str] | None = None, timeout: floa
     if result.returncode != 0:
         raise AssertionError(f"{' '.join(command)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
     return result
+
+
+def kill_script_at(argv: list[str], line_is_the_moment: Callable[[str], bool], timeout: float = 300) -> None:
+    """
+    Runs the trainer's command line in a subprocess and kills it with SIGKILL as soon as it prints a line for which
+    `line_is_the_moment` is true; fails unless it was killed.
+    """
+    process = subprocess.Popen(
+        [sys.executable, str(SCRIPT), *argv], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        env=subprocess_env(), cwd=ROOT,
+    )  # fmt: skip
+    try:
+        for line in process.stdout:
+            if line_is_the_moment(line.strip()):
+                process.send_signal(signal.SIGKILL)
+                break
+        process.wait(timeout=timeout)
+    finally:
+        process.kill()
+    assert process.returncode == -signal.SIGKILL
 
 
 def final_checkpoint(output_dir: Path) -> Path:

@@ -443,18 +443,6 @@ Tasks make_tasks(int64_t batch, int64_t rows) {
   return t;
 }
 
-// Calls fn(task, image, first_row, end_row) for every task, in parallel; tasks are independent.
-template <typename Fn>
-void for_each_task(const Tasks& t, int64_t rows, const Fn& fn) {
-  at::parallel_for(0, t.count(), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / t.blocks;
-      const int64_t r0 = (task % t.blocks) * t.block_rows;
-      fn(task, b, r0, std::min(rows, r0 + t.block_rows));
-    }
-  });
-}
-
 // A ring of row sets keyed by image row: a sliding window of rows is computed once per task.
 class RowRing {
  public:
@@ -905,8 +893,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> refine_train(
 //   gz = ka (ga - dbeta_a / n - zhat dgamma_a / n),  ka = gamma_a invstd_a       (also the residual's gradient)
 //   gy3 = k3 (gz - dbeta3 / n - yhat3 dgamma3 / n),  dbeta3 = sum gz, dgamma3 = sum gz yhat3
 //   dW_p = sum gy3 t2^T;  gbn2 = (W_p^T gy3) [0 < bn2 < 6];  and so on down to gx = W_e^T gy1 + gz.
-// Pass B1 reduces what gz needs, B2 computes gz (into grad_x), gy3 (stored) and the projection's gradients, B3
-// the depthwise gradients and gbn1 (stored), B4 the expansion's gradients and the rest of grad_x.
+// Four passes over the rows, each a function below: B1 reduces what gz needs, B2 computes gz (into grad_x), gy3
+// (stored) and the projection's gradients, B3 the depthwise gradients and gbn1 (stored), B4 the expansion's gradients
+// and the rest of grad_x.
 
 // Where each parameter's gradient goes in the flat vector the backward fills.
 struct GradSlots {
@@ -927,21 +916,40 @@ struct GradSlots {
   }
 };
 
+// What every pass of the backward reads: the inputs, the saved statistics, the folded forward weights and the work
+// split. `out` is the flat gradient vector (see GradSlots).
 template <typename T>
-void train_backward(const T* x, const T* grad_out, float* grad_x, int64_t batch, const Layout& L,
-                    const TrainParams& p, const TrainStats& s, std::vector<double>* grads) {
-  const int64_t H = L.heads, C = L.channels, k = L.kernel;
-  const double count = static_cast<double>(batch) * L.plane();
-  const Tasks tasks = make_tasks(batch, L.rows);
-  const float scale = static_cast<float>(p.scale);
+struct Backward {
+  const T* x;
+  const T* grad_out;
+  float* grad_x;
+  int64_t batch;
+  const Layout& L;
+  const TrainParams& p;
+  const TrainStats& s;
+  std::vector<double>& out;
+  int64_t H, C, k;
+  double count;  // positions per channel
+  Tasks tasks;
+  float scale;
+  GradSlots slot;
+  Folded f;  // t1 and t2 from x, with the saved batch statistics
+  std::vector<float> w_project_t;
 
-  // Folded forward weights (t1 and t2 from x) with the saved batch statistics.
-  Folded f;
-  if (p.expand) fold(s.bn1, p.w_expand, H, &f.w_expand, &f.b_expand);
-  fold(s.bn2, p.w_depthwise, k * k, &f.w_depthwise, &f.b_depthwise);
+  Backward(const T* x_, const T* grad_out_, float* grad_x_, int64_t batch_, const Layout& L_, const TrainParams& p_,
+           const TrainStats& s_, std::vector<double>* out_)
+      : x(x_), grad_out(grad_out_), grad_x(grad_x_), batch(batch_), L(L_), p(p_), s(s_), out(*out_),
+        H(L_.heads), C(L_.channels), k(L_.kernel), count(static_cast<double>(batch_) * L_.plane()),
+        tasks(make_tasks(batch_, L_.rows)), scale(static_cast<float>(p_.scale)),
+        slot(L_.heads, L_.channels, L_.kernel), w_project_t(transpose(p_.w_project, L_.heads, L_.channels)) {
+    if (p.expand) fold(s.bn1, p.w_expand, H, &f.w_expand, &f.b_expand);
+    fold(s.bn2, p.w_depthwise, k * k, &f.w_depthwise, &f.b_depthwise);
+  }
 
-  // Shared by B1 and B2: from t2 and the input row, yhat3 and zhat.
-  const auto head_normals = [&](const float* t2, const float* xrow, float* y3, float* yhat3, float* zhat) {
+  const T* image(int64_t b) const { return x + b * H * L.plane(); }
+
+  // From t2 and the input row: y3, yhat3 and zhat (the normalised input of the last BatchNorm).
+  void head_normals(const float* t2, const float* xrow, float* y3, float* yhat3, float* zhat) const {
     affine(t2, C, p.w_project.data(), nullptr, y3, H, L);
     normalize(y3, s.bn3, yhat3, nullptr, H, L);
     for (int64_t h = 0; h < H; ++h) {
@@ -953,29 +961,44 @@ void train_backward(const T* x, const T* grad_out, float* grad_x, int64_t batch,
       }
     }
     zero_tail(zhat, H, L);
-  };
+  }
+};
 
-  // B1: sums over g, g zhat, g yhat3, zhat yhat3, zhat, yhat3.
-  constexpr int64_t kSums1 = 6;
-  std::vector<double> partial1(tasks.count() * kSums1 * H, 0.0);
-  at::parallel_for(0, tasks.count(), 1, [&](int64_t begin, int64_t end) {
-    Expansion<T> expansion(L, p, f, nullptr);
+// Per head: gz = ka (scale g - ma - zhat m2a) and gy3 = k3 (gz - m3 - yhat3 m23).
+struct HeadCoefficients {
+  std::vector<float> ka, ma, m2a, k3, m3, m23;
+};
+
+// Per channel of the depthwise convolution: gy2 = k2 (gbn2 - m2 - yhat2 m22).
+struct DepthwiseCoefficients {
+  std::vector<float> k2, m2, m22;
+};
+
+// B1: the sums over g, g zhat, g yhat3, zhat yhat3, zhat and yhat3 that give both per-head BatchNorms' gradients.
+template <typename T>
+HeadCoefficients backward_head_sums(const Backward<T>& bw) {
+  const Layout& L = bw.L;
+  const int64_t H = bw.H, C = bw.C, k = bw.k;
+  constexpr int64_t kSums = 6;
+  std::vector<double> partial(bw.tasks.count() * kSums * H, 0.0);
+  at::parallel_for(0, bw.tasks.count(), 1, [&](int64_t begin, int64_t end) {
+    Expansion<T> expansion(L, bw.p, bw.f, nullptr);
     RowRing ring(k, expansion.size());
     Buffer t2(L.row_set(C), 0.f), y3(L.row_set(H), 0.f), yhat3(L.row_set(H), 0.f),
         zhat(L.row_set(H), 0.f), xrow(L.row_set(H), 0.f), grow(L.row_set(H), 0.f);
     std::vector<const float*> rows(k);
     for (int64_t task = begin; task < end; ++task) {
-      const auto [b, r0, r1] = tasks.span(task);
-      const T* image = x + b * H * L.plane();
+      const auto [b, r0, r1] = bw.tasks.span(task);
+      const T* image = bw.image(b);
       const auto fill = [&](int64_t r, float* dst) { expansion.fill(image, r, dst); };
-      double* acc = partial1.data() + task * kSums1 * H;
+      double* acc = partial.data() + task * kSums * H;
       ring.reset();
       for (int64_t i = r0; i < r1; ++i) {
         for (int64_t dy = 0; dy < k; ++dy) rows[dy] = ring.get(i - L.pad + dy, fill);
-        depthwise_clamp6(rows.data(), f.w_depthwise.data(), f.b_depthwise.data(), t2.data(), C, L);
+        depthwise_clamp6(rows.data(), bw.f.w_depthwise.data(), bw.f.b_depthwise.data(), t2.data(), C, L);
         load_row(image, i, H, xrow.data(), L);
-        head_normals(t2.data(), xrow.data(), y3.data(), yhat3.data(), zhat.data());
-        load_row(grad_out + b * H * L.plane(), i, H, grow.data(), L);
+        bw.head_normals(t2.data(), xrow.data(), y3.data(), yhat3.data(), zhat.data());
+        load_row(bw.grad_out + b * H * L.plane(), i, H, grow.data(), L);
         for (int64_t h = 0; h < H; ++h) {
           const float* g = grow.data() + h * L.stride;
           const float* z = zhat.data() + h * L.stride;
@@ -990,59 +1013,62 @@ void train_backward(const T* x, const T* grad_out, float* grad_x, int64_t batch,
       }
     }
   });
-  const std::vector<double> sums1 = reduce_tasks(partial1, tasks.count(), kSums1 * H);
-  // Per head: gz = ka * (scale * g - ma - zhat * m2a), gy3 = k3 * (gz - m3 - yhat3 * m23).
-  std::vector<float> ka(H), ma(H), m2a(H), k3(H), m3(H), m23(H);
-  std::vector<double>& out = *grads;
-  const GradSlots slot(H, C, k);
+  const std::vector<double> sums = reduce_tasks(partial, bw.tasks.count(), kSums * H);
+  HeadCoefficients c{std::vector<float>(H), std::vector<float>(H), std::vector<float>(H),
+                     std::vector<float>(H), std::vector<float>(H), std::vector<float>(H)};
+  const double count = bw.count;
   for (int64_t h = 0; h < H; ++h) {
-    const double dbeta_a = p.scale * sums1[h], dgamma_a = p.scale * sums1[H + h];
-    const double k_a = double(s.bna.weight[h]) * s.bna.invstd[h];
-    const double dbeta3 = k_a * (dbeta_a - dbeta_a - dgamma_a * sums1[4 * H + h] / count);
+    const double dbeta_a = bw.p.scale * sums[h], dgamma_a = bw.p.scale * sums[H + h];
+    const double k_a = double(bw.s.bna.weight[h]) * bw.s.bna.invstd[h];
+    const double dbeta3 = k_a * (dbeta_a - dbeta_a - dgamma_a * sums[4 * H + h] / count);
     const double dgamma3 =
-        k_a * (p.scale * sums1[2 * H + h] - dbeta_a * sums1[5 * H + h] / count - dgamma_a * sums1[3 * H + h] / count);
-    ka[h] = static_cast<float>(k_a);
-    ma[h] = static_cast<float>(dbeta_a / count);
-    m2a[h] = static_cast<float>(dgamma_a / count);
-    k3[h] = s.bn3.weight[h] * s.bn3.invstd[h];
-    m3[h] = static_cast<float>(dbeta3 / count);
-    m23[h] = static_cast<float>(dgamma3 / count);
-    out[slot.gamma_a + h] = dgamma_a;
-    out[slot.beta_a + h] = dbeta_a;
-    out[slot.gamma3 + h] = dgamma3;
-    out[slot.beta3 + h] = dbeta3;
+        k_a * (bw.p.scale * sums[2 * H + h] - dbeta_a * sums[5 * H + h] / count - dgamma_a * sums[3 * H + h] / count);
+    c.ka[h] = static_cast<float>(k_a);
+    c.ma[h] = static_cast<float>(dbeta_a / count);
+    c.m2a[h] = static_cast<float>(dgamma_a / count);
+    c.k3[h] = bw.s.bn3.weight[h] * bw.s.bn3.invstd[h];
+    c.m3[h] = static_cast<float>(dbeta3 / count);
+    c.m23[h] = static_cast<float>(dgamma3 / count);
+    bw.out[bw.slot.gamma_a + h] = dgamma_a;
+    bw.out[bw.slot.beta_a + h] = dbeta_a;
+    bw.out[bw.slot.gamma3 + h] = dgamma3;
+    bw.out[bw.slot.beta3 + h] = dbeta3;
   }
+  return c;
+}
 
-  // B2: gz into grad_x, gy3 (stored: H channels, where gbn2 would be C), dW_p, and the sums of gbn2.
-  Tensor gy3_store = at::empty({batch, H, L.rows, L.cols}, at::kFloat);
-  float* gy3_all = gy3_store.data_ptr<float>();
-  const int64_t kSums2 = 2 * C + H * C;  // sum gbn2, sum gbn2 yhat2, dW_p
-  std::vector<double> partial2(tasks.count() * kSums2, 0.0);
-  const std::vector<float> w_project_t = transpose(p.w_project, H, C);
-  at::parallel_for(0, tasks.count(), 1, [&](int64_t begin, int64_t end) {
-    Expansion<T> expansion(L, p, f, nullptr);
+// B2: gz into grad_x, gy3 into `gy3_all` (H channels, where gbn2 would need C), the projection's weight gradient,
+// and the sums of gbn2 that give the depthwise BatchNorm's gradients.
+template <typename T>
+DepthwiseCoefficients backward_projection(const Backward<T>& bw, const HeadCoefficients& c, float* gy3_all) {
+  const Layout& L = bw.L;
+  const int64_t H = bw.H, C = bw.C, k = bw.k;
+  const int64_t kSums = 2 * C + H * C;  // sum gbn2, sum gbn2 yhat2, dW_p
+  std::vector<double> partial(bw.tasks.count() * kSums, 0.0);
+  at::parallel_for(0, bw.tasks.count(), 1, [&](int64_t begin, int64_t end) {
+    Expansion<T> expansion(L, bw.p, bw.f, nullptr);
     RowRing ring(k, expansion.size());
     Buffer y2(L.row_set(C), 0.f), yhat2(L.row_set(C), 0.f), t2(L.row_set(C), 0.f),
         gt2(L.row_set(C), 0.f), y3(L.row_set(H), 0.f), yhat3(L.row_set(H), 0.f), zhat(L.row_set(H), 0.f),
         xrow(L.row_set(H), 0.f), grow(L.row_set(H), 0.f), gy3(L.row_set(H), 0.f);
     std::vector<const float*> rows(k);
     for (int64_t task = begin; task < end; ++task) {
-      const auto [b, r0, r1] = tasks.span(task);
-      const T* image = x + b * H * L.plane();
+      const auto [b, r0, r1] = bw.tasks.span(task);
+      const T* image = bw.image(b);
       const auto fill = [&](int64_t r, float* dst) { expansion.fill(image, r, dst); };
-      double* acc = partial2.data() + task * kSums2;
+      double* acc = partial.data() + task * kSums;
       ring.reset();
       for (int64_t i = r0; i < r1; ++i) {
         for (int64_t dy = 0; dy < k; ++dy) rows[dy] = ring.get(i - L.pad + dy, fill);
-        depthwise(rows.data(), p.w_depthwise.data(), nullptr, y2.data(), C, L);
-        normalize(y2.data(), s.bn2, yhat2.data(), t2.data(), C, L);
+        depthwise(rows.data(), bw.p.w_depthwise.data(), nullptr, y2.data(), C, L);
+        normalize(y2.data(), bw.s.bn2, yhat2.data(), t2.data(), C, L);
         load_row(image, i, H, xrow.data(), L);
-        head_normals(t2.data(), xrow.data(), y3.data(), yhat3.data(), zhat.data());
-        load_row(grad_out + b * H * L.plane(), i, H, grow.data(), L);
+        bw.head_normals(t2.data(), xrow.data(), y3.data(), yhat3.data(), zhat.data());
+        load_row(bw.grad_out + b * H * L.plane(), i, H, grow.data(), L);
         for (int64_t h = 0; h < H; ++h) {
-          const Vec vka = splat(ka[h]), vma = splat(ma[h]), vm2a = splat(m2a[h]), vs = splat(scale);
-          const Vec vk3 = splat(k3[h]), vm3 = splat(m3[h]), vm23 = splat(m23[h]);
-          float* gz = grad_x + (b * H + h) * L.plane() + i * L.cols;
+          const Vec vka = splat(c.ka[h]), vma = splat(c.ma[h]), vm2a = splat(c.m2a[h]), vs = splat(bw.scale);
+          const Vec vk3 = splat(c.k3[h]), vm3 = splat(c.m3[h]), vm23 = splat(c.m23[h]);
+          float* gz = bw.grad_x + (b * H + h) * L.plane() + i * L.cols;
           for (int64_t q = 0; q < L.chunks; ++q) {
             const int64_t j = h * L.stride + L.offset + q * kLanes;
             const Vec vgz = vka * (vs * load(grow.data() + j) - vma - load(zhat.data() + j) * vm2a);
@@ -1055,51 +1081,54 @@ void train_backward(const T* x, const T* grad_out, float* grad_x, int64_t batch,
         zero_tail(gy3.data(), H, L);
         store_row(gy3.data(), H, gy3_all + b * H * L.plane(), i, L);
         outer_accumulate(gy3.data(), H, t2.data(), C, L, acc + 2 * C);
-        affine(gy3.data(), H, w_project_t.data(), nullptr, gt2.data(), C, L);
-        relu6_backward(gt2.data(), yhat2.data(), s.bn2, C, L);
-        for (int64_t c = 0; c < C; ++c) {
-          const float* g = gt2.data() + c * L.stride;
-          acc[c] += row_sum(g, L);
-          acc[C + c] += row_dot(g, yhat2.data() + c * L.stride, L);
+        affine(gy3.data(), H, bw.w_project_t.data(), nullptr, gt2.data(), C, L);
+        relu6_backward(gt2.data(), yhat2.data(), bw.s.bn2, C, L);
+        for (int64_t ch = 0; ch < C; ++ch) {
+          const float* g = gt2.data() + ch * L.stride;
+          acc[ch] += row_sum(g, L);
+          acc[C + ch] += row_dot(g, yhat2.data() + ch * L.stride, L);
         }
       }
     }
   });
-  const std::vector<double> sums2 = reduce_tasks(partial2, tasks.count(), kSums2);
-  std::vector<float> k2(C), m2(C), m22(C);
-  for (int64_t c = 0; c < C; ++c) {
-    k2[c] = s.bn2.weight[c] * s.bn2.invstd[c];
-    m2[c] = static_cast<float>(sums2[c] / count);
-    m22[c] = static_cast<float>(sums2[C + c] / count);
-    out[slot.gamma2 + c] = sums2[C + c];
-    out[slot.beta2 + c] = sums2[c];
+  const std::vector<double> sums = reduce_tasks(partial, bw.tasks.count(), kSums);
+  DepthwiseCoefficients d{std::vector<float>(C), std::vector<float>(C), std::vector<float>(C)};
+  for (int64_t ch = 0; ch < C; ++ch) {
+    d.k2[ch] = bw.s.bn2.weight[ch] * bw.s.bn2.invstd[ch];
+    d.m2[ch] = static_cast<float>(sums[ch] / bw.count);
+    d.m22[ch] = static_cast<float>(sums[C + ch] / bw.count);
+    bw.out[bw.slot.gamma2 + ch] = sums[C + ch];
+    bw.out[bw.slot.beta2 + ch] = sums[ch];
   }
-  for (int64_t i = 0; i < H * C; ++i) out[slot.w_project + i] = sums2[2 * C + i];
+  for (int64_t i = 0; i < H * C; ++i) bw.out[bw.slot.w_project + i] = sums[2 * C + i];
+  return d;
+}
 
-  // B3: gy2 = k2 (gbn2 - m2 - yhat2 m22) over the block and a halo (gbn2 again from the stored gy3), dW_dw,
-  // gt1 = dw^T(gy2), gbn1 (stored).
-  Tensor gbn1_store;
-  float* gbn1_all = nullptr;
-  if (p.expand) {
-    gbn1_store = at::empty({batch, C, L.rows, L.cols}, at::kFloat);
-    gbn1_all = gbn1_store.data_ptr<float>();
-  }
-  const int64_t kSums3 = C * k * k + 2 * C;  // dW_dw, sum gbn1, sum gbn1 yhat1
-  std::vector<double> partial3(tasks.count() * kSums3, 0.0);
-  const Normalization* bn1 = p.expand ? &s.bn1 : nullptr;
-  at::parallel_for(0, tasks.count(), 1, [&](int64_t begin, int64_t end) {
-    Expansion<T> expansion(L, p, f, bn1);
+// B3: gy2 over the block and a halo (gbn2 again from the stored gy3), the depthwise weight gradient, gt1 =
+// dw^T(gy2), and either the rest of grad_x (no expansion: t1 = x) or gbn1 into `gbn1_all` with its sums. Returns
+// the sums of gbn1 and gbn1 yhat1 per channel (empty without expansion).
+template <typename T>
+std::vector<double> backward_depthwise(const Backward<T>& bw, const DepthwiseCoefficients& d, const float* gy3_all,
+                                       float* gbn1_all) {
+  const Layout& L = bw.L;
+  const int64_t H = bw.H, C = bw.C, k = bw.k;
+  const bool expand = bw.p.expand;
+  const int64_t kSums = C * k * k + 2 * C;  // dW_dw, sum gbn1, sum gbn1 yhat1
+  std::vector<double> partial(bw.tasks.count() * kSums, 0.0);
+  const Normalization* bn1 = expand ? &bw.s.bn1 : nullptr;
+  at::parallel_for(0, bw.tasks.count(), 1, [&](int64_t begin, int64_t end) {
+    Expansion<T> expansion(L, bw.p, bw.f, bn1);
     RowRing t1_ring(k, expansion.size());
     RowRing gy2_ring(k, L.row_set(C));
     Buffer y2(L.row_set(C), 0.f), yhat2(L.row_set(C), 0.f), gt1(L.row_set(C), 0.f), gy3(L.row_set(H), 0.f);
     std::vector<const float*> rows(k), grows(k);
     for (int64_t task = begin; task < end; ++task) {
       // Named variables, not a structured binding: C++17 lambdas (fill_gy2) cannot capture bindings.
-      const RowSpan span = tasks.span(task);
+      const RowSpan span = bw.tasks.span(task);
       const int64_t b = span.image, r0 = span.first, r1 = span.end;
-      const T* image = x + b * H * L.plane();
+      const T* image = bw.image(b);
       const auto fill = [&](int64_t r, float* dst) { expansion.fill(image, r, dst); };
-      double* acc = partial3.data() + task * kSums3;
+      double* acc = partial.data() + task * kSums;
       t1_ring.reset();
       gy2_ring.reset();
       // gy2 of row r (zero outside the map); rows in the block also add to dW_dw.
@@ -1109,17 +1138,17 @@ void train_backward(const T* x, const T* grad_out, float* grad_x, int64_t batch,
           return;
         }
         for (int64_t dy = 0; dy < k; ++dy) rows[dy] = t1_ring.get(r - L.pad + dy, fill);
-        depthwise(rows.data(), p.w_depthwise.data(), nullptr, y2.data(), C, L);
-        normalize(y2.data(), s.bn2, yhat2.data(), nullptr, C, L);
+        depthwise(rows.data(), bw.p.w_depthwise.data(), nullptr, y2.data(), C, L);
+        normalize(y2.data(), bw.s.bn2, yhat2.data(), nullptr, C, L);
         load_row(gy3_all + b * H * L.plane(), r, H, gy3.data(), L);
-        affine(gy3.data(), H, w_project_t.data(), nullptr, dst, C, L);
-        relu6_backward(dst, yhat2.data(), s.bn2, C, L);
-        for (int64_t c = 0; c < C; ++c) {
-          float* d = dst + c * L.stride + L.offset;
-          const Vec vk = splat(k2[c]), vm = splat(m2[c]), vm2 = splat(m22[c]);
-          const float* yh = yhat2.data() + c * L.stride + L.offset;
+        affine(gy3.data(), H, bw.w_project_t.data(), nullptr, dst, C, L);
+        relu6_backward(dst, yhat2.data(), bw.s.bn2, C, L);
+        for (int64_t ch = 0; ch < C; ++ch) {
+          float* g = dst + ch * L.stride + L.offset;
+          const Vec vk = splat(d.k2[ch]), vm = splat(d.m2[ch]), vm2 = splat(d.m22[ch]);
+          const float* yh = yhat2.data() + ch * L.stride + L.offset;
           for (int64_t q = 0; q < L.chunks; ++q) {
-            store(d + q * kLanes, vk * (load(d + q * kLanes) - vm - load(yh + q * kLanes) * vm2));
+            store(g + q * kLanes, vk * (load(g + q * kLanes) - vm - load(yh + q * kLanes) * vm2));
           }
         }
         zero_tail(dst, C, L);
@@ -1129,13 +1158,13 @@ void train_backward(const T* x, const T* grad_out, float* grad_x, int64_t batch,
       for (int64_t i = r0; i < r1; ++i) {
         // Increasing rows, so that the rings slide rather than refill.
         for (int64_t dy = k - 1; dy >= 0; --dy) grows[dy] = gy2_ring.get(i + L.pad - dy, fill_gy2);
-        depthwise_transposed(grows.data(), p.w_depthwise.data(), gt1.data(), C, L);
+        depthwise_transposed(grows.data(), bw.p.w_depthwise.data(), gt1.data(), C, L);
         zero_tail(gt1.data(), C, L);
-        if (!p.expand) {
+        if (!expand) {
           // t1 = x: the gradient goes straight to grad_x.
-          for (int64_t c = 0; c < C; ++c) {
-            float* gx = grad_x + (b * H + c) * L.plane() + i * L.cols;
-            const float* g = gt1.data() + c * L.stride + L.offset;
+          for (int64_t ch = 0; ch < C; ++ch) {
+            float* gx = bw.grad_x + (b * H + ch) * L.plane() + i * L.cols;
+            const float* g = gt1.data() + ch * L.stride + L.offset;
             for (int64_t j = 0; j < L.cols; ++j) gx[j] += g[j];
           }
           continue;
@@ -1143,47 +1172,54 @@ void train_backward(const T* x, const T* grad_out, float* grad_x, int64_t batch,
         // Row i of t1 and yhat1 is still in the ring (the fills above only reached rows up to i + k - 1 - pad).
         const float* t1 = t1_ring.get(i, fill);
         const float* yhat1 = t1 + L.row_set(C);
-        for (int64_t c = 0; c < C; ++c) {
-          float* g = gt1.data() + c * L.stride + L.offset;
-          const float* t = t1 + c * L.stride + L.offset;
+        for (int64_t ch = 0; ch < C; ++ch) {
+          float* g = gt1.data() + ch * L.stride + L.offset;
+          const float* t = t1 + ch * L.stride + L.offset;
           const Vec zero{}, six = splat(6.f);
           for (int64_t q = 0; q < L.chunks; ++q) {
             const Vec tv = load(t + q * kLanes);
             store(g + q * kLanes, (tv > zero) & (tv < six) ? load(g + q * kLanes) : zero);
           }
-          acc[C * k * k + c] += row_sum(gt1.data() + c * L.stride, L);
-          acc[C * k * k + C + c] += row_dot(gt1.data() + c * L.stride, yhat1 + c * L.stride, L);
-          std::memcpy(gbn1_all + ((b * C + c) * L.rows + i) * L.cols, g, L.cols * sizeof(float));
+          acc[C * k * k + ch] += row_sum(gt1.data() + ch * L.stride, L);
+          acc[C * k * k + C + ch] += row_dot(gt1.data() + ch * L.stride, yhat1 + ch * L.stride, L);
+          std::memcpy(gbn1_all + ((b * C + ch) * L.rows + i) * L.cols, g, L.cols * sizeof(float));
         }
       }
     }
   });
-  const std::vector<double> sums3 = reduce_tasks(partial3, tasks.count(), kSums3);
-  for (int64_t i = 0; i < C * k * k; ++i) out[slot.w_depthwise + i] = sums3[i];
-  if (!p.expand) return;
+  const std::vector<double> sums = reduce_tasks(partial, bw.tasks.count(), kSums);
+  for (int64_t i = 0; i < C * k * k; ++i) bw.out[bw.slot.w_depthwise + i] = sums[i];
+  if (!expand) return {};
+  return std::vector<double>(sums.begin() + C * k * k, sums.end());
+}
 
-  // B4: gy1 = k1 (gbn1 - m1 - yhat1 m21); dW_e = sum gy1 x^T; grad_x += W_e^T gy1.
+// B4: gy1 = k1 (gbn1 - m1 - yhat1 m21), the expansion's weight gradient dW_e = sum gy1 x^T, its BatchNorm's
+// gradients, and grad_x += W_e^T gy1.
+template <typename T>
+void backward_expansion(const Backward<T>& bw, const std::vector<double>& bn1_sums, const float* gbn1_all) {
+  const Layout& L = bw.L;
+  const int64_t H = bw.H, C = bw.C;
   std::vector<float> k1(C), m1(C), m21(C);
   for (int64_t c = 0; c < C; ++c) {
-    const double dgamma1 = sums3[C * k * k + C + c], dbeta1 = sums3[C * k * k + c];
-    k1[c] = s.bn1.weight[c] * s.bn1.invstd[c];
-    m1[c] = static_cast<float>(dbeta1 / count);
-    m21[c] = static_cast<float>(dgamma1 / count);
-    out[slot.gamma1 + c] = dgamma1;
-    out[slot.beta1 + c] = dbeta1;
+    const double dbeta1 = bn1_sums[c], dgamma1 = bn1_sums[C + c];
+    k1[c] = bw.s.bn1.weight[c] * bw.s.bn1.invstd[c];
+    m1[c] = static_cast<float>(dbeta1 / bw.count);
+    m21[c] = static_cast<float>(dgamma1 / bw.count);
+    bw.out[bw.slot.gamma1 + c] = dgamma1;
+    bw.out[bw.slot.beta1 + c] = dbeta1;
   }
-  const std::vector<float> w_expand_t = transpose(p.w_expand, C, H);
-  std::vector<double> partial4(tasks.count() * C * H, 0.0);
-  at::parallel_for(0, tasks.count(), 1, [&](int64_t begin, int64_t end) {
+  const std::vector<float> w_expand_t = transpose(bw.p.w_expand, C, H);
+  std::vector<double> partial(bw.tasks.count() * C * H, 0.0);
+  at::parallel_for(0, bw.tasks.count(), 1, [&](int64_t begin, int64_t end) {
     Buffer xrow(L.row_set(H), 0.f), y1(L.row_set(C), 0.f), yhat1(L.row_set(C), 0.f),
         gy1(L.row_set(C), 0.f), gx(L.row_set(H), 0.f);
     for (int64_t task = begin; task < end; ++task) {
-      const auto [b, r0, r1] = tasks.span(task);
-      double* acc = partial4.data() + task * C * H;
+      const auto [b, r0, r1] = bw.tasks.span(task);
+      double* acc = partial.data() + task * C * H;
       for (int64_t i = r0; i < r1; ++i) {
-        load_row(x + b * H * L.plane(), i, H, xrow.data(), L);
-        affine(xrow.data(), H, p.w_expand.data(), nullptr, y1.data(), C, L);
-        normalize(y1.data(), s.bn1, yhat1.data(), nullptr, C, L);
+        load_row(bw.image(b), i, H, xrow.data(), L);
+        affine(xrow.data(), H, bw.p.w_expand.data(), nullptr, y1.data(), C, L);
+        normalize(y1.data(), bw.s.bn1, yhat1.data(), nullptr, C, L);
         for (int64_t c = 0; c < C; ++c) {
           float* d = gy1.data() + c * L.stride + L.offset;
           std::memcpy(d, gbn1_all + ((b * C + c) * L.rows + i) * L.cols, L.cols * sizeof(float));
@@ -1197,15 +1233,29 @@ void train_backward(const T* x, const T* grad_out, float* grad_x, int64_t batch,
         outer_accumulate(gy1.data(), C, xrow.data(), H, L, acc);
         affine(gy1.data(), C, w_expand_t.data(), nullptr, gx.data(), H, L);
         for (int64_t h = 0; h < H; ++h) {
-          float* dst = grad_x + (b * H + h) * L.plane() + i * L.cols;
+          float* dst = bw.grad_x + (b * H + h) * L.plane() + i * L.cols;
           const float* g = gx.data() + h * L.stride + L.offset;
           for (int64_t j = 0; j < L.cols; ++j) dst[j] += g[j];
         }
       }
     }
   });
-  const std::vector<double> sums4 = reduce_tasks(partial4, tasks.count(), C * H);
-  for (int64_t i = 0; i < C * H; ++i) out[slot.w_expand + i] = sums4[i];
+  const std::vector<double> sums = reduce_tasks(partial, bw.tasks.count(), C * H);
+  for (int64_t i = 0; i < C * H; ++i) bw.out[bw.slot.w_expand + i] = sums[i];
+}
+
+template <typename T>
+void train_backward(const T* x, const T* grad_out, float* grad_x, int64_t batch, const Layout& L,
+                    const TrainParams& p, const TrainStats& s, std::vector<double>* grads) {
+  const Backward<T> bw(x, grad_out, grad_x, batch, L, p, s, grads);
+  const HeadCoefficients heads = backward_head_sums(bw);
+  Tensor gy3 = at::empty({batch, L.heads, L.rows, L.cols}, at::kFloat);
+  const DepthwiseCoefficients depthwise = backward_projection(bw, heads, gy3.data_ptr<float>());
+  Tensor gbn1;
+  if (p.expand) gbn1 = at::empty({batch, L.channels, L.rows, L.cols}, at::kFloat);
+  const std::vector<double> bn1_sums =
+      backward_depthwise(bw, depthwise, gy3.data_ptr<float>(), p.expand ? gbn1.data_ptr<float>() : nullptr);
+  if (p.expand) backward_expansion(bw, bn1_sums, gbn1.data_ptr<float>());
 }
 
 Tensor from_doubles(const std::vector<double>& v, int64_t begin, at::IntArrayRef shape) {

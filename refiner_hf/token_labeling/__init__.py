@@ -3,7 +3,6 @@
 from .dense_labels import (
     CropLabels,
     crop_soft_labels,
-    dense_soft_labels,
     scatter_top_k,
 )
 from .store import (
@@ -31,7 +30,6 @@ __all__ = [
     "RelabelMap",
     "check_relabel_coverage",
     "crop_soft_labels",
-    "dense_soft_labels",
     "finalize_packed_store",
     "open_relabel_store",
     "pack_relabel_store",

@@ -167,35 +167,6 @@ def crop_soft_labels(
     return CropLabels(class_target=smooth_labels(normalize_scores(whole, normalization), smoothing), dense=dense)
 
 
-def dense_soft_labels(
-    relabel: RelabelMap,
-    crop_box: tuple[float, float, float, float],
-    image_size: tuple[int, int],
-    output_size: int,
-    num_classes: int,
-    flipped: bool = False,
-    normalization: Normalization = "softmax",
-    smoothing: float = 0.0,
-    layout: Layout = "hw",
-    geometry: Sequence[Sequence[float]] = (),
-    output_size_pixels: tuple[int, int] | None = None,
-) -> torch.Tensor:
-    """The `(num_classes, output_size, output_size)` soft labels of the tokens of a crop (see [`crop_soft_labels`])."""
-    return crop_soft_labels(
-        relabel,
-        crop_box,
-        image_size,
-        output_size,
-        num_classes,
-        flipped,
-        normalization,
-        smoothing,
-        layout,
-        geometry,
-        output_size_pixels,
-    ).dense
-
-
 def layout_evidence(
     relabel: RelabelMap, class_index: int, box: tuple[float, float, float, float], image_size: tuple[int, int]
 ) -> dict[str, float]:
@@ -228,7 +199,6 @@ def layout_evidence(
 __all__ = [
     "CropLabels",
     "crop_soft_labels",
-    "dense_soft_labels",
     "follow_geometry",
     "layout_evidence",
     "normalize_scores",

@@ -2,7 +2,7 @@
 Command line: pack a per-file relabel directory into a memory-mapped, pickle-free store.
 
     refiner-vit-pack-relabel RELABEL_ROOT OUT [--num-classes 1000] [--num-workers 8]
-    python convert/pack_relabel.py label_top5_train_nfnet relabel_nfnet_packed
+    python examples/pack_relabel.py label_top5_train_nfnet relabel_nfnet_packed
 
 Every file is validated (shape, finite scores, class indices in range, one map shape for all); bad files are left out
 and listed by name, and the command then exits with status 2 unless `--allow-bad` is given.

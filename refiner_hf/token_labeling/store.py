@@ -346,14 +346,11 @@ class PackedRelabelWriter:
         self._next_shard = len(self._complete_shards())
 
     def _complete_shards(self) -> list[str]:
-        return sorted(p.name[: -len(".keys.txt")] for p in self.directory.glob(f"{self.shard_prefix}-*.keys.txt"))
+        return _complete_shards(self.directory, f"{self.shard_prefix}-")
 
     def completed_keys(self) -> set[str]:
         """Keys already stored in this writer's complete shards."""
-        keys: set[str] = set()
-        for name in self._complete_shards():
-            keys.update(_shard_paths(self.directory, name)[2].read_text().splitlines())
-        return keys
+        return complete_shard_keys(self.directory, f"{self.shard_prefix}-")
 
     def add(self, key: str, scores: torch.Tensor | np.ndarray, indices: torch.Tensor | np.ndarray) -> None:
         """Adds one map: `scores` and `indices` of shape (k, h, w), checked (finite, integral, shapes) first."""
@@ -386,13 +383,30 @@ class PackedRelabelWriter:
         self._keys, self._scores, self._indices = [], [], []
 
 
+def _complete_shards(directory: Path, prefix: str = "") -> list[str]:
+    """Names of the complete shards (those whose key file was written last) of `directory` starting with `prefix`."""
+    return sorted(p.name[: -len(".keys.txt")] for p in directory.glob(f"{prefix}*.keys.txt"))
+
+
+def complete_shard_keys(directory: str | os.PathLike, prefix: str = "") -> set[str]:
+    """
+    The keys stored in the complete shards of a packed store being written (whichever writer, or the writers whose
+    shard names start with `prefix`): what an interrupted relabeling run does not have to compute again.
+    """
+    directory = Path(directory)
+    keys: set[str] = set()
+    for name in _complete_shards(directory, prefix):
+        keys.update(_shard_paths(directory, name)[2].read_text().splitlines())
+    return keys
+
+
 def finalize_packed_store(directory: str | os.PathLike, num_classes: int) -> int:
     """
     Describes every complete shard of `directory` in its `relabel_meta.json` (so it opens as a
     [`PackedRelabelStore`]), removing leftovers of interrupted shards. Returns the number of maps.
     """
     directory = Path(directory)
-    names = sorted(p.name[: -len(".keys.txt")] for p in directory.glob("*.keys.txt"))
+    names = _complete_shards(directory)
     complete = set(names)
     for leftover in directory.glob("*.npy"):
         if leftover.name.rsplit(".", 2)[0] not in complete:

@@ -1,7 +1,10 @@
 """
 Command-line arguments of the trainer and YAML recipes.
 
-Every argument is a field of [`TrainingArguments`]; a recipe is a YAML mapping from field names to values. Values are
+Every argument is a field of one of three groups, as in transformers' image-classification example:
+[`ModelArguments`] (what to train), [`DataArguments`] (what to train on) and [`TrainingArguments`] (how to train),
+held together by [`Arguments`]; argument names are unique across the groups. A recipe is a YAML mapping from argument
+names to values. Values are
 resolved in this order: the field's default, then the recipe (`--recipe FILE`), then the command line, so
 `--recipe refiner_vit_s.yaml --lr 1e-3` trains with the recipe's values except the learning rate. A recipe key that is
 not a field, or a value of the wrong type, is an error that names the file and the key.
@@ -9,7 +12,7 @@ not a field, or a value of the wrong type, is an error that names the file and t
 Without `--recipe`, the run's arguments choose it ([`default_recipe`]): no data, model or recipe argument is the
 embedded Fashion-MNIST run (`embedded_fashion_mnist.yaml`), `--model_name_or_path` is fine-tuning
 (`finetune_own_data.yaml`), and anything else uses the argument defaults, the paper's Refiner-ViT-S ImageNet
-pretraining recipe. The recipe in force is recorded in `TrainingArguments.recipe_source`, printed by the trainer and
+pretraining recipe. The recipe in force is recorded in `Arguments.recipe_source`, printed by the trainer and
 shown by `--help`, whose defaults are the ones the other arguments given select.
 
 Usage errors (an unknown argument, with a suggestion; a bad value; inconsistent arguments) are [`UsageError`]s with a
@@ -108,16 +111,20 @@ def _arg(help: str, **kwargs: Any) -> Any:
     return field(default=default, metadata={"help": help, **kwargs})
 
 
+def _check_at_least_one(group: Any, names: Iterable[str], optional: bool = False) -> None:
+    """Raises a [`UsageError`] for the first of `names` below 1 (`optional`: None is allowed)."""
+    for name in names:
+        value = getattr(group, name)
+        if (value is not None or not optional) and value < 1:
+            raise UsageError(f"--{name} must be at least 1, got {value}.")
+
+
 @dataclass
-class TrainingArguments:
-    """All arguments of `examples/run_imagenet.py`. The defaults are the paper's Refiner-ViT-S pretraining recipe."""
+class ModelArguments:
+    """What to train: the model, its source and the configuration fields the trainer sets."""
 
-    # Recipe
-    recipe: str | None = _arg(
-        "YAML file of argument values (a path, or a file name in examples/recipes). Command-line arguments override it."
-    )
+    _argument_group_name = "Model"
 
-    # Model
     model: str | None = _arg("Train from scratch: a preset name such as `refiner-vit-s` (see RefinerViTConfig).")
     model_name_or_path: str | None = _arg(
         "Fine-tune a model directory or Hub id: its image processor is kept (see --crop_pct), and a data set with "
@@ -159,7 +166,49 @@ class TrainingArguments:
         default=False,
     )
 
-    # Data
+    dense_weight: float | None = _arg(
+        "Weight of the aux head's dense (per-token) loss, config `aux_loss_weight` (default: the model's, 0.5)."
+    )
+    mix_token: bool = _arg(
+        "MixToken: in training, swap a random box of tokens with the reversed batch's (config `use_mix_token`).",
+        default=False,
+    )
+
+    def __post_init__(self) -> None:
+        if isinstance(self.config_overrides, dict):
+            self.config_overrides = json.dumps(self.config_overrides)
+
+    def validate(self) -> None:
+        """Raises a [`UsageError`] naming the first inconsistent model argument."""
+        sources = [name for name in MODEL_SOURCE_FIELDS if getattr(self, name)]
+        if len(sources) > 1:
+            raise UsageError(f"Give at most one of --model, --model_name_or_path, --config_name (got {sources}).")
+        if self.dense_weight is not None and self.dense_weight < 0:
+            raise UsageError(f"--dense_weight cannot be negative, got {self.dense_weight}.")
+        if self.drop_path is not None and not 0.0 <= self.drop_path < 1.0:
+            raise UsageError(f"--drop_path must be in [0, 1), got {self.drop_path}.")
+        self.config_overrides_dict()
+
+    def config_overrides_dict(self) -> dict[str, Any]:
+        """The `--config_overrides` mapping, each key a `RefinerViTConfig` field (see [`check_config_overrides`])."""
+        if not self.config_overrides:
+            return {}
+        try:
+            overrides = json.loads(self.config_overrides)
+        except json.JSONDecodeError as error:
+            raise UsageError(f"--config_overrides is not valid JSON: {error}") from None
+        if not isinstance(overrides, dict):
+            raise UsageError(f"--config_overrides must be a JSON object, got {self.config_overrides!r}.")
+        check_config_overrides(overrides, "--config_overrides")
+        return overrides
+
+
+@dataclass
+class DataArguments:
+    """What to train on: the data set, its columns and selection, data loading, and the relabel maps."""
+
+    _argument_group_name = "Data"
+
     dataset_name: str | None = _arg("A `datasets` Hub id (e.g. ILSVRC/imagenet-1k) or a local dataset directory.")
     dataset_config: str | None = _arg("The configuration name of --dataset_name.")
     streaming: bool = _arg(
@@ -186,6 +235,74 @@ class TrainingArguments:
         "Size of a streamed training set (default: the number of examples the data set's metadata states)."
     )
     cache_dir: str | None = _arg("Where `datasets` caches downloaded and prepared data.")
+
+    # Token labeling: the teacher's relabel maps of the training images
+    relabel_root: str | None = _arg(
+        "Token labeling: the teacher's relabel maps, a packed store (refiner-vit-pack-relabel, "
+        "examples/generate_relabel.py) or a per-file tree <wnid>/<image stem>.pt. Every training image needs a map."
+    )
+    relabel_size: int | None = _arg(
+        "Side of the dense-label grid; must be the model's token grid (14 at 224 px). Default: the model's grid."
+    )
+    relabel_normalization: Literal["softmax", "sum"] = _arg(
+        "Turn each token's pooled top-k scores into a distribution with a softmax (stored logits, as the NFNet "
+        "relabel set) or by dividing by their sum (stored probabilities).",
+        default="softmax",
+    )
+    relabel_layout: Literal["hw", "wh"] = _arg(
+        "How the relabel maps are laid out: hw (rows are the image's y, as TokenLabeling's generator writes the public "
+        "NFNet-F6 set and as examples/generate_relabel.py writes) or wh (transposed). See the README for telling "
+        "which from one file.",
+        default="hw",
+    )
+    relabel_full_check: bool = _arg(
+        "Read every map of a packed relabel store before training (finite scores, class indices in range); opening "
+        "checks only its description and shapes, and each map is checked when read.",
+        default=False,
+    )
+
+    def validate(self) -> None:
+        """Raises a [`UsageError`] naming the first inconsistent data argument (or a missing directory)."""
+        if self.dataset_name and (self.train_dir or self.validation_dir):
+            raise UsageError("Give either --dataset_name or --train_dir/--validation_dir, not both.")
+        if self.validation_dir and not self.train_dir:
+            raise UsageError("--validation_dir needs --train_dir.")
+        for name in ("train_dir", "validation_dir", "relabel_root"):
+            value = getattr(self, name)
+            if value is not None and not Path(value).is_dir():
+                raise UsageError(f"--{name} {value}: no such directory.")
+        if self.dataset_name and looks_like_a_path(self.dataset_name) and not Path(self.dataset_name).exists():
+            raise UsageError(
+                f"--dataset_name {self.dataset_name}: no such directory (give a local data set directory or a Hub id "
+                "such as ILSVRC/imagenet-1k)."
+            )
+        _check_at_least_one(self, ("shuffle_buffer_size",))
+        _check_at_least_one(self, ("max_train_samples", "max_eval_samples", "relabel_size"), optional=True)
+        if self.dataloader_num_workers < 0:
+            raise UsageError(f"--dataloader_num_workers cannot be negative, got {self.dataloader_num_workers}.")
+        if not 0.0 <= self.train_val_split <= 1.0:
+            raise UsageError(f"--train_val_split must be in [0, 1], got {self.train_val_split}.")
+        if self.streaming and self.max_train_samples is not None:
+            raise UsageError(
+                "--max_train_samples needs a map-style data set; use --train_samples_per_epoch when streaming."
+            )
+
+    @property
+    def uses_embedded_data(self) -> bool:
+        """True when no data source is given: the embedded Fashion-MNIST subset is used."""
+        return all(getattr(self, name) is None for name in DATA_SOURCE_FIELDS)
+
+
+@dataclass
+class TrainingArguments:
+    """How to train: optimisation, augmentation, mixing, the EMA and the run (checkpoints, logging, the Hub)."""
+
+    _argument_group_name = "Training"
+
+    # Recipe
+    recipe: str | None = _arg(
+        "YAML file of argument values (a path, or a file name in examples/recipes). Command-line arguments override it."
+    )
 
     # Optimisation (AdamW, cosine schedule)
     epochs: int = _arg("Epochs of the cosine schedule; training runs for epochs + cooldown_epochs.", default=300)
@@ -233,25 +350,7 @@ class TrainingArguments:
     mixup_off_epoch: int = _arg("Stop mixing from this epoch on (0: never).", default=0)
     smoothing: float = _arg("Label smoothing.", default=0.1)
 
-    # Token labeling
-    relabel_root: str | None = _arg(
-        "Token labeling: the teacher's relabel maps, a packed store (refiner-vit-pack-relabel, "
-        "examples/generate_relabel.py) or a per-file tree <wnid>/<image stem>.pt. Every training image needs a map."
-    )
-    relabel_size: int | None = _arg(
-        "Side of the dense-label grid; must be the model's token grid (14 at 224 px). Default: the model's grid."
-    )
-    relabel_normalization: Literal["softmax", "sum"] = _arg(
-        "Turn each token's pooled top-k scores into a distribution with a softmax (stored logits, as the NFNet "
-        "relabel set) or by dividing by their sum (stored probabilities).",
-        default="softmax",
-    )
-    relabel_layout: Literal["hw", "wh"] = _arg(
-        "How the relabel maps are laid out: hw (rows are the image's y, as TokenLabeling's generator writes the public "
-        "NFNet-F6 set and as examples/generate_relabel.py writes) or wh (transposed). See the README for telling "
-        "which from one file.",
-        default="hw",
-    )
+    # Token labeling: what the class token and the dense labels are trained towards
     relabel_class_target: Literal["teacher", "ground_truth"] = _arg(
         "With relabel maps, the class token's target: teacher (the map pooled over the training crop, smoothed and "
         "mixed like the images: the original training's) or ground_truth (the data set's label).",
@@ -261,18 +360,6 @@ class TrainingArguments:
         "How CutMix mixes the dense labels: box (the tokens inside the pasted box take the other image's labels) or "
         "blend (every token's label is blended with the CutMix λ, as the original training does).",
         default="box",
-    )
-    relabel_full_check: bool = _arg(
-        "Read every map of a packed relabel store before training (finite scores, class indices in range); opening "
-        "checks only its description and shapes, and each map is checked when read.",
-        default=False,
-    )
-    dense_weight: float | None = _arg(
-        "Weight of the aux head's dense (per-token) loss, config `aux_loss_weight` (default: the model's, 0.5)."
-    )
-    mix_token: bool = _arg(
-        "MixToken: in training, swap a random box of tokens with the reversed batch's (config `use_mix_token`).",
-        default=False,
     )
 
     # Model EMA
@@ -304,76 +391,31 @@ class TrainingArguments:
     hub_token: str | None = _arg("Hub token (default: the logged-in user's).")
     hub_private: bool | None = _arg("Create the Hub repository as private.")
 
-    # Not an argument: which recipe is in force and why, set by `parse_args`.
-    recipe_source: str | None = field(default=None, init=False, repr=False)
-
-    def __post_init__(self) -> None:
-        if isinstance(self.config_overrides, dict):
-            self.config_overrides = json.dumps(self.config_overrides)
-
-    @property
-    def uses_embedded_data(self) -> bool:
-        """True when no data source is given: the embedded Fashion-MNIST subset is used."""
-        return all(getattr(self, name) is None for name in DATA_SOURCE_FIELDS)
-
-    def config_overrides_dict(self) -> dict[str, Any]:
-        """The `--config_overrides` mapping, each key a `RefinerViTConfig` field (see [`check_config_overrides`])."""
-        if not self.config_overrides:
-            return {}
-        try:
-            overrides = json.loads(self.config_overrides)
-        except json.JSONDecodeError as error:
-            raise UsageError(f"--config_overrides is not valid JSON: {error}") from None
-        if not isinstance(overrides, dict):
-            raise UsageError(f"--config_overrides must be a JSON object, got {self.config_overrides!r}.")
-        check_config_overrides(overrides, "--config_overrides")
-        return overrides
-
     def validate(self) -> None:
-        """Raises a [`UsageError`] naming the first inconsistent argument (or a missing directory)."""
-        sources = [name for name in ("model", "model_name_or_path", "config_name") if getattr(self, name)]
-        if len(sources) > 1:
-            raise UsageError(f"Give at most one of --model, --model_name_or_path, --config_name (got {sources}).")
-        if self.dataset_name and (self.train_dir or self.validation_dir):
-            raise UsageError("Give either --dataset_name or --train_dir/--validation_dir, not both.")
-        if self.validation_dir and not self.train_dir:
-            raise UsageError("--validation_dir needs --train_dir.")
-        for name in ("train_dir", "validation_dir", "relabel_root"):
-            if getattr(self, name) is not None and not Path(getattr(self, name)).is_dir():
-                raise UsageError(f"--{name} {getattr(self, name)}: no such directory.")
-        if self.dataset_name and looks_like_a_path(self.dataset_name) and not Path(self.dataset_name).exists():
+        """Raises a [`UsageError`] naming the first inconsistent training argument (or a missing checkpoint)."""
+        resume = self.resume_from_checkpoint
+        if resume not in (None, "latest") and not Path(resume).is_dir():
             raise UsageError(
-                f"--dataset_name {self.dataset_name}: no such directory (give a local data set directory or a Hub id "
-                "such as ILSVRC/imagenet-1k)."
-            )
-        if self.resume_from_checkpoint not in (None, "latest") and not Path(self.resume_from_checkpoint).is_dir():
-            raise UsageError(
-                f"--resume_from_checkpoint {self.resume_from_checkpoint}: no such checkpoint directory (`latest` takes "
-                "the newest of OUTPUT_DIR/checkpoints)."
+                f"--resume_from_checkpoint {resume}: no such checkpoint directory (`latest` takes the newest of "
+                "OUTPUT_DIR/checkpoints)."
             )
         for name in ("scale", "ratio") + (("cutmix_minmax",) if self.cutmix_minmax is not None else ()):
-            values = getattr(self, name)
-            if len(values) != 2 or values[0] > values[1]:
-                raise UsageError(f"--{name} must be two numbers, low then high; got {values}.")
+            low_high = getattr(self, name)
+            if len(low_high) != 2 or low_high[0] > low_high[1]:
+                raise UsageError(f"--{name} must be two numbers, low then high; got {low_high}.")
         positive = (
             "epochs", "per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
-            "checkpoints_total_limit", "logging_steps", "shuffle_buffer_size",
+            "checkpoints_total_limit", "logging_steps",
         )  # fmt: skip
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise UsageError(f"--{name} must be at least 1, got {getattr(self, name)}.")
-        for name in ("checkpointing_steps", "max_train_steps", "max_train_samples", "max_eval_samples"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise UsageError(f"--{name} must be at least 1, got {getattr(self, name)}.")
-        if self.cooldown_epochs < 0 or self.dataloader_num_workers < 0:
-            raise UsageError("--cooldown_epochs and --dataloader_num_workers cannot be negative.")
+        _check_at_least_one(self, positive)
+        _check_at_least_one(self, ("checkpointing_steps", "max_train_steps"), optional=True)
+        if self.cooldown_epochs < 0:
+            raise UsageError(f"--cooldown_epochs cannot be negative, got {self.cooldown_epochs}.")
         if not 0 <= self.warmup_epochs < self.epochs:
             raise UsageError(f"--warmup_epochs must be in [0, epochs); got {self.warmup_epochs} of {self.epochs}.")
-        for name in ("hflip", "reprob", "mixup_prob", "mixup_switch_prob", "smoothing", "train_val_split"):
+        for name in ("hflip", "reprob", "mixup_prob", "mixup_switch_prob", "smoothing"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise UsageError(f"--{name} must be in [0, 1], got {getattr(self, name)}.")
-        if self.drop_path is not None and not 0.0 <= self.drop_path < 1.0:
-            raise UsageError(f"--drop_path must be in [0, 1), got {self.drop_path}.")
         if self.mixing_enabled and self.per_device_train_batch_size % 2:
             raise UsageError(
                 "Mixup/CutMix pair each image with another of its batch: --per_device_train_batch_size must be even, "
@@ -385,21 +427,10 @@ class TrainingArguments:
             )
         if self.remode not in ("pixel", "rand", "const"):
             raise UsageError(f"--remode must be pixel, rand or const, got {self.remode!r}.")
-        if self.streaming and self.max_train_samples is not None:
-            raise UsageError(
-                "--max_train_samples needs a map-style data set; use --train_samples_per_epoch when streaming."
-            )
-        self.validate_token_labeling()
-        self.config_overrides_dict()
 
-    def validate_token_labeling(self) -> None:
-        if self.relabel_size is not None and self.relabel_size < 1:
-            raise UsageError(f"--relabel_size must be at least 1, got {self.relabel_size}.")
-        if self.dense_weight is not None and self.dense_weight < 0:
-            raise UsageError(f"--dense_weight cannot be negative, got {self.dense_weight}.")
-        if self.relabel_root and self.mixing_enabled and self.mixup_mode != "batch":
-            # Dense labels are mixed with the batch's one λ and CutMix box (mix_dense_labels).
-            raise UsageError(f"--relabel_root needs --mixup_mode batch, got {self.mixup_mode!r}.")
+    def keywords(self, component: dict[str, str]) -> dict[str, Any]:
+        """The keyword arguments that build `component` (one of the `*_KEYWORDS` tables) from these arguments."""
+        return {keyword: getattr(self, name) for name, keyword in component.items()}
 
     @property
     def mixing_enabled(self) -> bool:
@@ -410,11 +441,59 @@ class TrainingArguments:
         """Epochs actually trained: the cosine schedule's plus the cooldown."""
         return self.epochs + self.cooldown_epochs
 
+
+GROUPS = (ModelArguments, DataArguments, TrainingArguments)
+
+# The training components built from the training arguments: which argument sets which keyword (the components keep
+# timm's names, the arguments timm's train.py's).
+OPTIMIZER_KEYWORDS = {"lr": "lr", "weight_decay": "weight_decay", "opt_betas": "betas", "opt_eps": "eps"}
+SCHEDULE_KEYWORDS = {
+    "epochs": "epochs", "warmup_epochs": "warmup_epochs", "warmup_lr": "warmup_lr", "min_lr": "min_lr",
+    "lr_schedule_unit": "unit",
+}  # fmt: skip
+AUGMENTATION_KEYWORDS = {
+    "scale": "scale", "ratio": "ratio", "train_interpolation": "interpolation", "hflip": "hflip",
+    "aa": "auto_augment", "color_jitter": "color_jitter", "reprob": "re_prob", "remode": "re_mode",
+    "recount": "re_count",
+}  # fmt: skip
+MIXING_KEYWORDS = {
+    "mixup": "mixup_alpha", "cutmix": "cutmix_alpha", "cutmix_minmax": "cutmix_minmax", "mixup_prob": "prob",
+    "mixup_switch_prob": "switch_prob", "mixup_mode": "mode", "smoothing": "label_smoothing",
+    "mixup_off_epoch": "off_epoch",
+}  # fmt: skip
+
+
+@dataclass
+class Arguments:
+    """
+    A run's arguments, in the three groups of transformers' image-classification example: `model`, `data` and
+    `training`. `recipe_source` says which recipe is in force and why (set by [`parse_args`]).
+    """
+
+    model: ModelArguments = field(default_factory=ModelArguments)
+    data: DataArguments = field(default_factory=DataArguments)
+    training: TrainingArguments = field(default_factory=TrainingArguments)
+    recipe_source: str | None = None
+
+    def flat(self) -> dict[str, Any]:
+        """Every argument by name, whatever its group (the names are unique: they are the command line's)."""
+        groups = (self.model, self.data, self.training)
+        return {f.name: getattr(group, f.name) for group in groups for f in dataclasses.fields(group)}
+
+    def validate(self) -> None:
+        """Raises a [`UsageError`] naming the first inconsistent argument (or a missing directory)."""
+        self.model.validate()
+        self.data.validate()
+        self.training.validate()
+        if self.data.relabel_root and self.training.mixing_enabled and self.training.mixup_mode != "batch":
+            # Dense labels are mixed with the batch's one λ and CutMix box (mix_dense_labels).
+            raise UsageError(f"--relabel_root needs --mixup_mode batch, got {self.training.mixup_mode!r}.")
+
     def recipe_values(self) -> dict[str, Any]:
         """The values a recipe can hold, e.g. to record them in a model card."""
-        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in NOT_IN_RECIPES}
+        values = {name: value for name, value in self.flat().items() if name not in NOT_IN_RECIPES}
         if values.get("config_overrides"):
-            values["config_overrides"] = self.config_overrides_dict()
+            values["config_overrides"] = self.model.config_overrides_dict()
         return values
 
     def model_card_recipe(self) -> dict[str, Any]:
@@ -424,7 +503,7 @@ class TrainingArguments:
 
 def recipe_keys() -> list[str]:
     """The keys a recipe may hold: every argument but `recipe` and `hub_token`."""
-    return [f.name for f in dataclasses.fields(TrainingArguments) if f.name not in NOT_IN_RECIPES]
+    return [f.name for group in GROUPS for f in dataclasses.fields(group) if f.name not in NOT_IN_RECIPES]
 
 
 def config_override_keys() -> set[str]:
@@ -556,14 +635,14 @@ class ArgumentParser(OneLineErrors, HfArgumentParser):
         super().__init__(dataclass_types, **kwargs)
         self.aliases = aliases or {}
 
-    def parse_dataclass(self, argv: Sequence[str] | None = None) -> Any:
-        """The arguments as an instance of the (single) dataclass; an unknown argument is a [`UsageError`]."""
-        instance, remaining = self.parse_args_into_dataclasses(
+    def parse_dataclasses(self, argv: Sequence[str] | None = None) -> tuple[Any, ...]:
+        """The arguments as instances of the parser's dataclasses; an unknown argument is a [`UsageError`]."""
+        *instances, remaining = self.parse_args_into_dataclasses(
             args=argv, return_remaining_strings=True, look_for_args_file=False
         )
         if remaining:
             raise self.unknown_argument_error(remaining)
-        return instance
+        return tuple(instances)
 
     def unknown_argument_error(self, remaining: Sequence[str]) -> UsageError:
         option = next((item for item in remaining if item.startswith("-")), None)
@@ -591,9 +670,7 @@ def _paragraphs(*paragraphs: str) -> str:
 
 
 def build_parser(add_help: bool = True) -> ArgumentParser:
-    return ArgumentParser(
-        TrainingArguments, aliases=ARGUMENT_ALIASES, description=_paragraphs(*DESCRIPTION), add_help=add_help
-    )
+    return ArgumentParser(GROUPS, aliases=ARGUMENT_ALIASES, description=_paragraphs(*DESCRIPTION), add_help=add_help)
 
 
 def default_recipe(args: argparse.Namespace) -> tuple[str | None, str]:
@@ -608,7 +685,7 @@ def default_recipe(args: argparse.Namespace) -> tuple[str | None, str]:
     return None, f"none: {DEFAULTS_DESCRIPTION} (--recipe names another)"
 
 
-def parse_args(argv: Sequence[str] | None = None, recipe_dirs: Iterable[str | Path] = ()) -> TrainingArguments:
+def parse_args(argv: Sequence[str] | None = None, recipe_dirs: Iterable[str | Path] = ()) -> Arguments:
     """
     Parses the command line over the recipe it names, or the one [`default_recipe`] chooses from the other arguments
     (looked up in `recipe_dirs`). `--help` shows the defaults of that recipe.
@@ -633,16 +710,19 @@ def parse_args(argv: Sequence[str] | None = None, recipe_dirs: Iterable[str | Pa
     parser.description = _paragraphs(
         *DESCRIPTION, f"The defaults shown below are those of this run's recipe: {source}."
     )
-    args = parser.parse_dataclass(argv)
+    model, data, training = parser.parse_dataclasses(argv)
     if recipe_path is not None:
-        args.recipe = str(recipe_path)
-    args.recipe_source = source
+        training.recipe = str(recipe_path)
+    args = Arguments(model=model, data=data, training=training, recipe_source=source)
     args.validate()
     return args
 
 
 __all__ = [
+    "Arguments",
     "ArgumentParser",
+    "DataArguments",
+    "ModelArguments",
     "RecipeError",
     "UsageError",
     "TrainingArguments",

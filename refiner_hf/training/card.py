@@ -26,7 +26,7 @@ def training_model_card(
         config: the model's configuration.
         name: the directory or Hub id the card describes (used in its code examples).
         data_description: what it was trained on.
-        recipe: the training arguments (as `TrainingArguments.recipe_values()`), recorded in full.
+        recipe: the training arguments (as `Arguments.model_card_recipe()`), recorded in full.
         metrics: the measured validation metrics of the saved weights (`top1`, `top5`, `num_samples`, `epoch`,
             `weights`, `epochs`).
         num_parameters: the model's parameter count.

@@ -16,7 +16,8 @@ import numpy as np
 import PIL.Image
 import PIL.ImageOps
 
-from ..image_processing_refiner_vit import integer_pixels_to_uint8, pil_image_to_8_bits
+from ..image_processing_refiner_vit_common import integer_pixels_to_uint8, pil_image_to_8_bits
+from .arguments import DataArguments
 from .embedded_data import SUBSET_FILE
 from .errors import UsageError
 
@@ -83,7 +84,7 @@ def load_embedded_dataset() -> datasets.DatasetDict:
     return datasets.DatasetDict(splits)
 
 
-def _load_splits(args) -> tuple[datasets.DatasetDict | datasets.IterableDatasetDict, str]:
+def _load_splits(args: DataArguments) -> tuple[datasets.DatasetDict | datasets.IterableDatasetDict, str]:
     if args.uses_embedded_data:
         return load_embedded_dataset(), EMBEDDED_DATASET_NAME
     if args.dataset_name is not None:
@@ -112,13 +113,13 @@ def _first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
-def load_image_data(args, num_labels: int | None = None) -> ImageData:
+def load_image_data(args: DataArguments, seed: int, num_labels: int | None = None) -> ImageData:
     """
-    Loads the training and validation splits the arguments select and checks them: the image and label columns exist
-    in both, the splits have the same class names, and labels are non-negative integers. Map-style training sets are
-    shuffled with the seed before `max_train_samples` are taken; a missing validation split is held out of the
-    training split (`train_val_split`). The label range against the model's head is checked by [`check_labels`] once
-    the head's size is known.
+    Loads the training and validation splits the data arguments select and checks them: the image and label columns
+    exist in both, the splits have the same class names, and labels are non-negative integers. Map-style training
+    sets are shuffled with `seed` before `max_train_samples` are taken; a missing validation split is held out of the
+    training split (`train_val_split`, drawn with `seed`). The label range against the model's head is checked by
+    [`check_labels`] once the head's size is known.
     """
     splits, description = _load_splits(args)
     if args.train_split not in splits:
@@ -140,7 +141,7 @@ def load_image_data(args, num_labels: int | None = None) -> ImageData:
         stratify = isinstance(train.features.get(args.label_column_name), datasets.ClassLabel)
         held_out = train.train_test_split(
             test_size=args.train_val_split,
-            seed=args.seed,
+            seed=seed,
             stratify_by_column=args.label_column_name if stratify else None,
         )
         train, validation = held_out["train"], held_out["test"]
@@ -165,7 +166,7 @@ def load_image_data(args, num_labels: int | None = None) -> ImageData:
     full_train = train
     if isinstance(train, datasets.Dataset):
         if args.max_train_samples is not None:
-            train = train.shuffle(seed=args.seed).select(range(min(args.max_train_samples, len(train))))
+            train = train.shuffle(seed=seed).select(range(min(args.max_train_samples, len(train))))
     if args.max_eval_samples is not None:
         validation = validation.select(range(min(args.max_eval_samples, len(validation))))
 
@@ -241,7 +242,9 @@ def _labels(split: datasets.Dataset, label_column: str) -> np.ndarray:
     return np.asarray(split.select_columns([label_column]).with_format("numpy")[label_column])
 
 
-def check_classes_are_trained(full_train, train, validation, args, class_names: list[str] | None) -> None:
+def check_classes_are_trained(
+    full_train, train, validation, args: DataArguments, class_names: list[str] | None
+) -> None:
     """
     Refuses validation classes that the training split has no image of (a head could never learn to predict them),
     and says so when only `--max_train_samples` left them out.

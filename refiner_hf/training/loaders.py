@@ -25,6 +25,7 @@ import torch
 from datasets.distributed import split_dataset_by_node
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
+from .arguments import Arguments, DataArguments
 from .augmentation import CropRecord, TrainTransform, seeded_rng
 from .data import BadImageError, DataError, ImageData, decode_image, example_name
 
@@ -36,7 +37,18 @@ MAX_REPLACEMENTS = 100
 
 @dataclass(frozen=True)
 class SampleRecipe:
-    """How both training sets turn a decoded example into a sample (see [`TrainingSet`] for the fields)."""
+    """
+    How both training sets turn a decoded example into a sample.
+
+    Args:
+        image_column, label_column: column names.
+        transform: the training transform.
+        seed: the run's seed.
+        num_labels: the model's number of classes; a label outside [0, num_labels) is an error naming the example.
+        skip_bad_images: replace an undecodable image (counted in the sample's `bad_images`) instead of raising a
+            [`BadImageError`].
+        target_builders: extra per-sample targets, by name (see the module docstring).
+    """
 
     image_column: str
     label_column: str
@@ -117,35 +129,13 @@ class EpochSampler(Sampler[SampleKey]):
 
 class TrainingSet(Dataset):
     """
-    Map-style training set: `dataset[SampleKey(epoch, index)]` decodes example `index` and augments it under the
-    random state of (seed, epoch, index).
-
-    Args:
-        source: the `datasets` split (images undecoded).
-        image_column, label_column: column names.
-        transform: the training transform.
-        seed: the run's seed.
-        num_labels: the model's number of classes; a label outside [0, num_labels) is an error naming the example.
-        skip_bad_images: replace an undecodable image by the next good one (counted in `bad_images`) instead of
-            raising a [`BadImageError`].
-        target_builders: extra per-sample targets, by name (see the module docstring).
+    Map-style training set: `dataset[SampleKey(epoch, index)]` decodes example `index` of `source` (a `datasets`
+    split, images undecoded) and makes it a sample with `recipe`, under the random state of (seed, epoch, index).
     """
 
-    def __init__(
-        self,
-        source: datasets.Dataset,
-        image_column: str,
-        label_column: str,
-        transform: TrainTransform,
-        seed: int,
-        num_labels: int | None = None,
-        skip_bad_images: bool = False,
-        target_builders: Mapping[str, TargetBuilder] | None = None,
-    ) -> None:
+    def __init__(self, source: datasets.Dataset, recipe: SampleRecipe) -> None:
         self.source = source
-        self.recipe = SampleRecipe(
-            image_column, label_column, transform, seed, num_labels, skip_bad_images, dict(target_builders or {})
-        )
+        self.recipe = recipe
 
     def __len__(self) -> int:
         return len(self.source)
@@ -189,21 +179,13 @@ class StreamingTrainingSet(IterableDataset):
     def __init__(
         self,
         stream: datasets.IterableDataset,
-        image_column: str,
-        label_column: str,
-        transform: TrainTransform,
-        seed: int,
+        recipe: SampleRecipe,
         process_index: int,
         batch_size: int,
         batches_per_epoch: int,
-        num_labels: int | None = None,
-        skip_bad_images: bool = False,
-        target_builders: Mapping[str, TargetBuilder] | None = None,
     ) -> None:
         self.stream = stream
-        self.recipe = SampleRecipe(
-            image_column, label_column, transform, seed, num_labels, skip_bad_images, dict(target_builders or {})
-        )
+        self.recipe = recipe
         self.process_index = process_index
         self.batch_size = batch_size
         self.batches_per_epoch = batches_per_epoch
@@ -320,12 +302,12 @@ class EvaluationCollator:
         }
 
 
-def streaming_epoch_size(args, train: datasets.IterableDataset) -> int:
+def streaming_epoch_size(data_args: DataArguments, train: datasets.IterableDataset) -> int:
     """Number of examples in a streamed training split, from the arguments or the data set's metadata."""
-    if args.train_samples_per_epoch is not None:
-        return args.train_samples_per_epoch
+    if data_args.train_samples_per_epoch is not None:
+        return data_args.train_samples_per_epoch
     splits = getattr(train.info, "splits", None) or {}
-    split = splits.get(args.train_split) if hasattr(splits, "get") else None
+    split = splits.get(data_args.train_split) if hasattr(splits, "get") else None
     if split is not None and split.num_examples:
         return split.num_examples
     raise DataError(
@@ -371,7 +353,7 @@ def batches_per_process(
 
 
 def build_training_loader(
-    args,
+    args: Arguments,
     data: ImageData,
     transform: TrainTransform,
     num_labels: int,
@@ -384,62 +366,64 @@ def build_training_loader(
     hands each process its share when the loader is prepared); for a streamed set, this process's shards of the
     stream shuffled with the run's seed. `target_builders` add per-sample targets (e.g. dense labels) to the batches.
     """
-    common = dict(
-        image_column=args.image_column_name,
-        label_column=args.label_column_name,
+    recipe = SampleRecipe(
+        image_column=args.data.image_column_name,
+        label_column=args.data.label_column_name,
         transform=transform,
-        seed=args.seed,
+        seed=args.training.seed,
         num_labels=num_labels,
-        skip_bad_images=args.skip_bad_images,
-        target_builders=target_builders,
+        skip_bad_images=args.data.skip_bad_images,
+        target_builders=dict(target_builders or {}),
     )
     # The loader's own generator draws the worker seeds instead of torch's global one, so creating a loader (as a
     # resumed run does) leaves the global random stream as it was; augmentation is seeded per sample anyway.
     options = dict(
-        batch_size=args.per_device_train_batch_size,
+        batch_size=args.training.per_device_train_batch_size,
         collate_fn=collate_training_batch,
-        num_workers=args.dataloader_num_workers,
-        generator=torch.Generator().manual_seed(args.seed),
+        num_workers=args.data.dataloader_num_workers,
+        generator=torch.Generator().manual_seed(args.training.seed),
     )
     if isinstance(data.train, datasets.IterableDataset):
         # Shuffled with the run's seed before the split, so every process skips the others' shards of one order.
-        stream = data.train.shuffle(seed=args.seed, buffer_size=args.shuffle_buffer_size)
+        stream = data.train.shuffle(seed=args.training.seed, buffer_size=args.data.shuffle_buffer_size)
         stream = split_dataset_by_node(stream, rank=process_index, world_size=num_processes)
         batches = batches_per_process(
-            streaming_epoch_size(args, data.train),
-            args.per_device_train_batch_size,
+            streaming_epoch_size(args.data, data.train),
+            args.training.per_device_train_batch_size,
             num_processes,
-            args.gradient_accumulation_steps,
-            args.mixing_enabled,
+            args.training.gradient_accumulation_steps,
+            args.training.mixing_enabled,
         )
         train_set = StreamingTrainingSet(
             stream,
+            recipe,
             process_index=process_index,
-            batch_size=args.per_device_train_batch_size,
+            batch_size=args.training.per_device_train_batch_size,
             batches_per_epoch=batches,
-            **common,
         )
         return train_set, DataLoader(train_set, **options)
-    train_set = TrainingSet(data.train, **common)
+    train_set = TrainingSet(data.train, recipe)
     check_one_step_fits(
         len(train_set),
-        args.per_device_train_batch_size,
+        args.training.per_device_train_batch_size,
         num_processes,
-        args.gradient_accumulation_steps,
-        args.mixing_enabled,
+        args.training.gradient_accumulation_steps,
+        args.training.mixing_enabled,
     )
-    sampler = EpochSampler(len(train_set), seed=args.seed)
+    sampler = EpochSampler(len(train_set), seed=args.training.seed)
     return train_set, DataLoader(train_set, sampler=sampler, drop_last=True, **options)
 
 
-def build_evaluation_loader(args, data: ImageData, image_processor) -> DataLoader:
+def build_evaluation_loader(args: Arguments, data: ImageData, image_processor) -> DataLoader:
     """Validation batches prepared by the model's image processor, in order."""
     return DataLoader(
-        EvaluationSet(data.validation, args.image_column_name, args.label_column_name, args.skip_bad_images),
-        batch_size=args.per_device_eval_batch_size,
+        EvaluationSet(
+            data.validation, args.data.image_column_name, args.data.label_column_name, args.data.skip_bad_images
+        ),
+        batch_size=args.training.per_device_eval_batch_size,
         collate_fn=EvaluationCollator(image_processor),
-        num_workers=args.dataloader_num_workers,
-        generator=torch.Generator().manual_seed(args.seed),
+        num_workers=args.data.dataloader_num_workers,
+        generator=torch.Generator().manual_seed(args.training.seed),
     )
 
 

@@ -13,9 +13,9 @@ from torch import nn
 from transformers import PreTrainedConfig
 
 from ..configuration_refiner_vit import RefinerViTConfig
-from ..hub import image_processor_for_config
-from ..image_processing_refiner_vit import RefinerViTImageProcessor
+from ..image_processing_refiner_vit import RefinerViTImageProcessor, image_processor_for_config
 from ..modeling_refiner_vit import RefinerViTForImageClassification
+from .arguments import ModelArguments
 from .data import DataError
 from .errors import UsageError, check_model_path, loading_error, one_line
 
@@ -135,7 +135,7 @@ def fit_classifier_heads(
 # Building
 
 
-def _check_pretrained_overrides(args, overrides: dict) -> None:
+def _check_pretrained_overrides(args: ModelArguments, overrides: dict) -> None:
     architectural = sorted(set(overrides) - PRETRAINED_OVERRIDABLE)
     if architectural:
         raise UsageError(
@@ -145,21 +145,25 @@ def _check_pretrained_overrides(args, overrides: dict) -> None:
         )
 
 
-def load_pretrained_model(args, overrides: dict) -> RefinerViTForImageClassification:
+def load_pretrained_model(
+    args: ModelArguments, overrides: dict, cache_dir: str | None = None
+) -> RefinerViTForImageClassification:
     """`--model_name_or_path` with its own head, or a [`UsageError`] naming what is wrong with the argument."""
     source = args.model_name_or_path
     _check_pretrained_overrides(args, overrides)
     check_model_path("--model_name_or_path", source)
     try:
-        model_type = PreTrainedConfig.get_config_dict(source, cache_dir=args.cache_dir)[0].get("model_type")
+        model_type = PreTrainedConfig.get_config_dict(source, cache_dir=cache_dir)[0].get("model_type")
         if model_type != RefinerViTConfig.model_type:
             raise UsageError(f"--model_name_or_path {source} holds a {model_type!r} model, not a Refiner-ViT.")
-        return RefinerViTForImageClassification.from_pretrained(source, cache_dir=args.cache_dir, **overrides)
+        return RefinerViTForImageClassification.from_pretrained(source, cache_dir=cache_dir, **overrides)
     except OSError as error:
         raise loading_error("--model_name_or_path", source, error) from None
 
 
-def new_model_config(args, overrides: dict, id2label: dict[int, str]) -> RefinerViTConfig:
+def new_model_config(
+    args: ModelArguments, overrides: dict, id2label: dict[int, str], cache_dir: str | None = None
+) -> RefinerViTConfig:
     """The configuration of a new model: `--model`, `--config_name` or the default one, with the overrides."""
     fields = {**overrides, "id2label": id2label, "label2id": {name: i for i, name in id2label.items()}}
     fields.pop("num_labels", None)  # the head is sized from id2label
@@ -168,7 +172,7 @@ def new_model_config(args, overrides: dict, id2label: dict[int, str]) -> Refiner
             return RefinerViTConfig.from_preset(args.model, **fields)
         if args.config_name:
             check_model_path("--config_name", args.config_name)
-            return RefinerViTConfig.from_pretrained(args.config_name, cache_dir=args.cache_dir, **fields)
+            return RefinerViTConfig.from_pretrained(args.config_name, cache_dir=cache_dir, **fields)
         return RefinerViTConfig(**fields)
     except OSError as error:
         raise loading_error("--config_name", args.config_name, error) from None
@@ -184,7 +188,9 @@ def new_model_config(args, overrides: dict, id2label: dict[int, str]) -> Refiner
         ) from None
 
 
-def build_image_processor(args, config: RefinerViTConfig, resized: bool) -> tuple[RefinerViTImageProcessor, str]:
+def build_image_processor(
+    args: ModelArguments, config: RefinerViTConfig, resized: bool, cache_dir: str | None = None
+) -> tuple[RefinerViTImageProcessor, str]:
     """
     The evaluation image processor, and a log line saying whose it is: with `--model_name_or_path` the model's own
     (its crop_pct, normalisation and resampling; `--crop_pct` and a new `--image_size` still apply), else, or when the
@@ -197,7 +203,7 @@ def build_image_processor(args, config: RefinerViTConfig, resized: bool) -> tupl
             size = config.image_size
             changes.update(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
         try:
-            processor = RefinerViTImageProcessor.from_pretrained(source, cache_dir=args.cache_dir, **changes)
+            processor = RefinerViTImageProcessor.from_pretrained(source, cache_dir=cache_dir, **changes)
         except OSError:
             processor = image_processor_for_config(config, crop_pct=args.crop_pct)
             return processor, f"Image processor: {source} has none; the default for its configuration."
@@ -207,7 +213,9 @@ def build_image_processor(args, config: RefinerViTConfig, resized: bool) -> tupl
     return processor, f"Image processor: the default for the configuration, crop_pct {processor.crop_pct}."
 
 
-def build_model(args, num_labels: int, class_names: Sequence[str] | None) -> BuiltModel:
+def build_model(
+    args: ModelArguments, num_labels: int, class_names: Sequence[str] | None, cache_dir: str | None = None
+) -> BuiltModel:
     """
     The model the arguments describe, with heads for the data set's `num_labels` classes named `class_names`, and its
     image processor:
@@ -238,7 +246,7 @@ def build_model(args, num_labels: int, class_names: Sequence[str] | None) -> Bui
     notes = []
     resized = False
     if args.model_name_or_path:
-        model = load_pretrained_model(args, overrides)
+        model = load_pretrained_model(args, overrides, cache_dir)
         notes.append(fit_classifier_heads(model, num_labels, class_names, args.model_name_or_path))
         if args.image_size is not None and args.image_size != model.config.image_size:
             if args.image_size % model.config.patch_size:
@@ -255,10 +263,10 @@ def build_model(args, num_labels: int, class_names: Sequence[str] | None) -> Bui
             )
         if args.image_size is not None:
             overrides["image_size"] = args.image_size
-        config = new_model_config(args, overrides, label_maps(head, class_names)[0])
+        config = new_model_config(args, overrides, label_maps(head, class_names)[0], cache_dir)
         model = RefinerViTForImageClassification(config)
     model.config.check_architecture()
-    image_processor, note = build_image_processor(args, model.config, resized)
+    image_processor, note = build_image_processor(args, model.config, resized, cache_dir)
     notes.append(note)
 
     if args.gradient_checkpointing:

@@ -25,6 +25,7 @@ from ..token_labeling import (
     relabel_key,
 )
 from ..token_labeling.store import RelabelStore
+from .arguments import DataArguments, ModelArguments
 from .augmentation import CropRecord
 from .data import EMBEDDED_ID_COLUMN
 from .errors import UsageError
@@ -164,7 +165,7 @@ def token_grid_size(model) -> int:
     return height
 
 
-def configure_token_labeling(model, args) -> None:
+def configure_token_labeling(model, args: ModelArguments) -> None:
     """Applies `--dense_weight` and `--mix_token` to the model's configuration (saved with the model)."""
     if args.dense_weight is not None:
         model.config.aux_loss_weight = args.dense_weight
@@ -173,7 +174,7 @@ def configure_token_labeling(model, args) -> None:
     model.config.use_mix_token = args.mix_token
 
 
-def build_dense_label_builder(args, model, train_split) -> DenseLabelBuilder:
+def build_dense_label_builder(args: DataArguments, smoothing: float, model, train_split) -> DenseLabelBuilder:
     """
     Opens `--relabel_root` and checks it against the model and the training set before training starts: the model
     has the auxiliary head, `--relabel_size` is its token grid, the store's class count matches the head and its maps
@@ -214,7 +215,7 @@ def build_dense_label_builder(args, model, train_split) -> DenseLabelBuilder:
         size,
         num_classes,
         args.relabel_normalization,
-        smoothing=args.smoothing,
+        smoothing=smoothing,
         layout=args.relabel_layout,
         store=store,
     )

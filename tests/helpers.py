@@ -1,11 +1,13 @@
-"""Shared helpers of the test suite: fixture paths and small configurations that keep the tests fast on CPU."""
+"""
+Helpers of the test suite: the fixtures of the original code and the comparison with their outputs, the tiny
+configurations that keep the tests fast on CPU, random weights, and scripts loaded as modules.
+"""
 
 import importlib.util
 import sys
 from pathlib import Path
 from types import ModuleType
 
-import pytest
 import torch
 
 from refiner_hf import RefinerViTConfig, RefinerViTForImageClassification
@@ -24,22 +26,25 @@ def load_script(path: Path) -> ModuleType:
     return module
 
 
+# A 4-block model that has every block type, the convolutional stem and both heads, on 32x32 images with 8-pixel
+# patches: the model of the unit tests. The trainer's tests use it at 28 px (tests/training_utils.py).
+TINY_FIELDS = {
+    "image_size": 32,
+    "patch_size": 8,
+    "hidden_size": 24,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "mlp_ratio": 2.0,
+    "block_types": ["refined", "shared", "plain", "shared"],
+    "refine_expansion": 2,
+    "stem_hidden_sizes": [4, 8, 8],
+    "num_labels": 5,
+}
+
+
 def tiny_config(**overrides) -> RefinerViTConfig:
-    """A 4-block model that has every block type and both heads, on 32x32 images with 8-pixel patches."""
-    fields = {
-        "image_size": 32,
-        "patch_size": 8,
-        "hidden_size": 24,
-        "num_hidden_layers": 4,
-        "num_attention_heads": 4,
-        "mlp_ratio": 2.0,
-        "block_types": ["refined", "shared", "plain", "shared"],
-        "refine_expansion": 2,
-        "stem_hidden_sizes": [4, 8, 8],
-        "num_labels": 5,
-    }
-    fields.update(overrides)
-    return RefinerViTConfig(**fields)
+    """[`TINY_FIELDS`] as a configuration, with `overrides`."""
+    return RefinerViTConfig(**{**TINY_FIELDS, **overrides})
 
 
 def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -89,9 +94,32 @@ def hf_to_original(model: RefinerViTForImageClassification) -> dict[str, torch.T
     return original
 
 
-@pytest.fixture
-def fixtures_dir() -> Path:
-    return FIXTURES
+# The original code's outputs
+
+
+def original_outputs(name: str) -> dict:
+    """What the original code computed for the fixture checkpoint `name` (`released_tiny`, `paper_tiny`)."""
+    return torch.load(FIXTURES / f"{name}_expected.pt", weights_only=True)
+
+
+def assert_matches_original(
+    model: torch.nn.Module, pixel_values: torch.Tensor, expected: dict, tolerance: float = 1e-5
+) -> None:
+    """
+    The model's logits, class-token logits, aux logits (or their absence) and last hidden state against the original
+    code's, each within `tolerance` of its scale (float rounding differs between implementations and machines).
+    """
+    with torch.no_grad():
+        outputs = model(pixel_values)
+        hidden = model.refiner_vit(pixel_values).last_hidden_state
+    actual = {"logits": outputs.logits, "cls_logits": outputs.cls_logits, "last_hidden_state": hidden}
+    if "aux_logits" in expected:
+        actual["aux_logits"] = outputs.aux_logits
+    else:
+        assert outputs.aux_logits is None
+    for name, value in actual.items():
+        reference = expected[name]
+        torch.testing.assert_close(value, reference, atol=tolerance * max(1.0, reference.abs().max().item()), rtol=0)
 
 
 def loss_gradients_and_statistics(model, inputs, labels, seed=123):

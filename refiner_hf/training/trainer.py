@@ -1,0 +1,664 @@
+"""
+The training loop of Refiner-ViT with accelerate: [`train`] runs one training run from its [`Arguments`] (see
+`arguments.py`; `examples/run_imagenet.py` is its command line) on one CPU, one GPU, several GPUs or several nodes,
+and returns its results.
+
+A run checks everything it can before training (arguments, data, model, relabel maps), holds its output directory
+([`lock_run_directory`]), trains and evaluates epoch by epoch, checkpoints atomically and keeps the best weights in
+`OUTPUT_DIR/model`. Resumed (`--resume_from_checkpoint latest`) wherever it was stopped, it finishes what was left
+and ends with the model directory an uninterrupted run writes. The output directory holds model/ (the best weights
+so far, with the image processor and a model card: a directory `AutoModelForImageClassification.from_pretrained`
+loads), checkpoints/, logs/ (metrics.jsonl and the trackers' files) and all_results.json.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator, DistributedType, PartialState
+from accelerate.state import AcceleratorState
+from accelerate.utils import ProjectConfiguration, gather_object, send_to_device, set_seed
+from timm.utils import ModelEmaV3
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from ..hub import push_to_hub
+from ..model_directory import save_model_directory
+from ..modeling_refiner_vit import ModelTooLargeError, RefinerViTForImageClassification, RefinerViTPreTrainedModel
+from ..token_labeling import RelabelError
+from .arguments import AUGMENTATION_KEYWORDS, MIXING_KEYWORDS, OPTIMIZER_KEYWORDS, SCHEDULE_KEYWORDS, Arguments
+from .augmentation import TrainTransform
+from .card import training_model_card
+from .checkpointing import (
+    CheckpointError,
+    CheckpointManager,
+    NonFiniteWeightsError,
+    TrainingProgress,
+)
+from .data import EMBEDDED_DATASET_NAME, ImageData, check_labels, load_image_data
+from .distributed import (
+    full_state_dict,
+    processes_without_accelerators,
+    single_process_warning,
+    synchronize_batchnorm_statistics,
+)
+from .ema import build_model_ema
+from .errors import UsageError
+from .evaluation import evaluate_classifier
+from .loaders import build_evaluation_loader, build_training_loader
+from .mixing import BatchMixing, mix_batch
+from .model_setup import build_model, convert_sync_batchnorm
+from .optim import build_optimizer, build_scheduler
+from .relabel_targets import DENSE_LABELS, build_dense_label_builder, configure_token_labeling
+from .run_lock import RunLock, RunLockedError, lock_run_directory
+from .tracking import format_epoch_summary, tracker_config, trackers_for
+
+
+@dataclass
+class Run:
+    """Everything a training run works with, built by [`setup`]."""
+
+    args: Arguments
+    accelerator: Accelerator
+    output_dir: Path
+    data: ImageData
+    model: torch.nn.Module
+    image_processor: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    ema: ModelEmaV3 | None
+    mixing: BatchMixing
+    train_set: Any
+    train_loader: DataLoader
+    eval_loader: DataLoader
+    progress: TrainingProgress
+    checkpoints: CheckpointManager
+    notes: list[str]
+    lock: RunLock | None = None  # held by the main process while the run writes into output_dir
+    # The best step whose weights this process has written to output_dir/model (a resumed run writes them again).
+    model_written_step: int | None = None
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return len(self.train_loader)
+
+    @property
+    def streaming(self) -> bool:
+        return self.args.data.streaming
+
+
+def setup(args: Arguments) -> Run:
+    """Data, model, optimisation and checkpoints, with every check done before training starts."""
+    output_dir = Path(
+        args.training.output_dir or ("outputs/refiner-vit" + ("-fashion-mnist" if args.data.uses_embedded_data else ""))
+    )
+    cpu = processes_without_accelerators()
+    lock = lock_run_directory(PartialState(cpu=cpu), output_dir)  # before anything is written there
+    try:
+        accelerator = Accelerator(
+            gradient_accumulation_steps=args.training.gradient_accumulation_steps,
+            mixed_precision=args.training.mixed_precision,
+            log_with=trackers_for(args.training.report_to, output_dir / "logs"),
+            project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+            cpu=cpu,
+        )
+        return build_run(args, accelerator, output_dir, lock)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+
+
+def build_run(args: Arguments, accelerator: Accelerator, output_dir: Path, lock: RunLock | None) -> Run:
+    """Data, model, optimisation and checkpoints (resumed when asked), with every check done before training."""
+    if warning := single_process_warning(accelerator):
+        accelerator.print(warning, flush=True)
+    # Seeds differ per process (stochastic depth and mixing draw independently, as in timm); the initial weights are
+    # process 0's, which DDP broadcasts. Data order and augmentation have their own seeds (training/loaders.py).
+    set_seed(args.training.seed, device_specific=True)
+    if accelerator.distributed_type == DistributedType.FSDP and args.training.model_ema:
+        raise UsageError("The model EMA keeps a full copy of the weights, which FSDP shards: pass --no_model_ema.")
+
+    with accelerator.main_process_first():
+        data = load_image_data(args.data, args.training.seed)
+    if args.model.allow_large_model:
+        RefinerViTPreTrainedModel.max_parameters = None
+    try:
+        built = build_model(args.model, data.num_labels, data.class_names, cache_dir=args.data.cache_dir)
+    except ModelTooLargeError as error:
+        raise UsageError(str(ModelTooLargeError(error.count, error.limit, "pass --allow_large_model"))) from None
+    model, image_processor = built.model, built.image_processor
+    check_labels(data, args.data.label_column_name, model.config.num_labels)
+    configure_token_labeling(model, args.model)
+    target_builders = {}
+    if args.data.relabel_root:
+        target_builders[DENSE_LABELS] = build_dense_label_builder(args.data, args.training.smoothing, model, data.train)
+    if args.model.sync_batchnorm:
+        model = convert_sync_batchnorm(model, accelerator.device, accelerator.num_processes)
+
+    transform = TrainTransform(
+        image_size=model.config.image_size,
+        mean=image_processor.image_mean,
+        std=image_processor.image_std,
+        **args.training.keywords(AUGMENTATION_KEYWORDS),
+    )
+    train_set, train_loader = build_training_loader(
+        args,
+        data,
+        transform,
+        model.config.num_labels,
+        accelerator.process_index,
+        accelerator.num_processes,
+        target_builders=target_builders,
+    )
+    eval_loader = build_evaluation_loader(args, data, image_processor)
+    mixing = BatchMixing(model.config.num_labels, **args.training.keywords(MIXING_KEYWORDS))
+    optimizer = build_optimizer(model, **args.training.keywords(OPTIMIZER_KEYWORDS))
+    if args.data.streaming:
+        # A streamed training set is already split between processes: accelerate only moves its batches.
+        model, optimizer, eval_loader = accelerator.prepare(model, optimizer, eval_loader)
+    else:
+        model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
+    scheduler = build_scheduler(
+        optimizer,
+        updates_per_epoch=math.ceil(len(train_loader) / args.training.gradient_accumulation_steps),
+        **args.training.keywords(SCHEDULE_KEYWORDS),
+    )
+    ema = None
+    if args.training.model_ema:
+        ema = build_model_ema(
+            accelerator.unwrap_model(model), args.training.model_ema_decay, args.training.model_ema_warmup
+        )
+
+    # What a resumed run needs besides the model, the optimizer and the random states (saved as JSON and safetensors).
+    progress = TrainingProgress()
+    checkpoints = CheckpointManager(
+        accelerator,
+        output_dir / "checkpoints",
+        args.training.checkpoints_total_limit,
+        progress=progress,
+        scheduler=scheduler,
+        ema=ema,
+        guarded=[accelerator.unwrap_model(model), *([ema] if ema is not None else [])],
+    )
+    run = Run(
+        args, accelerator, output_dir, data, model, image_processor, optimizer, scheduler, ema, mixing, train_set,
+        train_loader, eval_loader, progress, checkpoints, built.notes, lock,
+    )  # fmt: skip
+    if args.training.resume_from_checkpoint:
+        resume(run)
+    accelerator.init_trackers("refiner-vit", config=tracker_config(args.recipe_values()))
+    return run
+
+
+def resume(run: Run) -> None:
+    checkpoint = run.checkpoints.resolve(run.args.training.resume_from_checkpoint)
+    if checkpoint is None:
+        run.accelerator.print(f"No checkpoint in {run.checkpoints.directory} yet: starting from scratch.", flush=True)
+        return
+    run.checkpoints.load(checkpoint)
+    progress = run.progress
+    if not training_finished(run):
+        left = "training continues"
+    elif evaluation_due(run):
+        left = "training finished; its final evaluation, the model directory and the results are left"
+    else:
+        left = "training and evaluation finished; the model directory and the results are left"
+    run.accelerator.print(
+        f"Resumed from {checkpoint}: epoch {progress.epoch + 1}, batch {progress.batches_in_epoch} of "
+        f"{run.batches_per_epoch}, step {progress.global_step} ({left}).",
+        flush=True,
+    )
+
+
+def describe(run: Run) -> str:
+    args, accelerator = run.args, run.accelerator
+    config = accelerator.unwrap_model(run.model).config
+    num_train = (
+        len(run.data.train) if not run.streaming else run.batches_per_epoch * args.training.per_device_train_batch_size
+    )
+    global_batch = (
+        args.training.per_device_train_batch_size
+        * accelerator.num_processes
+        * args.training.gradient_accumulation_steps
+    )
+    updates = math.ceil(run.batches_per_epoch / args.training.gradient_accumulation_steps)
+    precision = "fp32" if accelerator.mixed_precision == "no" else accelerator.mixed_precision
+    return (
+        f"Recipe: {args.recipe_source}\n"
+        f"Data: {run.data.description}: {num_train:,}{' per process' if run.streaming else ''} training / "
+        f"{len(run.data.validation):,} validation images, {config.num_labels} classes\n"
+        f"Model: {config.matching_preset() or 'custom Refiner-ViT'}, "
+        f"{sum(p.numel() for p in run.model.parameters()):,} parameters, {config.image_size} px, "
+        f"eval crop_pct {run.image_processor.crop_pct}\n"
+        + "".join(f"  {note}\n" for note in run.notes)
+        + f"Batch: {args.training.per_device_train_batch_size} per process x {accelerator.num_processes} processes x "
+        f"{args.training.gradient_accumulation_steps} accumulation steps = global batch {global_batch} "
+        f"({accelerator.device}, {precision})\n"
+        f"Schedule: {updates} steps per epoch, {args.training.total_epochs} epochs ({args.training.epochs} cosine + "
+        f"{args.training.cooldown_epochs} cooldown), warmup {args.training.warmup_epochs:g} epochs from "
+        f"{args.training.warmup_lr:g}, lr {args.training.lr:g} updated per {args.training.lr_schedule_unit}, "
+        + (
+            f"EMA decay {args.training.model_ema_decay:g}{' with warmup' if args.training.model_ema_warmup else ''}"
+            if args.training.model_ema
+            else "no EMA"
+        )
+        + (f", stopping after step {args.training.max_train_steps}" if args.training.max_train_steps else "")
+        + (
+            f"\nToken labeling: relabel maps {args.data.relabel_root} ({args.data.relabel_normalization}, "
+            f"{args.data.relabel_layout}), class target: {args.training.relabel_class_target.replace('_', ' ')}, "
+            f"dense weight {config.aux_loss_weight:g}, MixToken {'on' if args.model.mix_token else 'off'}, CutMix of "
+            f"dense labels: {args.training.dense_label_cutmix}"
+            if args.data.relabel_root
+            else ""
+        )
+        + (
+            f"\nAttention similarity regulariser: {config.attention_similarity_weight:g} x the first "
+            f"{config.attention_similarity_pairs} pairs of consecutive maps"
+            if config.attention_similarity_pairs
+            else ""
+        )
+    )
+
+
+class EpochTotals:
+    """
+    The sums behind an epoch's training statistics (batch losses, batches, images) and the undecodable images met, on
+    this process since the last checkpoint; [`fold_into`] adds them, over all processes, to the checkpointed
+    `progress.epoch_totals` and `progress.epoch_bad_images`. A resumed run starts from the same sums at the same place
+    as an uninterrupted one, so both report the same.
+    """
+
+    def __init__(self, accelerator: Accelerator) -> None:
+        self.accelerator = accelerator
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+        self.counts = [0, 0]  # batches, images
+        self.bad_images: set[int | str] = set()
+
+    def add(self, loss: torch.Tensor, images: int, bad_images: list[int | str]) -> None:
+        self.loss_sum += loss.double()
+        self.counts = [self.counts[0] + 1, self.counts[1] + images]
+        self.bad_images.update(bad_images)
+
+    def fold_into(self, progress: TrainingProgress) -> None:
+        local = torch.cat(
+            [self.loss_sum[None], torch.tensor(self.counts, dtype=torch.float64, device=self.loss_sum.device)]
+        )
+        summed = self.accelerator.reduce(local, reduction="sum").tolist()
+        progress.epoch_totals = [
+            progress.epoch_totals[0] + summed[0],
+            *(int(total) + int(count) for total, count in zip(progress.epoch_totals[1:], summed[1:])),
+        ]
+        met = set(progress.epoch_bad_images).union(*gather_object([sorted(self.bad_images, key=str)]))
+        progress.epoch_bad_images = sorted(met, key=str)
+        progress.bad_training_images = sorted(met.union(progress.bad_training_images), key=str)
+        self.loss_sum.zero_()
+        self.counts = [0, 0]
+        self.bad_images = set()
+
+
+def epoch_statistics(run: Run, images: int, seconds: float) -> dict[str, Any]:
+    """The epoch's training statistics from `progress.epoch_totals`; the throughput is this process's run's."""
+    loss_sum, batches, _ = run.progress.epoch_totals
+    return {
+        "train_loss": loss_sum / batches if batches else float("nan"),
+        "lr": run.optimizer.param_groups[0]["lr"],
+        "images_per_second": images / seconds if seconds > 0 else 0.0,
+        "bad_images": len(run.progress.epoch_bad_images),
+        "epoch_seconds": seconds,
+    }
+
+
+def train_epoch(run: Run, epoch: int) -> dict[str, Any]:
+    """
+    Trains from the run's position in `epoch` to its end (or to `--max_train_steps`), saving checkpoints every
+    `--checkpointing_steps`. Returns the epoch's training statistics, summed over processes (and over the part of the
+    epoch trained before a resume).
+    """
+    args, accelerator, progress, model = run.args, run.accelerator, run.progress, run.model
+    skipped = progress.batches_in_epoch
+    run.scheduler.step(epoch)  # per-epoch schedule (the original's); a no-op with --lr_schedule_unit step
+    run.scheduler.step_update(progress.global_step)  # per-step schedule; a no-op per epoch
+    if run.streaming:
+        run.train_set.set_epoch(epoch)
+        run.train_set.set_skip(skipped)
+        batches = run.train_loader
+    else:
+        run.train_loader.set_epoch(epoch)
+        batches = accelerator.skip_first_batches(run.train_loader, skipped) if skipped else run.train_loader
+
+    start, trained_images = time.perf_counter(), 0
+    totals = EpochTotals(accelerator)  # since the last checkpoint, folded into `progress` at each one
+    window: list[torch.Tensor] = []  # losses since the last log
+    window_start, window_images = time.perf_counter(), 0
+    bar = tqdm(
+        total=run.batches_per_epoch,
+        initial=skipped,
+        desc=f"epoch {epoch + 1}/{args.training.total_epochs}",
+        disable=not accelerator.is_local_main_process,
+        leave=False,
+    )
+    model.train()
+    for batch in batches:
+        if run.streaming:
+            batch = send_to_device(batch, accelerator.device)
+        # With --relabel_root the batch has `dense_labels`, mixed like the images; without them the model gives every
+        # token its image's target.
+        pixel_values, targets, dense_labels = mix_batch(
+            run.mixing,
+            batch,
+            epoch,
+            class_target=args.training.relabel_class_target,
+            cutmix_mode=args.training.dense_label_cutmix,
+        )
+        with accelerator.accumulate(model):
+            loss = model(
+                pixel_values=pixel_values, labels=targets, dense_labels=dense_labels, mix_token=args.model.mix_token
+            ).loss
+            check_finite_loss(run, loss, batch, epoch)  # before the loss reaches the weights
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and args.training.clip_grad:
+                accelerator.clip_grad_norm_(model.parameters(), args.training.clip_grad)
+            run.optimizer.step()
+            run.optimizer.zero_grad()
+        progress.batches_in_epoch += 1
+        totals.add(loss.detach(), pixel_values.shape[0], batch["bad_images"])
+        window.append(loss.detach().float())
+        trained_images += pixel_values.shape[0]
+        window_images += pixel_values.shape[0]
+        bar.update(1)
+        if not accelerator.sync_gradients:
+            continue
+
+        progress.global_step += 1
+        if run.ema is not None:
+            run.ema.update(
+                accelerator.unwrap_model(model), step=progress.global_step if args.training.model_ema_warmup else None
+            )
+        run.scheduler.step_update(progress.global_step)
+        lr = run.optimizer.param_groups[0]["lr"]
+        if progress.global_step % args.training.logging_steps == 0:
+            mean_loss = accelerator.reduce(torch.stack(window).mean(), reduction="mean").item()
+            seen = accelerator.reduce(torch.tensor(window_images, device=accelerator.device), reduction="sum").item()
+            speed = seen / (time.perf_counter() - window_start)
+            accelerator.log(
+                {"train/loss": mean_loss, "train/lr": lr, "train/images_per_second": speed}, step=progress.global_step
+            )
+            bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{speed:.0f}")
+            window, window_start, window_images = [], time.perf_counter(), 0
+        end_of_epoch = progress.batches_in_epoch == run.batches_per_epoch
+        if (
+            args.training.checkpointing_steps
+            and progress.global_step % args.training.checkpointing_steps == 0
+            and not end_of_epoch
+        ):
+            totals.fold_into(progress)
+            path = run.checkpoints.save(progress)
+            accelerator.print(
+                f"Saved checkpoint {path} (epoch {epoch + 1}, batch {progress.batches_in_epoch})", flush=True
+            )
+        if args.training.max_train_steps and progress.global_step >= args.training.max_train_steps:
+            break
+    bar.close()
+    totals.fold_into(progress)
+    seconds = time.perf_counter() - start
+    images = accelerator.reduce(torch.tensor(trained_images, device=accelerator.device), reduction="sum").item()
+    return epoch_statistics(run, images, seconds)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite; the run stops before it changes the weights."""
+
+
+def check_finite_loss(run: Run, loss: torch.Tensor, batch: dict[str, Any], epoch: int) -> None:
+    """
+    Stops the run, on every process at once, when a loss is not finite, naming the step and the images behind it:
+    those of the batch whose pixels or dense labels are not finite when there are any, else the whole batch.
+    """
+    accelerator, progress = run.accelerator, run.progress
+    not_finite = (~torch.isfinite(loss.detach())).float()
+    if accelerator.reduce(not_finite, reduction="sum").item() == 0:  # accelerate reduces by sum or mean only
+        return
+    indices = batch["indices"].tolist()
+    inputs = [batch["pixel_values"]] + ([batch[DENSE_LABELS]] if DENSE_LABELS in batch else [])
+    bad_inputs = torch.stack([~torch.isfinite(x.flatten(1)).all(1) for x in inputs]).any(0).tolist()
+    culprits = [index for index, bad in zip(indices, bad_inputs) if bad]
+    images = (
+        f"training images {culprits} have non-finite pixels or dense labels"
+        if culprits
+        else f"the batch held training images {indices}" + ("" if not_finite.item() else " (on another process)")
+    )
+    latest = run.checkpoints.latest()
+    raise NonFiniteLossError(
+        f"The training loss is {loss.item()} at step {progress.global_step + 1} (epoch {epoch + 1}, batch "
+        f"{progress.batches_in_epoch + 1}): {images}. The run stopped before the loss reached the weights; "
+        + (f"the last checkpoint, {latest}, is intact." if latest else "no checkpoint was written yet.")
+        + " Resume from it with a lower --lr or with --clip_grad, or mend the data."
+    )
+
+
+def evaluate_epoch(run: Run, epoch: int, stats: dict[str, Any]) -> bool:
+    """
+    Evaluates the model (and its EMA) after the training so far, records the epoch's summary and the best weights,
+    logs and prints it. Returns whether these weights are the best so far (the caller checkpoints, then saves them).
+    """
+    accelerator, progress = run.accelerator, run.progress
+    synchronize_batchnorm_statistics(accelerator, run.model, *([run.ema.module] if run.ema is not None else []))
+    results = evaluate_classifier(accelerator, run.model, run.eval_loader)
+    summary = {"epoch": epoch, "step": progress.global_step, **stats}
+    summary.update(eval_top1=results["top1"], eval_top5=results["top5"])
+    summary.update(eval_samples=results["num_samples"], bad_images=stats["bad_images"] + results["bad_images"])
+    weights, best = "model", results
+    if run.ema is not None:
+        # With the EMA on, the EMA weights are the ones kept (the published accuracies of the original are the EMA's).
+        weights, best = "ema", evaluate_classifier(accelerator, run.ema.module, run.eval_loader)
+        summary.update(ema_top1=best["top1"], ema_top5=best["top5"])
+    improved = progress.best_metric is None or best["top1"] > progress.best_metric
+    if improved:
+        progress.best_metric, progress.best_epoch, progress.best_weights = best["top1"], epoch, weights
+        progress.best_step = progress.global_step
+    progress.evaluated_step = progress.global_step
+    summary.update(best_top1=progress.best_metric, best_epoch=progress.best_epoch, best_weights=progress.best_weights)
+    progress.bad_validation_images = results["bad_images"]
+    progress.history.append(summary)
+    accelerator.log({f"epoch/{key}": value for key, value in summary.items()}, step=progress.global_step)
+    accelerator.print(format_epoch_summary(epoch, run.args.training.total_epochs, summary), flush=True)
+    return improved
+
+
+def best_summary(progress: TrainingProgress) -> dict[str, Any] | None:
+    """The summary of the evaluation that found the best weights."""
+    return next((h for h in progress.history if h.get("step") == progress.best_step), None)
+
+
+def best_metrics(progress: TrainingProgress) -> dict[str, Any] | None:
+    """Top-1, top-5 and the number of validation images of the best weights."""
+    summary = best_summary(progress)
+    if summary is None:
+        return None
+    prefix = "ema" if progress.best_weights == "ema" else "eval"
+    return {
+        "top1": summary[f"{prefix}_top1"],
+        "top5": summary[f"{prefix}_top5"],
+        "num_samples": summary["eval_samples"],
+    }
+
+
+def save_best_model(run: Run) -> None:
+    """Writes the run's current weights (the best so far), its image processor and a model card to output_dir/model."""
+    accelerator, args, progress = run.accelerator, run.args, run.progress
+    model = run.ema.module if run.ema is not None else accelerator.unwrap_model(run.model)
+    state_dict = full_state_dict(accelerator, run.model) if run.ema is None else None
+    if accelerator.is_main_process:
+        if state_dict is not None:  # FSDP: a plain copy of the model holding the gathered weights
+            model = RefinerViTForImageClassification(model.config)
+            model.load_state_dict(state_dict)
+        model_dir = run.output_dir / "model"
+        metrics = {**best_metrics(progress), "epoch": progress.best_epoch, "epochs": args.training.total_epochs}
+        card = training_model_card(
+            model.config,
+            args.training.hub_model_id or str(model_dir),
+            data_description=run.data.description,
+            recipe=args.model_card_recipe(),
+            metrics={**metrics, "weights": progress.best_weights},
+            num_parameters=sum(p.numel() for p in model.parameters()),
+            hub_dataset=args.data.dataset_name
+            if args.data.dataset_name and not Path(args.data.dataset_name).exists()
+            else None,
+        )
+        save_model_directory(model, run.image_processor, model_dir, model_card=card, overwrite=True)
+    accelerator.wait_for_everyone()
+    run.model_written_step = progress.best_step
+
+
+def training_finished(run: Run) -> bool:
+    """Whether the run has trained all it was asked to (its epochs, or `--max_train_steps`)."""
+    args, progress = run.args, run.progress
+    return progress.epoch >= args.training.total_epochs or bool(
+        args.training.max_train_steps and progress.global_step >= args.training.max_train_steps
+    )
+
+
+def evaluation_due(run: Run) -> bool:
+    """Whether training happened since the last evaluation (e.g. a run killed during its final evaluation)."""
+    return run.progress.global_step > 0 and run.progress.evaluated_step != run.progress.global_step
+
+
+def train_and_evaluate(run: Run) -> None:
+    """
+    Trains and evaluates epoch by epoch from the run's position to its end. After each evaluation the state is
+    checkpointed, then the best weights are written to output_dir/model; the final state (training finished and
+    evaluated) is a checkpoint too, so a run killed anywhere resumes to the same end.
+    """
+    accelerator, progress = run.accelerator, run.progress
+    while True:
+        epoch = progress.epoch
+        if not training_finished(run):
+            stats = train_epoch(run, epoch)
+        elif evaluation_due(run):  # resumed after the training's last checkpoint, before its evaluation was saved
+            stats = epoch_statistics(run, 0, 0.0)
+        else:
+            return
+        improved = evaluate_epoch(run, epoch, stats)
+        complete = progress.batches_in_epoch == run.batches_per_epoch
+        if complete:  # else the run stopped mid-epoch (--max_train_steps): a longer run resumes at the same batch
+            progress.epoch, progress.batches_in_epoch = epoch + 1, 0
+            progress.epoch_totals, progress.epoch_bad_images = [0.0, 0, 0], []
+        path = run.checkpoints.save(progress)
+        accelerator.print(f"Saved checkpoint {path}", flush=True)
+        if improved:
+            save_best_model(run)
+
+
+def ensure_model_directory(run: Run) -> Path | None:
+    """
+    Makes sure output_dir/model holds the best weights when the run ends. A resumed run writes them again from their
+    checkpoint (a kill may have interrupted their writing, or come before it): the same weights, processor and card
+    an uninterrupted run wrote. Returns the directory, or None when no weights were evaluated.
+    """
+    accelerator, progress = run.accelerator, run.progress
+    model_dir = run.output_dir / "model"
+    if progress.best_step is None or run.model_written_step == progress.best_step:
+        return model_dir if progress.best_step is not None else None
+    if progress.best_step != progress.global_step:  # the best weights are an earlier checkpoint's: load them
+        checkpoint = run.checkpoints.of_step(progress.best_step)
+        if checkpoint is None:
+            if model_dir.is_dir():
+                accelerator.print(
+                    f"The checkpoint of the best weights (step {progress.best_step}) is gone: keeping {model_dir} "
+                    "as it is.",
+                    flush=True,
+                )
+                return model_dir
+            raise UsageError(
+                f"The best weights (step {progress.best_step}) are in neither {model_dir} nor a checkpoint of "
+                f"{run.checkpoints.directory}: they cannot be written."
+            )
+        final_state = copy.deepcopy(progress.state_dict())
+        run.checkpoints.load(checkpoint)
+        progress.load_state_dict(final_state)
+    save_best_model(run)
+    accelerator.print(f"Wrote the best weights (step {progress.best_step}) to {model_dir}", flush=True)
+    return model_dir
+
+
+def finish(run: Run, model_dir: Path | None, seconds: float) -> dict[str, Any]:
+    """Writes all_results.json, uploads the model when asked, and returns the run's results."""
+    args, accelerator, progress = run.args, run.accelerator, run.progress
+    best = best_metrics(progress)
+    results = {
+        "model_dir": str(model_dir) if model_dir is not None and model_dir.is_dir() else None,
+        "best_weights": progress.best_weights,
+        "best_epoch": progress.best_epoch,
+        "eval_top1": best["top1"] if best else None,
+        "eval_top5": best["top5"] if best else None,
+        "eval_samples": best["num_samples"] if best else None,
+        "global_step": progress.global_step,
+        "epochs_completed": progress.epoch,
+        "bad_images_skipped": len(progress.bad_training_images) + progress.bad_validation_images,
+        "train_seconds_this_run": seconds,
+        "history": progress.history,
+    }
+    if accelerator.is_main_process:
+        partial = run.output_dir / "all_results.json.partial"
+        partial.write_text(json.dumps(results, indent=2) + "\n")
+        partial.replace(run.output_dir / "all_results.json")
+        if results["model_dir"] is not None:
+            accelerator.print(
+                f"Best: {100 * results['eval_top1']:.2f} % top-1, {100 * results['eval_top5']:.2f} % top-5 "
+                f"({progress.best_weights} weights, epoch {progress.best_epoch + 1}); model saved to "
+                f"{results['model_dir']}",
+                flush=True,
+            )
+        if args.training.push_to_hub and results["model_dir"] is not None:
+            data_name = args.data.dataset_name or args.data.train_dir or EMBEDDED_DATASET_NAME
+            commit = push_to_hub(
+                results["model_dir"],
+                args.training.hub_model_id or run.output_dir.name,
+                commit_message=f"Refiner-ViT, {100 * results['eval_top1']:.2f} % top-1 on {data_name}",
+                private=args.training.hub_private,
+                token=args.training.hub_token,
+            )
+            accelerator.print(f"Uploaded to {commit.repo_url}", flush=True)
+    return results
+
+
+def train(args: Arguments) -> dict[str, Any]:
+    """
+    Runs the training the arguments describe (see [`parse_args`] for the command line's) and returns its results, also
+    written to `OUTPUT_DIR/all_results.json`. Accelerate's process-wide state is reset at the end, so that another run
+    can follow in the same process.
+
+    Raises:
+        `UsageError` (and the errors in [`STOPPING_ERRORS`]): a problem with the arguments, the data, the relabel maps
+            or a checkpoint, or a run stopped on a non-finite loss; the message names it and what to do.
+    """
+    try:
+        run = setup(args)
+        try:
+            run.accelerator.print(describe(run), flush=True)
+            start = time.perf_counter()
+            train_and_evaluate(run)
+            model_dir = ensure_model_directory(run)
+            results = finish(run, model_dir, time.perf_counter() - start)
+            run.accelerator.end_training()
+        finally:
+            if run.lock is not None:
+                run.lock.release()
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    return results
+
+
+# Errors a run stops on that are about its inputs or its state, not bugs: the command line shows them as one line.
+STOPPING_ERRORS = (UsageError, RelabelError, CheckpointError, RunLockedError, NonFiniteLossError, NonFiniteWeightsError)
+
+
+__all__ = ["STOPPING_ERRORS", "NonFiniteLossError", "Run", "train"]
