@@ -73,7 +73,7 @@ def _attention_probs(qkv, previous, heads, scale, dtype):
     kernel_module(KERNELS).attention_probs_kernel[(math.ceil(tokens / block_rows), batch * heads)](
         qkv, out if previous is None else previous.contiguous(), out, heads, tokens, hidden, head_dim, scale, scale,
         HAS_PREV=previous is not None, BM=block_rows, BN=block_cols, DP=max(16, next_power_of_2(head_dim)),
-        LOW=qkv.dtype == torch.bfloat16, EMULATE=interpreting(),
+        LOW=qkv.dtype == torch.bfloat16, EMULATE=interpreting(), num_warps=8,
     )  # fmt: skip
     return out
 
@@ -85,7 +85,7 @@ def _softmax_backward(grad, probs, previous, scale, dtype):
     block_rows, block_cols = _blocks(tokens)
     kernel_module(KERNELS).softmax_backward_kernel[(math.ceil(tokens / block_rows), batch * heads)](
         grad, probs, probs if previous is None else previous.contiguous(), out, tokens, scale,
-        HAS_PREV=previous is not None, BM=block_rows, BN=block_cols,
+        HAS_PREV=previous is not None, BM=block_rows, BN=block_cols, num_warps=8,
     )  # fmt: skip
     return out
 

@@ -132,6 +132,8 @@ def _geometry(x: torch.Tensor, channels: int, kernel: int, padding: int, has_exp
         "BC": block_cols,
         "LOW": x.dtype == torch.bfloat16,
         "EMULATE": interpreting(),
+        # 8 warps: with 4, ptxas spills registers in most of these kernels (sm_90, 64-position tiles).
+        "num_warps": 8,
     }
     return _Geometry(batch, heads, channels, rows, cols, kernel, padding, has_expand, tiles, programs, meta)
 
@@ -169,7 +171,7 @@ def _with(meta: dict, *names: str, **extra) -> dict:
     return {**{name: meta[name] for name in names}, **extra}
 
 
-_TILE_META = ("HP", "BLOCK_C", "BR", "BC", "LOW", "EMULATE")
+_TILE_META = ("HP", "BLOCK_C", "BR", "BC", "LOW", "EMULATE", "num_warps")
 _CONV_META = ("K", "PAD", "HAS_EXPAND") + _TILE_META
 
 
