@@ -219,12 +219,11 @@ def refine_memory_lean(
     keeping only `attention_map` for the backward pass. The gradients are the reference's up to float rounding.
     """
     norms = _batch_norms(refiner, adapt_bn)
-    if not all(bn is None or bn.training for bn in norms):
-        # A BatchNorm frozen in evaluation mode inside a training model: keep the reference computation.
+    if not all(bn is None or bn.training for bn in norms) or any(isinstance(bn, nn.SyncBatchNorm) for bn in norms):
+        # A BatchNorm frozen in evaluation mode inside a training model, or a SyncBatchNorm (its statistics span
+        # processes; only its own forward and backward compute them): keep the reference computation.
         return adapt_bn(refiner(attention_map)) * scale
-    # SyncBatchNorm's statistics span processes: only its own forward computes them.
-    local = not any(isinstance(bn, nn.SyncBatchNorm) for bn in norms)
-    if local and _triton_takes(attention_map, refiner.depthwise_conv.weight):
+    if _triton_takes(attention_map, refiner.depthwise_conv.weight):
         x = triton_refinement.autocast_input(attention_map)
         return _refine_memory_lean_kernels(x, refiner, adapt_bn, scale, triton_refinement.ops())
     if use_kernels(attention_map):
