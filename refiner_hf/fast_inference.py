@@ -6,9 +6,10 @@ activations:
 - stem: each BatchNorm folded into the convolution before it, convolutions in `channels_last`, in-place ReLUs;
 - LayerNorm of `x * r`: the same as a LayerNorm of `x` with epsilon `eps / r**2`, which saves the multiplication;
 - attention: probabilities (`softmax(s q k^T) + s * previous`) and the context computed by fused kernels straight
-  from the packed projection and into token layout (`cpu_kernels`; without them, the scale is applied by
-  `baddbmm` and the previous map added in place); the refinement with all its BatchNorms, `adapt_bn` and the
-  shared blocks' scale folded into its three convolutions, run as one fused kernel (`fused_refinement`);
+  from the packed projection and into token layout (`cpu_kernels`; on CUDA the probabilities by a Triton kernel,
+  `triton_attention`; without them, the scale is applied by `baddbmm` and the previous map added in place); the
+  refinement with all its BatchNorms, `adapt_bn` and the shared blocks' scale folded into its three convolutions,
+  run as one fused kernel (`fused_refinement`);
 - residual branches: `1 / r` and the layer scale applied by the residual addition itself (`add` with alpha,
   `addcmul`).
 
@@ -20,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import triton_attention
 from .fused_refinement import (
     batch_norm_scale_shift,
     can_fold,
@@ -88,6 +90,8 @@ def _attention_probs(
     qkv: torch.Tensor, previous_attention: torch.Tensor | None, heads: int, scaling: float
 ) -> torch.Tensor:
     """softmax((sqrt(s) q)(sqrt(s) k)^T) + s * previous, from the packed (batch, tokens, 3 * hidden) projection."""
+    if triton_attention.can_fuse(qkv, previous_attention, heads):
+        return triton_attention.attention_probs(qkv, previous_attention, heads, scaling)
     if use_kernels(qkv) and not needs_grad(qkv, previous_attention):
         return torch.ops.refiner_hf.attention_probs(qkv, previous_attention, heads, scaling, scaling)
     batch_size, seq_len, width = qkv.shape

@@ -2,8 +2,8 @@
 Fast and memory-lean implementations of Refiner-ViT's attention-map refinement, `adapt_bn(refiner(A)) * scale`.
 
 - Inference (`fold_refinement` + `refine_folded`): the four BatchNorms and the scale are folded into the three
-  convolutions, which then run as one fused CPU kernel (`cpu_kernels`) or, without it, as three `channels_last`
-  convolutions with in-place activations.
+  convolutions, which then run as one fused kernel (Triton on CUDA: `triton_refinement`; C++ on CPU:
+  `cpu_kernels`) or, without one, as three `channels_last` convolutions with in-place activations.
 - Training (`refine_memory_lean`): only the input map is kept for the backward pass; the expanded intermediates
   (E times the size of the map, six of them in the reference) are recomputed. With the fused kernels the forward
   and backward are fused passes over the map; without them an autograd function recomputes the reference ops.
@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import triton_refinement
 from .cpu_kernels import kernels_available
 
 
@@ -83,8 +84,17 @@ def use_kernels(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and kernels_available()
 
 
+def _triton_takes(attention_map: torch.Tensor, w_depthwise: torch.Tensor) -> bool:
+    heads, kernel_size = attention_map.shape[1], w_depthwise.shape[-1]
+    return triton_refinement.can_refine(attention_map, heads, w_depthwise.shape[0], kernel_size)
+
+
 def refine_folded(attention_map: torch.Tensor, folded: FoldedRefinement) -> torch.Tensor:
     """Applies a folded refinement to maps of shape (batch, heads, rows, cols); returns a contiguous tensor."""
+    if _triton_takes(attention_map, folded.w_depthwise) and not needs_grad(attention_map, *folded[:-1]):
+        return triton_refinement.ops().refine_eval(
+            triton_refinement.autocast_input(attention_map), *folded[:-1], folded.padding[0]
+        )
     if use_kernels(attention_map) and not needs_grad(attention_map, *folded[:-1]):
         return torch.ops.refiner_hf.refine_eval(
             attention_map,
@@ -209,21 +219,27 @@ def refine_memory_lean(
     keeping only `attention_map` for the backward pass. The gradients are the reference's up to float rounding.
     """
     norms = _batch_norms(refiner, adapt_bn)
-    if not all(bn is None or bn.training for bn in norms):
-        # A BatchNorm frozen in evaluation mode inside a training model: keep the reference computation.
+    if not all(bn is None or bn.training for bn in norms) or any(isinstance(bn, nn.SyncBatchNorm) for bn in norms):
+        # A BatchNorm frozen in evaluation mode inside a training model, or a SyncBatchNorm (its statistics span
+        # processes; only its own forward and backward compute them): keep the reference computation.
         return adapt_bn(refiner(attention_map)) * scale
+    if _triton_takes(attention_map, refiner.depthwise_conv.weight):
+        x = triton_refinement.autocast_input(attention_map)
+        return _refine_memory_lean_kernels(x, refiner, adapt_bn, scale, triton_refinement.ops())
     if use_kernels(attention_map):
-        return _refine_memory_lean_kernels(attention_map, refiner, adapt_bn, scale)
+        return _refine_memory_lean_kernels(attention_map, refiner, adapt_bn, scale, torch.ops.refiner_hf)
     params = [p for m in (refiner, adapt_bn) for p in m.parameters()]
     return _RecomputedRefinement.apply(attention_map, refiner, adapt_bn, scale, *params)
 
 
 def _refine_memory_lean_kernels(
-    attention_map: torch.Tensor, refiner: nn.Module, adapt_bn: nn.BatchNorm2d, scale: float
+    attention_map: torch.Tensor, refiner: nn.Module, adapt_bn: nn.BatchNorm2d, scale: float, ops
 ) -> torch.Tensor:
+    """The fused training op of `ops` (the C++ `torch.ops.refiner_hf` or the Triton `torch.ops.refiner_hf_triton`:
+    same signature) and the running statistics updated from the batch statistics it returns."""
     expand = refiner.expand_conv is not None
     norms = _batch_norms(refiner, adapt_bn)
-    output, *stats = torch.ops.refiner_hf.refine_train(
+    output, *stats = ops.refine_train(
         attention_map.contiguous(),
         refiner.expand_conv.weight.flatten(1) if expand else None,
         refiner.expand_bn.weight if expand else None,

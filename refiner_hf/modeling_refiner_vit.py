@@ -28,6 +28,8 @@ from .fast_inference import (
 )
 from .fused_refinement import refine_memory_lean
 from .mix_token import MixTokenBox, mix_class_targets, sample_mix_token_box, swap_box_with_reversed_batch
+from .triton_attention import attention_probs as fused_attention_probs
+from .triton_attention import can_fuse as can_fuse_attention
 
 
 @dataclass
@@ -304,7 +306,8 @@ class RefinerViTAttention(nn.Module):
     """
 
     # When set (by the `set_*` methods of `RefinerViTPreTrainedModel`), evaluation mode runs
-    # `fast_inference.attention_forward` and training refines through `fused_refinement.refine_memory_lean`.
+    # `fast_inference.attention_forward` and training refines through `fused_refinement.refine_memory_lean` (and,
+    # on CUDA, computes plain and refined blocks' maps with `triton_attention`).
     fast_inference: bool = False
     memory_lean_training: bool = False
 
@@ -348,14 +351,19 @@ class RefinerViTAttention(nn.Module):
                 attention = self.adapt_bn(self.refiner(previous_attention)) * self.scaling
             next_attention = previous_attention
         else:
-            qkv = self.qkv(hidden_states).reshape(batch_size, seq_len, 3, self.num_heads, self.head_dim)
+            packed = self.qkv(hidden_states)
+            qkv = packed.reshape(batch_size, seq_len, 3, self.num_heads, self.head_dim)
             query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-            # The released code scales q and k separately rather than their product; kept for exact outputs.
-            root_scaling = math.sqrt(self.scaling)
-            attention = (root_scaling * query) @ (root_scaling * key).transpose(-2, -1)
-            attention = attention.softmax(dim=-1)
-            if previous_attention is not None:
-                attention = attention + previous_attention * self.scaling
+            if lean and can_fuse_attention(packed, previous_attention, self.num_heads):
+                # One kernel, keeping no softmax output for the backward pass (`triton_attention`).
+                attention = fused_attention_probs(packed, previous_attention, self.num_heads, self.scaling)
+            else:
+                # The released code scales q and k separately rather than their product; kept for exact outputs.
+                root_scaling = math.sqrt(self.scaling)
+                attention = (root_scaling * query) @ (root_scaling * key).transpose(-2, -1)
+                attention = attention.softmax(dim=-1)
+                if previous_attention is not None:
+                    attention = attention + previous_attention * self.scaling
             attention = self.unrefined_map(self.attention_dropout(attention))
             if self.block_type == "refined" and lean:
                 attention = refine_memory_lean(attention, self.refiner, self.adapt_bn)

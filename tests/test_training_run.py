@@ -29,6 +29,7 @@ from training_utils import (
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
 import refiner_hf  # noqa: F401  (registers the model type with the Auto classes)
+from refiner_hf.modeling_refiner_vit import RefinerViTPreTrainedModel
 from refiner_hf.training import trainer
 from refiner_hf.training.data import BadImageError, DataError, load_embedded_dataset
 from refiner_hf.training.tracking import read_metrics
@@ -142,10 +143,16 @@ def test_the_default_run_uses_the_embedded_recipe(tmp_path, capsys):
     assert config["block_types"] == ["plain", "shared", "refined", "shared", "plain", "shared"]
 
 
-def test_bf16_autocast_gives_finite_losses(tmp_path):
-    # With gradient checkpointing and clipping as well, which must not change that.
+def test_bf16_autocast_gives_finite_losses(tmp_path, monkeypatch):
+    # With activation checkpointing, memory-lean training and clipping as well, which must not change that.
+    lean = []
+    set_lean = RefinerViTPreTrainedModel.set_memory_lean_training
+    monkeypatch.setattr(
+        RefinerViTPreTrainedModel, "set_memory_lean_training", lambda model: lean.append(model) or set_lean(model)
+    )
     argv = tiny_run_args(tmp_path, mixed_precision="bf16", max_train_steps=4, epochs=1, clip_grad=1.0)
-    results = run_in_process(argv + ["--gradient_checkpointing"])
+    results = run_in_process(argv + ["--gradient_checkpointing", "--memory_lean_training"])
+    assert len(lean) == 1 and all(m.memory_lean_training for m in lean[0].modules() if hasattr(m, "refiner"))
     losses = [r["train/loss"] for r in read_metrics(tmp_path / "logs") if "train/loss" in r]
     assert len(losses) == 4 and all(math.isfinite(loss) for loss in losses)
     assert results["eval_samples"] == 37 and 0 <= results["eval_top1"] <= 1

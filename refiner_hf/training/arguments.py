@@ -155,7 +155,17 @@ class ModelArguments:
     attention_similarity_weight: float | None = _arg(
         "Weight of that regulariser (config `attention_similarity_weight`; default: the model's, 0.1)."
     )
-    gradient_checkpointing: bool = _arg("Recompute activations in the backward pass to save memory.", default=False)
+    gradient_checkpointing: bool = _arg(
+        "Activation checkpointing: recompute whole blocks in the backward pass to save memory (combines with "
+        "--memory_lean_training).",
+        default=False,
+    )
+    memory_lean_training: bool = _arg(
+        "Keep only each refinement's input map for the backward pass and recompute the rest "
+        "(model.set_memory_lean_training(): the same gradients and BatchNorm statistics with under half the activation "
+        "memory; fused kernels on CPU, Triton kernels on CUDA).",
+        default=False,
+    )
     allow_large_model: bool = _arg(
         "Build a model of more than 2 billion parameters (refused otherwise: the largest Refiner-ViT has 81 million, "
         "and a typo such as num_hidden_layers 100000 would be built until the process is killed).",

@@ -272,6 +272,8 @@ def build_model(
     if args.gradient_checkpointing:
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         enable()
+    if args.memory_lean_training:
+        model.set_memory_lean_training()
     return BuiltModel(model, image_processor, notes)
 
 
