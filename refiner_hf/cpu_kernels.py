@@ -98,6 +98,11 @@ def kernels_available() -> bool:
     return bool(_state["available"])
 
 
+def takes(x: torch.Tensor) -> bool:
+    """Whether the kernels can take `x`: a float32 or bfloat16 CPU tensor, with the kernels built."""
+    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and kernels_available()
+
+
 def set_kernels_enabled(enabled: bool) -> bool:
     """Switches the fused CPU ops on or off for this process (e.g. to compare with the PyTorch path); returns the
     previous setting."""

@@ -1,98 +1,102 @@
 """
-The evaluation-mode fast path of Refiner-ViT's modules. Each function computes what the module's reference forward
-computes (up to float rounding), with constants folded into the weights on every call rather than applied to
-activations:
+Tensor helpers of the evaluation fast path, `RefinerViTPreTrainedModel.set_fast_inference()`. Each module owns its
+fast computation (the `forward_folded` methods beside the reference forwards in `modeling_refiner_vit`); what they
+share is here:
 
-- stem: each BatchNorm folded into the convolution before it, convolutions in `channels_last`, in-place ReLUs;
-- LayerNorm of `x * r`: the same as a LayerNorm of `x` with epsilon `eps / r**2`, which saves the multiplication;
-- attention: probabilities (`softmax(s q k^T) + s * previous`) and the context computed by fused kernels straight
-  from the packed projection and into token layout (`cpu_kernels`; on CUDA the probabilities by a Triton kernel,
-  `triton_attention`; without them, the scale is applied by `baddbmm` and the previous map added in place); the
-  refinement with all its BatchNorms, `adapt_bn` and the shared blocks' scale folded into its three convolutions,
-  run as one fused kernel (`fused_refinement`);
-- residual branches: `1 / r` and the layer scale applied by the residual addition itself (`add` with alpha,
-  `addcmul`).
+- BatchNorms folded into the layer before them (`batch_norm_scale_shift`, `fold_into_conv`): constants applied to
+  the weights rather than to the activations, recomputed from the parameters on every call (a few small tensor
+  operations per block), so there is nothing to cache or invalidate and gradients still flow to the parameters;
+- the folded refinement (`FoldedRefinement`) run as one fused kernel: Triton on CUDA (`triton_refinement`), C++ on
+  CPU (`cpu_kernels`);
+- the attention probabilities (`softmax(s q k^T) + s * previous`) and the context computed by fused kernels straight
+  from the packed projection and into token layout (the probabilities' PyTorch fallback applies the scale with
+  `baddbmm` and adds the previous map in place);
+- LayerNorm of `x * r` as a LayerNorm of `x` with epsilon `eps / r**2`, which saves the multiplication.
 
-Folding from the parameters on each call costs a few small tensor operations per block, so there is nothing to
-cache or invalidate, saved weights are never touched, and gradients still flow to the parameters.
+All of them give the reference computation's results up to float rounding.
 """
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import triton_attention
-from .fused_refinement import (
-    batch_norm_scale_shift,
-    can_fold,
-    fold_refinement,
-    needs_grad,
-    refine_folded,
-    use_kernels,
-)
+from . import cpu_kernels, triton_attention, triton_refinement
 
 
-def _fold_into_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+class FoldedRefinement(NamedTuple):
+    """
+    An attention-map refinement with its BatchNorms (and `adapt_bn` and the shared blocks' scale) folded in
+    (C = heads * expansion):
+
+        t1 = relu6(w_expand @ x + b_expand)         (t1 = x when there is no expansion)
+        t2 = relu6(depthwise(t1, w_depthwise) + b_depthwise)
+        out = w_project @ t2 + b_project + residual_scale * x
+    """
+
+    w_expand: torch.Tensor | None  # (C, heads)
+    b_expand: torch.Tensor | None  # (C,)
+    w_depthwise: torch.Tensor  # (C, k, k)
+    b_depthwise: torch.Tensor  # (C,)
+    w_project: torch.Tensor  # (heads, C)
+    b_project: torch.Tensor  # (heads,)
+    residual_scale: torch.Tensor  # (heads,)
+    padding: tuple[int, int]  # zero rows/columns before and after the map
+
+
+def batch_norm_scale_shift(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """The evaluation-mode BatchNorm as `x * scale + shift`, from its running statistics."""
+    scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+    return scale, bn.bias - bn.running_mean * scale
+
+
+def can_fold(*norms: nn.BatchNorm2d | None) -> bool:
+    """Whether these BatchNorms normalise with running statistics (evaluation mode, statistics tracked)."""
+    return all(bn is None or (not bn.training and bn.running_mean is not None) for bn in norms)
+
+
+def fold_into_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
     """Weight and bias of `bn(conv(x))` as one convolution (evaluation mode)."""
     scale, shift = batch_norm_scale_shift(bn)
-    weight = conv.weight * scale.reshape(-1, 1, 1, 1)
+    weight = conv.weight * scale.reshape(-1, *(1,) * (conv.weight.ndim - 1))
     bias = shift if conv.bias is None else conv.bias * scale + shift
     return weight, bias
 
 
-def can_run_conv_stem(stem: nn.Module) -> bool:
-    """Whether the stem's BatchNorms can be folded (evaluation mode with running statistics)."""
-    return can_fold(stem.bn1, stem.bn2, stem.bn3)
+def needs_grad(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd would record an operation on these tensors (the fused inference kernels have no backward)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def conv_stem_forward(stem: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
-    """The convolutional stem with folded BatchNorms; returns a `channels_last` (batch, hidden, h, w) tensor."""
-    hidden = pixel_values.contiguous(memory_format=torch.channels_last)
-    for conv, bn in ((stem.conv1, stem.bn1), (stem.conv2, stem.bn2), (stem.conv3, stem.bn3)):
-        weight, bias = _fold_into_conv(conv, bn)
-        hidden = F.conv2d(hidden, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
-        hidden = F.relu(hidden, inplace=True)
-    return stem.projection(hidden)
+def refine_folded_fused(attention_map: torch.Tensor, folded: FoldedRefinement) -> torch.Tensor | None:
+    """
+    A folded refinement of maps `(batch, heads, rows, cols)` as one fused kernel (a contiguous result), or `None`
+    where no kernel takes these tensors (other devices or dtypes, kernels unavailable, gradients needed).
+    """
+    weights = folded[:-1]
+    if needs_grad(attention_map, *weights):
+        return None
+    heads, channels, kernel_size = attention_map.shape[1], folded.w_depthwise.shape[0], folded.w_depthwise.shape[-1]
+    if triton_refinement.can_refine(attention_map, heads, channels, kernel_size):
+        x = triton_refinement.autocast_input(attention_map)
+        return triton_refinement.ops().refine_eval(x, *weights, folded.padding[0])
+    if cpu_kernels.takes(attention_map):
+        w_expand, b_expand, w_depthwise, b_depthwise, w_project, b_project, residual_scale = weights
+        return torch.ops.refiner_hf.refine_eval(
+            attention_map, w_expand, b_expand, w_depthwise.contiguous(), b_depthwise, w_project.contiguous(),
+            b_project, residual_scale, folded.padding[0],
+        )  # fmt: skip
+    return None
 
 
-def can_run_attention(attention: nn.Module) -> bool:
-    """Whether the attention's BatchNorms, if any, can be folded (evaluation mode with running statistics)."""
-    if attention.block_type == "plain":
-        return True
-    return can_fold(attention.adapt_bn, attention.refiner.expand_bn, attention.refiner.depthwise_bn,
-                    attention.refiner.project_bn)  # fmt: skip
-
-
-def attention_forward(
-    attention: nn.Module, hidden_states: torch.Tensor, previous_attention: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`RefinerViTAttention.forward` in evaluation mode (attention dropout is the identity)."""
-    if attention.block_type == "shared":
-        if previous_attention is None:
-            raise ValueError("A shared block needs the attention map of a previous block.")
-        values = attention.v_proj(hidden_states)
-        previous_attention = attention.unrefined_map(previous_attention)
-        folded = fold_refinement(attention.refiner, attention.adapt_bn, attention.scaling)
-        attention_map = refine_folded(previous_attention, folded)
-        context = _attention_context(attention_map, values, 0, attention.num_heads)
-        return attention.o_proj(context), attention_map, previous_attention
-    qkv = attention.qkv(hidden_states)
-    attention_map = attention.unrefined_map(
-        _attention_probs(qkv, previous_attention, attention.num_heads, attention.scaling)
-    )
-    if attention.block_type == "refined":
-        attention_map = refine_folded(attention_map, fold_refinement(attention.refiner, attention.adapt_bn))
-    context = _attention_context(attention_map, qkv, 2 * hidden_states.shape[-1], attention.num_heads)
-    return attention.o_proj(context), attention_map, attention_map
-
-
-def _attention_probs(
+def attention_probs(
     qkv: torch.Tensor, previous_attention: torch.Tensor | None, heads: int, scaling: float
 ) -> torch.Tensor:
     """softmax((sqrt(s) q)(sqrt(s) k)^T) + s * previous, from the packed (batch, tokens, 3 * hidden) projection."""
     if triton_attention.can_fuse(qkv, previous_attention, heads):
         return triton_attention.attention_probs(qkv, previous_attention, heads, scaling)
-    if use_kernels(qkv) and not needs_grad(qkv, previous_attention):
+    if cpu_kernels.takes(qkv) and not needs_grad(qkv, previous_attention):
         return torch.ops.refiner_hf.attention_probs(qkv, previous_attention, heads, scaling, scaling)
     batch_size, seq_len, width = qkv.shape
     head_dim = width // (3 * heads)
@@ -111,31 +115,16 @@ def _attention_probs(
     return probs.add_(previous_attention, alpha=scaling)  # the softmax output is not needed afterwards
 
 
-def _attention_context(attention_map: torch.Tensor, values: torch.Tensor, offset: int, heads: int) -> torch.Tensor:
-    """The attention map times the values (columns `offset:` of `values`), in token layout (batch, tokens, hidden)."""
-    if use_kernels(attention_map) and not needs_grad(attention_map, values):
+def attention_context_fused(attention_map: torch.Tensor, values: torch.Tensor, offset: int) -> torch.Tensor | None:
+    """
+    The attention map times the values (columns `offset:` of the packed `values`), in token layout (batch, tokens,
+    hidden), as one fused kernel; `None` where the kernel does not take these tensors.
+    """
+    if cpu_kernels.takes(attention_map) and not needs_grad(attention_map, values):
         return torch.ops.refiner_hf.attention_context(attention_map, values, offset)
-    batch_size, seq_len, width = values.shape
-    hidden_size = width - offset
-    value = values[..., offset:].view(batch_size, seq_len, heads, hidden_size // heads).transpose(1, 2)
-    return (attention_map @ value).transpose(1, 2).reshape(batch_size, seq_len, hidden_size)
+    return None
 
 
-def layer_forward(
-    layer: nn.Module, hidden_states: torch.Tensor, previous_attention: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """`RefinerViTLayer.forward` in evaluation mode (drop path and dropout are the identity)."""
-    r = layer.residual_scale
-    attention_output, _, next_attention = layer.attention(
-        _scaled_layer_norm(layer.layernorm_before, hidden_states, r), previous_attention
-    )
-    hidden_states = torch.add(hidden_states, attention_output, alpha=1.0 / r)
-    mlp = layer.mlp
-    hidden = mlp.activation_fn(mlp.fc1(_scaled_layer_norm(layer.layernorm_after, hidden_states, r)))
-    # x + layer_scale * fc2(h) / r in one pass.
-    return torch.addcmul(hidden_states, mlp.fc2(hidden), mlp.layer_scale / r), next_attention
-
-
-def _scaled_layer_norm(norm: nn.LayerNorm, hidden_states: torch.Tensor, r: float) -> torch.Tensor:
+def scaled_layer_norm(norm: nn.LayerNorm, hidden_states: torch.Tensor, r: float) -> torch.Tensor:
     """`norm(hidden_states * r)`: LayerNorm is scale invariant except for its epsilon, which scales by 1 / r^2."""
     return F.layer_norm(hidden_states, norm.normalized_shape, norm.weight, norm.bias, norm.eps / (r * r))

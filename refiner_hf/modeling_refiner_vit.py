@@ -18,18 +18,20 @@ from transformers.utils import ModelOutput
 from transformers.utils.generic import can_return_tuple
 from transformers.utils.output_capturing import capture_outputs
 
+from . import triton_attention
 from .configuration_refiner_vit import RefinerViTConfig
 from .fast_inference import (
-    attention_forward,
-    can_run_attention,
-    can_run_conv_stem,
-    conv_stem_forward,
-    layer_forward,
+    FoldedRefinement,
+    attention_context_fused,
+    attention_probs,
+    batch_norm_scale_shift,
+    can_fold,
+    fold_into_conv,
+    refine_folded_fused,
+    scaled_layer_norm,
 )
-from .fused_refinement import refine_memory_lean
+from .memory_lean_training import RefinementParameters, refine_train_fused
 from .mix_token import MixTokenBox, mix_class_targets, sample_mix_token_box, swap_box_with_reversed_batch
-from .triton_attention import attention_probs as fused_attention_probs
-from .triton_attention import can_fuse as can_fuse_attention
 
 
 @dataclass
@@ -142,7 +144,7 @@ class RefinerViTConvStem(nn.Module):
     `patch_size // 2` strided projection, so that each token covers `patch_size` pixels.
     """
 
-    # Evaluation mode runs `fast_inference.conv_stem_forward` when set (`RefinerViTPreTrainedModel.set_fast_inference`).
+    # Evaluation mode runs `forward_folded` when set (`RefinerViTPreTrainedModel.set_fast_inference`).
     fast_inference: bool = False
 
     def __init__(self, config: RefinerViTConfig) -> None:
@@ -163,12 +165,24 @@ class RefinerViTConvStem(nn.Module):
         return ((height - 1) // 2 + 1) // stride, ((width - 1) // 2 + 1) // stride
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        if self.fast_inference and not self.training and can_run_conv_stem(self):
-            return conv_stem_forward(self, pixel_values)
+        if self.fast_inference and not self.training and can_fold(self.bn1, self.bn2, self.bn3):
+            return self.forward_folded(pixel_values)
         hidden_states = F.relu(self.bn1(self.conv1(pixel_values)))
         hidden_states = F.relu(self.bn2(self.conv2(hidden_states)))
         hidden_states = F.relu(self.bn3(self.conv3(hidden_states)))
         return self.projection(hidden_states)
+
+    def forward_folded(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """
+        The forward in evaluation mode with each BatchNorm folded into the convolution before it, the convolutions in
+        `channels_last` and the ReLUs in place; returns a `channels_last` (batch, hidden, h, w) tensor.
+        """
+        hidden = pixel_values.contiguous(memory_format=torch.channels_last)
+        for conv, bn in ((self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3)):
+            weight, bias = fold_into_conv(conv, bn)
+            hidden = F.relu(F.conv2d(hidden, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups),
+                            inplace=True)  # fmt: skip
+        return self.projection(hidden)
 
 
 class RefinerViTPatchStem(nn.Module):
@@ -257,7 +271,9 @@ class RefinerViTRefiner(nn.Module):
     """
     Refinement of attention maps ("distributed local attention"): the heads are treated as the channels of an image
     of size (tokens x tokens), expanded by a 1x1 convolution, convolved locally by a depthwise convolution, projected
-    back to the heads and added to the input.
+    back to the heads and added to the input. The attention follows it with its `adapt_bn` (and, in shared blocks, a
+    scale): `forward_adapted` is that reference computation, `forward_folded` its evaluation fast path and
+    `forward_memory_lean` its training path that keeps only the input map for the backward pass.
     """
 
     def __init__(self, num_heads: int, expansion: int, kernel_size: int) -> None:
@@ -276,15 +292,126 @@ class RefinerViTRefiner(nn.Module):
         self.project_conv = nn.Conv2d(hidden, num_heads, kernel_size=1, bias=False)
         self.project_bn = nn.BatchNorm2d(num_heads)
 
+    def _pad(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Pads uneven "same" padding (even kernels), which the depthwise convolution's own padding cannot express."""
+        if not self.pad_input:
+            return hidden
+        before, after = self.padding
+        return F.pad(hidden, (before, after, before, after))
+
     def forward(self, attention_map: torch.Tensor) -> torch.Tensor:
         hidden = attention_map
         if self.expand_conv is not None:
             hidden = F.relu6(self.expand_bn(self.expand_conv(hidden)))
-        if self.pad_input:
-            hidden = F.pad(hidden, (self.padding[0], self.padding[1], self.padding[0], self.padding[1]))
-        hidden = F.relu6(self.depthwise_bn(self.depthwise_conv(hidden)))
+        hidden = F.relu6(self.depthwise_bn(self.depthwise_conv(self._pad(hidden))))
         hidden = self.project_bn(self.project_conv(hidden))
         return hidden + attention_map
+
+    def forward_adapted(
+        self, attention_map: torch.Tensor, adapt_bn: nn.BatchNorm2d, scale: float = 1.0
+    ) -> torch.Tensor:
+        """`adapt_bn(self(attention_map)) * scale`, operation by operation (no multiplication for a scale of 1, as in
+        the original code's refined blocks)."""
+        refined = adapt_bn(self(attention_map))
+        return refined if scale == 1.0 else refined * scale
+
+    # Evaluation fast path.
+
+    def can_fold(self, adapt_bn: nn.BatchNorm2d) -> bool:
+        """Whether `forward_folded` can run: every BatchNorm normalises with its running statistics."""
+        return can_fold(self.expand_bn, self.depthwise_bn, self.project_bn, adapt_bn)
+
+    def fold(self, adapt_bn: nn.BatchNorm2d, scale: float = 1.0) -> FoldedRefinement:
+        """
+        `adapt_bn(self(x)) * scale` in evaluation mode as three convolutions with every BatchNorm and the scale folded
+        in. Computed from the parameters on every call (a few thousand multiply-adds), so it never goes stale and
+        stays differentiable.
+        """
+        w_expand = b_expand = None
+        if self.expand_conv is not None:
+            w_expand, b_expand = fold_into_conv(self.expand_conv, self.expand_bn)
+            w_expand = w_expand.flatten(1)
+        w_depthwise, b_depthwise = fold_into_conv(self.depthwise_conv, self.depthwise_bn)
+        a3, c3 = batch_norm_scale_shift(self.project_bn)
+        a_adapt, c_adapt = batch_norm_scale_shift(adapt_bn)
+        # scale * adapt_bn(bn3(W_p t2) + x) = (scale a_adapt a3) W_p t2 + scale (a_adapt c3 + c_adapt) + scale a_adapt x
+        residual_scale = a_adapt * scale
+        w_project = self.project_conv.weight.flatten(1) * (residual_scale * a3)[:, None]
+        b_project = (a_adapt * c3 + c_adapt) * scale
+        return FoldedRefinement(
+            w_expand, b_expand, w_depthwise.flatten(0, 1), b_depthwise, w_project, b_project, residual_scale,
+            tuple(self.padding),
+        )  # fmt: skip
+
+    def forward_folded(self, attention_map: torch.Tensor, adapt_bn: nn.BatchNorm2d, scale: float = 1.0) -> torch.Tensor:
+        """
+        `forward_adapted` in evaluation mode, folded (`fold`): one fused kernel where one takes the maps, else three
+        `channels_last` convolutions with in-place activations. Returns a contiguous tensor.
+        """
+        folded = self.fold(adapt_bn, scale)
+        fused = refine_folded_fused(attention_map, folded)
+        if fused is not None:
+            return fused
+        # channels_last makes the depthwise convolution about twice as fast and the 1x1 ones plain matrix products.
+        x = attention_map.contiguous(memory_format=torch.channels_last)
+        dtype = x.dtype
+        hidden = x
+        if folded.w_expand is not None:
+            hidden = F.conv2d(x, folded.w_expand[:, :, None, None].to(dtype), folded.b_expand.to(dtype))
+            hidden = F.hardtanh(hidden, 0.0, 6.0, inplace=True)
+        conv = self.depthwise_conv
+        hidden = F.conv2d(self._pad(hidden), folded.w_depthwise[:, None].to(dtype), folded.b_depthwise.to(dtype),
+                          padding=conv.padding, groups=conv.groups)  # fmt: skip
+        hidden = F.hardtanh(hidden, 0.0, 6.0, inplace=True)
+        out = F.conv2d(hidden, folded.w_project[:, :, None, None].to(dtype), folded.b_project.to(dtype))
+        out = torch.addcmul(out, x, folded.residual_scale.to(dtype)[:, None, None])
+        return out.contiguous()
+
+    # Memory-lean training.
+
+    def forward_memory_lean(
+        self, attention_map: torch.Tensor, adapt_bn: nn.BatchNorm2d, scale: float = 1.0
+    ) -> torch.Tensor:
+        """
+        `forward_adapted` in training mode (batch statistics, running statistics updated once) keeping only
+        `attention_map` for the backward pass: a fused training kernel where one takes the maps, else this module's
+        own computation checkpointed (recomputed in the backward pass with the running statistics restored). The
+        gradients are the reference's up to float rounding.
+        """
+        norms = [self.expand_bn, self.depthwise_bn, self.project_bn, adapt_bn]
+        if any(isinstance(bn, nn.SyncBatchNorm) for bn in norms):
+            # Its statistics span processes, and only its own forward and backward compute them: no recomputation.
+            return self.forward_adapted(attention_map, adapt_bn, scale)
+        if all(bn is None or bn.training for bn in norms):  # the kernels normalise with batch statistics
+            fused = refine_train_fused(attention_map, self._parameters_for_kernels(adapt_bn), norms, scale,
+                                       self.padding[0])  # fmt: skip
+            if fused is not None:
+                return fused
+        return checkpoint(
+            self.forward_adapted,
+            attention_map,
+            adapt_bn,
+            scale,
+            use_reentrant=False,
+            preserve_rng_state=False,  # nothing random in it
+            context_fn=lambda: (contextlib.nullcontext(), _batch_norm_statistics_restored(self, adapt_bn)),
+        )
+
+    def _parameters_for_kernels(self, adapt_bn: nn.BatchNorm2d) -> RefinementParameters:
+        expand = self.expand_conv is not None
+        return RefinementParameters(
+            self.expand_conv.weight.flatten(1) if expand else None,
+            self.expand_bn.weight if expand else None,
+            self.expand_bn.bias if expand else None,
+            self.depthwise_conv.weight.flatten(0, 1),
+            self.depthwise_bn.weight,
+            self.depthwise_bn.bias,
+            self.project_conv.weight.flatten(1),
+            self.project_bn.weight,
+            self.project_bn.bias,
+            adapt_bn.weight,
+            adapt_bn.bias,
+        )
 
 
 class RefinerViTUnrefinedMap(nn.Identity):
@@ -305,9 +432,9 @@ class RefinerViTAttention(nn.Module):
       is passed on unchanged.
     """
 
-    # When set (by the `set_*` methods of `RefinerViTPreTrainedModel`), evaluation mode runs
-    # `fast_inference.attention_forward` and training refines through `fused_refinement.refine_memory_lean` (and,
-    # on CUDA, computes plain and refined blocks' maps with `triton_attention`).
+    # When set (by the `set_*` methods of `RefinerViTPreTrainedModel`), evaluation mode folds constants into the
+    # weights and runs fused kernels (`fast_inference`), and training refines keeping only the input map
+    # (`RefinerViTRefiner.forward_memory_lean`) and, on CUDA, computes the maps with `triton_attention`.
     fast_inference: bool = False
     memory_lean_training: bool = False
 
@@ -335,44 +462,63 @@ class RefinerViTAttention(nn.Module):
         self, hidden_states: torch.Tensor, previous_attention: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns the block's attention output, the map it used and the map it passes to the next block."""
-        if self.fast_inference and not self.training and can_run_attention(self):
-            return attention_forward(self, hidden_states, previous_attention)
-        lean = self.memory_lean_training and self.training
-        batch_size, seq_len, hidden_size = hidden_states.shape
+        if self.block_type == "shared" and previous_attention is None:
+            raise ValueError("A shared block needs the attention map of a previous block.")
+        fast = (
+            self.fast_inference
+            and not self.training
+            and (self.block_type == "plain" or self.refiner.can_fold(self.adapt_bn))
+        )
         if self.block_type == "shared":
-            if previous_attention is None:
-                raise ValueError("A shared block needs the attention map of a previous block.")
-            value = self.v_proj(hidden_states).reshape(batch_size, seq_len, self.num_heads, self.head_dim)
-            value = value.transpose(1, 2)
+            values, value_offset = self.v_proj(hidden_states), 0
             previous_attention = self.unrefined_map(previous_attention)
-            if lean:
-                attention = refine_memory_lean(previous_attention, self.refiner, self.adapt_bn, self.scaling)
-            else:
-                attention = self.adapt_bn(self.refiner(previous_attention)) * self.scaling
+            attention = self._refine(previous_attention, self.scaling, fast)
             next_attention = previous_attention
         else:
-            packed = self.qkv(hidden_states)
-            qkv = packed.reshape(batch_size, seq_len, 3, self.num_heads, self.head_dim)
-            query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-            if lean and can_fuse_attention(packed, previous_attention, self.num_heads):
-                # One kernel, keeping no softmax output for the backward pass (`triton_attention`).
-                attention = fused_attention_probs(packed, previous_attention, self.num_heads, self.scaling)
-            else:
-                # The released code scales q and k separately rather than their product; kept for exact outputs.
-                root_scaling = math.sqrt(self.scaling)
-                attention = (root_scaling * query) @ (root_scaling * key).transpose(-2, -1)
-                attention = attention.softmax(dim=-1)
-                if previous_attention is not None:
-                    attention = attention + previous_attention * self.scaling
+            values, value_offset = self.qkv(hidden_states), 2 * hidden_states.shape[-1]
+            attention = self._attention_probs(values, previous_attention, fast)
             attention = self.unrefined_map(self.attention_dropout(attention))
-            if self.block_type == "refined" and lean:
-                attention = refine_memory_lean(attention, self.refiner, self.adapt_bn)
-            elif self.block_type == "refined":
-                attention = self.adapt_bn(self.refiner(attention))
+            if self.block_type == "refined":
+                attention = self._refine(attention, 1.0, fast)
             next_attention = attention
-        context = (attention @ value).transpose(1, 2).reshape(batch_size, seq_len, hidden_size)
-        output = self.output_dropout(self.o_proj(context))
-        return output, attention, next_attention
+        context = self._context(attention, values, value_offset, fast)
+        return self.output_dropout(self.o_proj(context)), attention, next_attention
+
+    def _attention_probs(self, qkv: torch.Tensor, previous_attention: torch.Tensor | None, fast: bool) -> torch.Tensor:
+        """softmax(s q k^T) plus s times the incoming map, from the packed (batch, tokens, 3 * hidden) projection."""
+        if fast:
+            return attention_probs(qkv, previous_attention, self.num_heads, self.scaling)
+        if self.memory_lean_training and self.training and triton_attention.can_fuse(qkv, previous_attention,
+                                                                                     self.num_heads):  # fmt: skip
+            # One kernel, keeping no softmax output for the backward pass.
+            return triton_attention.attention_probs(qkv, previous_attention, self.num_heads, self.scaling)
+        batch_size, seq_len, _ = qkv.shape
+        query, key, _ = qkv.reshape(batch_size, seq_len, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        # The released code scales q and k separately rather than their product; kept for exact outputs.
+        root_scaling = math.sqrt(self.scaling)
+        attention = ((root_scaling * query) @ (root_scaling * key).transpose(-2, -1)).softmax(dim=-1)
+        if previous_attention is not None:
+            attention = attention + previous_attention * self.scaling
+        return attention
+
+    def _refine(self, attention_map: torch.Tensor, scale: float, fast: bool) -> torch.Tensor:
+        """`adapt_bn(refiner(attention_map)) * scale`, by the computation the switches choose."""
+        if fast:
+            return self.refiner.forward_folded(attention_map, self.adapt_bn, scale)
+        if self.memory_lean_training and self.training:
+            return self.refiner.forward_memory_lean(attention_map, self.adapt_bn, scale)
+        return self.refiner.forward_adapted(attention_map, self.adapt_bn, scale)
+
+    def _context(self, attention_map: torch.Tensor, values: torch.Tensor, offset: int, fast: bool) -> torch.Tensor:
+        """The attention map times the values (columns `offset:` of `values`), in token layout (batch, tokens,
+        hidden)."""
+        if fast:
+            fused = attention_context_fused(attention_map, values, offset)
+            if fused is not None:
+                return fused
+        batch_size, seq_len, width = values.shape
+        value = values[..., offset:].view(batch_size, seq_len, self.num_heads, self.head_dim).transpose(1, 2)
+        return (attention_map @ value).transpose(1, 2).reshape(batch_size, seq_len, width - offset)
 
 
 class RefinerViTMLP(nn.Module):
@@ -390,6 +536,12 @@ class RefinerViTMLP(nn.Module):
         hidden_states = self.dropout(self.activation_fn(self.fc1(hidden_states)))
         return self.dropout(self.layer_scale * self.fc2(hidden_states))
 
+    def forward_folded(self, hidden_states: torch.Tensor, residual: torch.Tensor, divisor: float) -> torch.Tensor:
+        """`residual + self(hidden_states) / divisor` in evaluation mode, the layer scale and the division applied by
+        one `addcmul`."""
+        hidden_states = self.activation_fn(self.fc1(hidden_states))
+        return torch.addcmul(residual, self.fc2(hidden_states), self.layer_scale / divisor)
+
 
 class RefinerViTLayer(nn.Module):
     """
@@ -401,7 +553,7 @@ class RefinerViTLayer(nn.Module):
     Multiplying by r before the LayerNorm is not a no-op because of its epsilon.
     """
 
-    # Evaluation mode runs `fast_inference.layer_forward` when set (`RefinerViTPreTrainedModel.set_fast_inference`).
+    # Evaluation mode runs `forward_folded` when set (`RefinerViTPreTrainedModel.set_fast_inference`).
     fast_inference: bool = False
 
     def __init__(self, config: RefinerViTConfig, block_type: str, drop_path_rate: float = 0.0) -> None:
@@ -419,7 +571,7 @@ class RefinerViTLayer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns the block's output and the attention map passed to the next block."""
         if self.fast_inference and not self.training:
-            return layer_forward(self, hidden_states, previous_attention)
+            return self.forward_folded(hidden_states, previous_attention)
         r = self.residual_scale
         attention_output, _, next_attention = self.attention(
             self.layernorm_before(hidden_states * r), previous_attention
@@ -428,12 +580,30 @@ class RefinerViTLayer(nn.Module):
         hidden_states = hidden_states + self.drop_path(self.mlp(self.layernorm_after(hidden_states * r))) / r
         return hidden_states, next_attention
 
+    def forward_folded(
+        self, hidden_states: torch.Tensor, previous_attention: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """
+        The forward in evaluation mode (drop path and dropout are the identity) with the residual scale folded: into
+        the LayerNorms' epsilon (`scaled_layer_norm`) and into the residual additions (`add` with alpha, `addcmul`).
+        """
+        r = self.residual_scale
+        attention_output, _, next_attention = self.attention(
+            scaled_layer_norm(self.layernorm_before, hidden_states, r), previous_attention
+        )
+        hidden_states = torch.add(hidden_states, attention_output, alpha=1.0 / r)
+        hidden_states = self.mlp.forward_folded(
+            scaled_layer_norm(self.layernorm_after, hidden_states, r), hidden_states, r
+        )
+        return hidden_states, next_attention
+
 
 @contextlib.contextmanager
-def _batch_norm_statistics_restored(module: nn.Module):
-    """Undoes, on exit, whatever the BatchNorms of `module` did to their running statistics inside the block."""
+def _batch_norm_statistics_restored(*modules: nn.Module):
+    """Undoes, on exit, whatever the BatchNorms of `modules` did to their running statistics inside the block."""
     buffers = [
         buffer
+        for module in modules
         for m in module.modules()
         if isinstance(m, nn.modules.batchnorm._BatchNorm)
         for buffer in (m.running_mean, m.running_var, m.num_batches_tracked)
@@ -499,11 +669,12 @@ class RefinerViTPreTrainedModel(PreTrainedModel):
     def set_fast_inference(self, enabled: bool = True) -> "RefinerViTPreTrainedModel":
         """
         Chooses the evaluation-mode computation. With `enabled`, BatchNorms and constant scales are folded into the
-        adjacent layers, and the attention and the attention-map refinement run as fused CPU kernels (built on first
-        use, with PyTorch fallbacks; see `fast_inference`): 3-4x faster than the reference on CPU for
-        Refiner-ViT-S. Folding is redone from the parameters on every forward, so saved weights, `from_pretrained`
-        and training mode are unaffected. By default (and with `enabled=False`) the reference computation runs,
-        operation by operation as in the original code. Both agree to float rounding (within 1e-4). Returns the
+        adjacent layers, and the attention and the attention-map refinement run as fused kernels (C++ on CPU, built on
+        first use; Triton on CUDA; PyTorch fallbacks elsewhere): the modules' `forward_folded` methods, with the
+        helpers of `fast_inference`. Folding is redone from the parameters on every forward, so saved weights,
+        `from_pretrained` and training mode are unaffected. By default (and with `enabled=False`) the reference
+        computation runs, operation by operation as in the original code. Both agree to float rounding (within 1e-4
+        of the logits' scale). Returns the
         model, so that it chains like `.eval()`: `model.eval().set_fast_inference()`.
         """
         for module in self.modules():
@@ -514,7 +685,7 @@ class RefinerViTPreTrainedModel(PreTrainedModel):
     def set_memory_lean_training(self, enabled: bool = True) -> "RefinerViTPreTrainedModel":
         """
         Has training-mode refinements keep only their input map for the backward pass and recompute the rest
-        (`fused_refinement.refine_memory_lean`): the activation memory per image drops by more than half, with the
+        (`RefinerViTRefiner.forward_memory_lean`): the activation memory per image drops by more than half, with the
         same gradients and BatchNorm statistics up to float rounding, and on CPU a faster step (fused kernels). Off
         by default; combines with activation checkpointing (`activation_checkpointing_enable`). Returns the model.
         """

@@ -4,7 +4,7 @@ The attention-map refinement as Triton kernels (`triton_refinement_kernels`), fo
 implementations (so that `torch.compile` traces through them) and an autograd formula for the training op:
 
 - `refine_eval`: the refinement with its BatchNorms, `adapt_bn` and the scale folded into the convolutions (by
-  `fused_refinement.fold_refinement`), one pass over the maps;
+  `RefinerViTRefiner.fold`), one pass over the maps;
 - `refine_train`: the training forward with batch statistics, in four passes over the input, each recomputing what
   it needs from x without writing the expanded maps:
     1. statistics of y1 = W_e x (skipped without expansion); bn1 is then folded into W_e;
@@ -13,7 +13,7 @@ implementations (so that `torch.compile` traces through them) and an autograd fo
        a3^2 var(y3) + var(x) + 2 a3 cov(y3, x) (a3 = gamma3 / std3), which gives `adapt_bn`'s statistics;
     4. the output, every BatchNorm folded (the `refine_eval` kernel).
   It returns the output and each BatchNorm's batch mean and biased variance; the caller updates the running
-  statistics from them exactly as `nn.BatchNorm2d` does (`fused_refinement`). Only x is kept for the backward;
+  statistics from them exactly as `nn.BatchNorm2d` does (`memory_lean_training`). Only x is kept for the backward;
 - `refine_train_backward`: the gradients, in four passes recomputing the forward from x and the saved statistics:
     B1. sums over the output gradient g and the normalised zhat, yhat3, which the BatchNorm backward of `adapt_bn`
         and bn3 needs;

@@ -19,7 +19,6 @@ from helpers import (
 
 from refiner_hf import RefinerViTConfig, RefinerViTForImageClassification, convert_original_checkpoint
 from refiner_hf.cpu_kernels import kernels_available, set_kernels_enabled
-from refiner_hf.fused_refinement import fold_refinement, refine_folded, refine_memory_lean
 from refiner_hf.modeling_refiner_vit import RefinerViTRefiner
 
 
@@ -169,13 +168,12 @@ def test_folded_refinement_matches_the_module(backend):
     generator = torch.Generator().manual_seed(0)
     refiner = randomize_(RefinerViTRefiner(num_heads=6, expansion=3, kernel_size=3), seed=4).eval()
     adapt_bn = randomize_(torch.nn.BatchNorm2d(6), seed=5).eval()
-    folded = fold_refinement(refiner, adapt_bn, scale=0.3)
     for shape in ((1, 6, 1, 1), (3, 6, 17, 17), (2, 6, 50, 50)):
         maps = torch.rand(shape, generator=generator)
         with torch.no_grad():
             expected = adapt_bn(refiner(maps)) * 0.3
-            torch.testing.assert_close(refine_folded(maps, folded), expected, atol=1e-5, rtol=0)
-            actual = refine_folded(maps.bfloat16(), folded).float()
+            torch.testing.assert_close(refiner.forward_folded(maps, adapt_bn, 0.3), expected, atol=1e-5, rtol=0)
+            actual = refiner.forward_folded(maps.bfloat16(), adapt_bn, 0.3).float()
         assert actual.shape == expected.shape
         torch.testing.assert_close(actual, expected, atol=5e-2, rtol=2e-2)
 
@@ -245,7 +243,7 @@ def test_memory_lean_refinement_alone(backend):
     expected_input, actual_input = maps.clone().requires_grad_(), maps.clone().requires_grad_()
     weights = torch.randn(maps.shape, generator=torch.Generator().manual_seed(1))
     (adapt_bn(refiner(expected_input)) * 0.4 * weights).sum().backward()
-    (refine_memory_lean(actual_input, lean_refiner, lean_bn, 0.4) * weights).sum().backward()
+    (lean_refiner.forward_memory_lean(actual_input, lean_bn, 0.4) * weights).sum().backward()
     torch.testing.assert_close(actual_input.grad, expected_input.grad, atol=TOLERANCE, rtol=1e-4)
     for (name, a), b in zip(refiner.named_parameters(), lean_refiner.parameters()):
         torch.testing.assert_close(b.grad, a.grad, atol=TOLERANCE, rtol=1e-4, msg=name)
@@ -253,7 +251,7 @@ def test_memory_lean_refinement_alone(backend):
     refiner.depthwise_bn.eval()
     with torch.no_grad():
         torch.testing.assert_close(
-            refine_memory_lean(maps, lean_refiner, lean_bn, 0.4), adapt_bn(refiner(maps)) * 0.4, atol=1e-5, rtol=0
+            lean_refiner.forward_memory_lean(maps, lean_bn, 0.4), adapt_bn(refiner(maps)) * 0.4, atol=1e-5, rtol=0
         )
 
 

@@ -23,7 +23,6 @@ import torch
 from helpers import loss_gradients_and_statistics, randomize_, tiny_config
 
 from refiner_hf import RefinerViTForImageClassification, triton_attention, triton_refinement, triton_support
-from refiner_hf.fused_refinement import fold_refinement, refine_folded, refine_memory_lean
 from refiner_hf.modeling_refiner_vit import RefinerViTRefiner
 
 
@@ -89,12 +88,12 @@ def test_inference_refinement_kernel_matches_the_module(expansion, kernel_size, 
         expected = adapt_bn(refiner(x)) * 0.3
         with torch.autocast("cpu", dtype=torch.bfloat16):
             autocast_error = (adapt_bn(refiner(x)) * 0.3 - expected).abs().max().item()
-        folded = fold_refinement(refiner, adapt_bn, 0.3)
+        folded = refiner.fold(adapt_bn, 0.3)
         with triton_support.interpreted():
             assert triton_refinement.can_refine(x, shape[1], folded.w_depthwise.shape[0], kernel_size)
-            actual = refine_folded(x, folded)
+            actual = refiner.forward_folded(x, adapt_bn, 0.3)
             with torch.autocast("cpu", dtype=torch.bfloat16):
-                low = refine_folded(x, folded)
+                low = refiner.forward_folded(x, adapt_bn, 0.3)
     assert actual.dtype == torch.float32 and low.dtype == torch.bfloat16
     assert_close_to_scale(actual, expected, 1e-5)
     assert (low.float() - expected).abs().max().item() <= 2 * autocast_error + 1e-3
@@ -106,7 +105,7 @@ def run_training(refiner, adapt_bn, x, weights, lean: bool, dtype=torch.float32)
     x = x.clone().requires_grad_()
     if lean:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-            out = refine_memory_lean(x, refiner, adapt_bn, 0.3)
+            out = refiner.forward_memory_lean(x, adapt_bn, 0.3)
     else:
         out = adapt_bn(refiner(x)) * 0.3
     (out.float() * weights).sum().backward()
@@ -140,9 +139,9 @@ def assert_same_training(refiner, adapt_bn, x, relative: float) -> None:
 @pytest.mark.parametrize("expansion, kernel_size, shape", SHAPES)
 def test_training_refinement_kernels_match_the_module(monkeypatch, expansion, kernel_size, shape):
     """
-    `refine_memory_lean` through the Triton training op (forward with batch statistics in four passes, backward
-    recomputing from x) against the module in training mode: output, the input's and all 9-11 parameters'
-    gradients within 1e-5 of their scale, running means and variances within 1e-6, one batch counted.
+    `RefinerViTRefiner.forward_memory_lean` through the Triton training op (forward with batch statistics in four
+    passes, backward recomputing from x) against the module in training mode: output, the input's and all 9-11
+    parameters' gradients within 1e-5 of their scale, running means and variances within 1e-6, one batch counted.
     """
     refiner, adapt_bn = refinement_pair(expansion, kernel_size)
     with counting(monkeypatch, triton_refinement, "_refine_train") as forward:
@@ -305,7 +304,7 @@ def test_custom_ops_pass_opcheck():
                 ops.attention_probs, (qkv, maps((2, 2, 9, 9)), 2, 0.3, torch.float32), test_utils=checks
             ),
         ]
-        folded = [t.detach() for t in fold_refinement(refiner.eval(), adapt_bn.eval())[:-1]]
+        folded = [t.detach() for t in refiner.eval().fold(adapt_bn.eval())[:-1]]
         results.append(
             torch.library.opcheck(ops.refine_eval, (x.detach(), *folded, 1), test_utils=checks[:2]),
         )
