@@ -10,10 +10,14 @@ the block CPU tensors take the Triton paths exactly where CUDA tensors would; ou
 
 The kernels themselves are the ones compiled for GPUs, with one difference: the interpreter multiplies bfloat16
 operands as float32 (the products are the same; Triton's interpreter would otherwise multiply bit patterns).
+
+On a GPU, `REFINER_HF_TEST_DEVICE=cuda` runs the same tests on CUDA tensors with the compiled kernels and no
+interpreter (benchmarks/gpu_check.sh does); the references run there too, in float32 without TF32.
 """
 
 import contextlib
 import copy
+import os
 import subprocess
 import sys
 import textwrap
@@ -28,27 +32,52 @@ from refiner_hf.modeling_refiner_vit import RefinerViTRefiner
 
 pytest.importorskip("triton", reason="Triton is not installed (it comes with PyTorch's CUDA builds)")
 
+# Where the Triton paths run: CPU under the interpreter, or CUDA (no skip there: a GPU check must not pass silently).
+DEVICE = torch.device(os.environ.get("REFINER_HF_TEST_DEVICE", "cpu"))
+if DEVICE.type == "cuda" and not torch.cuda.is_available():
+    raise RuntimeError("REFINER_HF_TEST_DEVICE=cuda, but PyTorch sees no CUDA device.")
+
+
+@contextlib.contextmanager
+def triton_paths():
+    """The block in which tensors on DEVICE take the Triton paths: on CPU, Triton's interpreter; on CUDA, as is."""
+    if DEVICE.type == "cuda":
+        yield
+    else:
+        with triton_support.interpreted():
+            yield
+
+
+@pytest.fixture(autouse=True)
+def exact_float32():
+    """Float32 references without TF32 on CUDA (cuDNN's convolutions use it by default; 1e-5 tolerances need IEEE)."""
+    previous = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = previous
+
 
 def assert_close_to_scale(actual: torch.Tensor, expected: torch.Tensor, relative: float, msg: str = "") -> None:
     """|actual - expected| <= relative * max(1, max |expected|): float tolerance relative to the values' scale."""
     scale = max(1.0, expected.abs().max().item())
-    torch.testing.assert_close(actual.float(), expected.float(), atol=relative * scale, rtol=0, msg=msg)
+    torch.testing.assert_close(actual.float().cpu(), expected.float().cpu(), atol=relative * scale, rtol=0, msg=msg)
 
 
 def refinement_pair(expansion: int, kernel_size: int, heads: int = 4, seed: int = 1):
-    """A refinement and its adapt_bn with random weights and statistics (BatchNorm weights near 1, as trained)."""
+    """A refinement and its adapt_bn with random weights and statistics (BatchNorm weights near 1, as trained), on
+    DEVICE."""
     refiner = randomize_(RefinerViTRefiner(heads, expansion, kernel_size), seed=seed)
     adapt_bn = randomize_(torch.nn.BatchNorm2d(heads), seed=seed + 1)
     with torch.no_grad():
         for bn in (refiner.expand_bn, refiner.depthwise_bn, refiner.project_bn, adapt_bn):
             if bn is not None:
                 bn.weight.add_(1.0)
-    return refiner, adapt_bn
+    return refiner.to(DEVICE), adapt_bn.to(DEVICE)
 
 
 def maps(shape: tuple[int, ...], seed: int = 3) -> torch.Tensor:
-    """Attention-map-like input: non-negative, rows of ~1 plus the previous map's share."""
-    return torch.rand(shape, generator=torch.Generator().manual_seed(seed)) * 0.5
+    """Attention-map-like input on DEVICE: non-negative, rows of ~1 plus the previous map's share."""
+    return (torch.rand(shape, generator=torch.Generator().manual_seed(seed)) * 0.5).to(DEVICE)
 
 
 @contextlib.contextmanager
@@ -86,13 +115,13 @@ def test_inference_refinement_kernel_matches_the_module(expansion, kernel_size, 
     x = maps(shape)
     with torch.no_grad():
         expected = adapt_bn(refiner(x)) * 0.3
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
             autocast_error = (adapt_bn(refiner(x)) * 0.3 - expected).abs().max().item()
         folded = refiner.fold(adapt_bn, 0.3)
-        with triton_support.interpreted():
+        with triton_paths():
             assert triton_refinement.can_refine(x, shape[1], folded.w_depthwise.shape[0], kernel_size)
             actual = refiner.forward_folded(x, adapt_bn, 0.3)
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
                 low = refiner.forward_folded(x, adapt_bn, 0.3)
     assert actual.dtype == torch.float32 and low.dtype == torch.bfloat16
     assert_close_to_scale(actual, expected, 1e-5)
@@ -104,7 +133,7 @@ def run_training(refiner, adapt_bn, x, weights, lean: bool, dtype=torch.float32)
     gradient and the parameters' gradients."""
     x = x.clone().requires_grad_()
     if lean:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
             out = refiner.forward_memory_lean(x, adapt_bn, 0.3)
     else:
         out = adapt_bn(refiner(x)) * 0.3
@@ -118,9 +147,9 @@ def assert_same_training(refiner, adapt_bn, x, relative: float) -> None:
     """The memory-lean (Triton) refinement against the module: output, input and parameter gradients, running
     statistics and the batch counters, within `relative` of each value's scale."""
     lean_refiner, lean_bn = copy.deepcopy(refiner), copy.deepcopy(adapt_bn)
-    weights = torch.randn(x.shape, generator=torch.Generator().manual_seed(4))
+    weights = torch.randn(x.shape, generator=torch.Generator().manual_seed(4)).to(DEVICE)
     out_a, grad_a, params_a = run_training(refiner, adapt_bn, x, weights, lean=False)
-    with triton_support.interpreted():
+    with triton_paths():
         out_b, grad_b, params_b = run_training(lean_refiner, lean_bn, x, weights, lean=True)
     assert_close_to_scale(out_b, out_a, relative, "output")
     assert_close_to_scale(grad_b, grad_a, relative, "input gradient")
@@ -171,19 +200,19 @@ def test_training_refinement_kernels_in_bfloat16():
     refiner, adapt_bn = refinement_pair(3, 3)
     refiner.train(), adapt_bn.train()
     x = maps((2, 4, 13, 13))
-    weights = torch.randn(x.shape, generator=torch.Generator().manual_seed(4))
+    weights = torch.randn(x.shape, generator=torch.Generator().manual_seed(4)).to(DEVICE)
     exact_refiner, exact_bn = copy.deepcopy(refiner), copy.deepcopy(adapt_bn)
     _, exact_x, exact_params = run_training(exact_refiner, exact_bn, x, weights, lean=False)
 
     autocast_refiner, autocast_bn = copy.deepcopy(refiner), copy.deepcopy(adapt_bn)
     xa = x.clone().requires_grad_()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
         out = autocast_bn(autocast_refiner(xa)) * 0.3
     (out.float() * weights).sum().backward()
     autocast_grads = [xa.grad] + [p.grad for p in (*autocast_refiner.parameters(), *autocast_bn.parameters())]
 
     lean_refiner, lean_bn = copy.deepcopy(refiner), copy.deepcopy(adapt_bn)
-    with triton_support.interpreted():
+    with triton_paths():
         out, grad_x, params = run_training(lean_refiner, lean_bn, x, weights, lean=True, dtype=torch.bfloat16)
     assert out.dtype == torch.bfloat16 and grad_x.dtype == torch.float32
 
@@ -210,9 +239,9 @@ def test_attention_map_kernel_matches_the_reference(previous):
     batch, tokens, heads, head_dim = 2, 17, 3, 6
     scale = head_dim**-0.5
     generator = torch.Generator().manual_seed(0)
-    qkv = torch.randn(batch, tokens, 3 * heads * head_dim, generator=generator) * 2
-    prev = torch.rand(batch, heads, tokens, tokens, generator=generator) if previous else None
-    weights = torch.randn(batch, heads, tokens, tokens, generator=generator)
+    qkv = (torch.randn(batch, tokens, 3 * heads * head_dim, generator=generator) * 2).to(DEVICE)
+    prev = torch.rand(batch, heads, tokens, tokens, generator=generator).to(DEVICE) if previous else None
+    weights = torch.randn(batch, heads, tokens, tokens, generator=generator).to(DEVICE)
 
     def reference(packed, prev_map):
         q, k, _ = packed.reshape(batch, tokens, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
@@ -223,17 +252,17 @@ def test_attention_map_kernel_matches_the_reference(previous):
     expected = reference(*inputs_a)
     (expected * weights).sum().backward()
     inputs_b = [qkv.clone().requires_grad_(), prev.clone().requires_grad_() if previous else None]
-    with triton_support.interpreted():
+    with triton_paths():
         assert triton_attention.can_fuse(inputs_b[0], inputs_b[1], heads)
         actual = triton_attention.attention_probs(*inputs_b, heads, scale)
         (actual * weights).sum().backward()
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.no_grad(), torch.autocast(DEVICE.type, dtype=torch.bfloat16):
             low = triton_attention.attention_probs(qkv.bfloat16(), prev, heads, scale)
     assert_close_to_scale(actual, expected.detach(), 1e-5, "map")
     assert_close_to_scale(inputs_b[0].grad, inputs_a[0].grad, 1e-5, "projection gradient")
     if previous:
         assert_close_to_scale(inputs_b[1].grad, inputs_a[1].grad, 1e-5, "previous map gradient")
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.no_grad(), torch.autocast(DEVICE.type, dtype=torch.bfloat16):
         autocast_error = (reference(qkv.bfloat16(), prev).float() - expected).abs().max().item()
     assert (low.float() - expected).abs().max().item() <= 2 * autocast_error
 
@@ -245,16 +274,16 @@ def test_model_switches_run_the_triton_kernels(monkeypatch):
     every buffer (running statistics) within float tolerance; the fast inference path gives its logits, hidden states
     and maps. The reference computation (no switch) never calls a Triton kernel, even where it could.
     """
-    model = randomize_(RefinerViTForImageClassification(tiny_config(drop_path_rate=0.3)))
-    inputs = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    labels = torch.tensor([2, 0])
+    model = randomize_(RefinerViTForImageClassification(tiny_config(drop_path_rate=0.3))).to(DEVICE)
+    inputs = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    labels = torch.tensor([2, 0], device=DEVICE)
     reference = copy.deepcopy(model).train()
     loss_a, grads_a, buffers_a = loss_gradients_and_statistics(reference, inputs, labels)
     lean = copy.deepcopy(model).train().set_memory_lean_training()
     with contextlib.ExitStack() as stack:
         refinements = stack.enter_context(counting(monkeypatch, triton_refinement, "_refine_train"))
         maps_made = stack.enter_context(counting(monkeypatch, triton_attention, "_attention_probs"))
-        stack.enter_context(triton_support.interpreted())
+        stack.enter_context(triton_paths())
         loss_b, grads_b, buffers_b = loss_gradients_and_statistics(lean, inputs, labels)
         assert len(refinements) == 3 and len(maps_made) == 2  # refined + 2 shared blocks; refined + plain block
         untouched = copy.deepcopy(model).train()
@@ -274,7 +303,7 @@ def test_model_switches_run_the_triton_kernels(monkeypatch):
         with contextlib.ExitStack() as stack:
             folded = stack.enter_context(counting(monkeypatch, triton_refinement, "_refine_eval"))
             maps_made = stack.enter_context(counting(monkeypatch, triton_attention, "_attention_probs"))
-            stack.enter_context(triton_support.interpreted())
+            stack.enter_context(triton_paths())
             actual = fast(inputs, output_hidden_states=True, output_attentions=True)
     assert len(folded) == 3 and len(maps_made) == 2
     assert_close_to_scale(actual.logits, expected.logits, 1e-5, "logits")
@@ -293,9 +322,9 @@ def test_custom_ops_pass_opcheck():
               refiner.project_conv.weight.flatten(1), refiner.project_bn.weight, refiner.project_bn.bias,
               adapt_bn.weight, adapt_bn.bias)  # fmt: skip
     checks = ("test_schema", "test_faketensor", "test_autograd_registration")
-    with triton_support.interpreted():
+    with triton_paths():
         assert triton_refinement.can_refine(x, 4, 8, 3)
-        qkv = torch.randn(2, 9, 24, requires_grad=True)
+        qkv = torch.randn(2, 9, 24, device=DEVICE, requires_grad=True)
         assert triton_attention.can_fuse(qkv, None, 2)
         ops = triton_refinement.ops()
         results = [
