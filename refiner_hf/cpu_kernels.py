@@ -24,6 +24,13 @@ from pathlib import Path
 
 import torch
 
+from .refinement_ops import (
+    fake_refine_eval,
+    fake_refine_train,
+    fake_refine_train_backward,
+    register_refine_train_autograd,
+)
+
 
 logger = logging.getLogger(__name__)
 
@@ -112,11 +119,7 @@ def set_kernels_enabled(enabled: bool) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Fake (shape) implementations and the training op's autograd formula.
-
-
-def _fake_refine_eval(x, w_expand, b_expand, w_depthwise, b_depthwise, w_project, b_project, residual_scale, padding):
-    return x.new_empty(x.shape)
+# Fake (shape) implementations of the attention ops (the refinement ops' are in `refinement_ops`).
 
 
 def _fake_attention_probs(qkv, previous, heads, scale, alpha):
@@ -129,51 +132,12 @@ def _fake_attention_context(probs, values, value_offset):
     return probs.new_empty((batch, tokens, values.shape[-1] - value_offset))
 
 
-def _stats_shapes(x: torch.Tensor, w_expand: torch.Tensor | None, w_depthwise: torch.Tensor) -> list[tuple[int, int]]:
-    channels, heads = w_depthwise.shape[0], x.shape[1]
-    return [(2, channels if w_expand is not None else 0), (2, channels), (2, heads), (2, heads)]
-
-
-def _fake_refine_train(x, w_expand, bn1_weight, bn1_bias, w_depthwise, *rest):
-    stats = [x.new_empty(shape, dtype=torch.float32) for shape in _stats_shapes(x, w_expand, w_depthwise)]
-    return (x.new_empty(x.shape), *stats)
-
-
-def _fake_refine_train_backward(grad_out, x, w_expand, bn1_weight, bn1_bias, w_depthwise, bn2_weight, bn2_bias,
-                                w_project, bn3_weight, bn3_bias, bna_weight, bna_bias, *rest):  # fmt: skip
-    def like(t: torch.Tensor | None) -> torch.Tensor:
-        return x.new_empty((0,) if t is None else t.shape, dtype=torch.float32)
-
-    return [
-        x.new_empty(x.shape),
-        *(like(t) for t in (w_expand, bn1_weight, bn1_bias)),
-        *(like(t) for t in (w_depthwise, bn2_weight, bn2_bias, w_project, bn3_weight, bn3_bias, bna_weight, bna_bias)),
-    ]
-
-
-def _setup_refine_train(ctx, inputs, output) -> None:
-    x, *params, eps, scale, padding = inputs
-    ctx.save_for_backward(x, *params, *output[1:])
-    ctx.eps, ctx.scale, ctx.padding = eps, scale, padding
-    ctx.has_expansion = params[0] is not None
-    ctx.mark_non_differentiable(*output[1:])
-
-
-def _backward_refine_train(ctx, grad_out, *unused_stat_grads):
-    x, *saved = ctx.saved_tensors
-    params, stats = saved[:11], saved[11:]
-    grads = torch.ops.refiner_hf.refine_train_backward(grad_out, x, *params, *stats, ctx.eps, ctx.scale, ctx.padding)
-    if not ctx.has_expansion:
-        grads[1:4] = [None, None, None]
-    return (*grads, None, None, None)
-
-
 def _register_python_parts() -> bool:
     """Fake implementations and the autograd formula; False (kernels unused) if this PyTorch cannot register them."""
     fakes = {
-        "refine_eval": _fake_refine_eval,
-        "refine_train": _fake_refine_train,
-        "refine_train_backward": _fake_refine_train_backward,
+        "refine_eval": fake_refine_eval,
+        "refine_train": fake_refine_train,
+        "refine_train_backward": fake_refine_train_backward,
         "attention_probs": _fake_attention_probs,
         "attention_context": _fake_attention_context,
     }
@@ -182,9 +146,7 @@ def _register_python_parts() -> bool:
     try:
         for name, fake in fakes.items():
             torch.library.register_fake(f"refiner_hf::{name}", fake, **override)
-        torch.library.register_autograd(
-            "refiner_hf::refine_train", _backward_refine_train, setup_context=_setup_refine_train
-        )
+        register_refine_train_autograd("refiner_hf")
     except Exception as error:
         warnings.warn(
             f"Could not register the fused Refiner-ViT kernels ({type(error).__name__}: {error}); "

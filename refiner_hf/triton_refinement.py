@@ -40,6 +40,12 @@ from typing import NamedTuple
 
 import torch
 
+from .refinement_ops import (
+    fake_refine_eval,
+    fake_refine_train,
+    fake_refine_train_backward,
+    register_refine_train_autograd,
+)
 from .triton_support import (
     has_kernel_module,
     interpreting,
@@ -399,48 +405,7 @@ def _refine_train_backward(grad_out, x, w_expand, bn1_weight, bn1_bias, w_depthw
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Registration: custom ops, fake implementations, autograd.
-
-
-def _fake_refine_eval(x, w_expand, b_expand, w_depthwise, b_depthwise, w_project, b_project, residual_scale, padding):
-    return x.new_empty(x.shape)
-
-
-def _fake_refine_train(x, w_expand, bn1_weight, bn1_bias, w_depthwise, *rest):
-    channels, heads = w_depthwise.shape[0], x.shape[1]
-    shapes = [(2, channels if w_expand is not None else 0), (2, channels), (2, heads), (2, heads)]
-    return (x.new_empty(x.shape), *(x.new_empty(shape, dtype=torch.float32) for shape in shapes))
-
-
-def _fake_refine_train_backward(grad_out, x, w_expand, bn1_weight, bn1_bias, w_depthwise, bn2_weight, bn2_bias,
-                                w_project, bn3_weight, bn3_bias, bna_weight, bna_bias, *rest):  # fmt: skip
-    def like(t: torch.Tensor | None) -> torch.Tensor:
-        return x.new_empty((0,) if t is None else t.shape, dtype=torch.float32)
-
-    params = (w_expand, bn1_weight, bn1_bias, w_depthwise, bn2_weight, bn2_bias, w_project, bn3_weight, bn3_bias,
-              bna_weight, bna_bias)  # fmt: skip
-    return [x.new_empty(x.shape), *(like(t) for t in params)]
-
-
-def _setup_refine_train(ctx, inputs, output) -> None:
-    x, *params, eps, scale, padding = inputs
-    ctx.save_for_backward(x, *params, *output[1:])
-    ctx.eps, ctx.scale, ctx.padding = eps, scale, padding
-    ctx.has_expansion = params[0] is not None
-    ctx.mark_non_differentiable(*output[1:])
-
-
-def _backward_refine_train(ctx, grad_out, *unused_stat_grads):
-    x, *saved = ctx.saved_tensors
-    params, stats = saved[:11], saved[11:]
-    grads = ops().refine_train_backward(grad_out, x, *params, *stats, ctx.eps, ctx.scale, ctx.padding)
-    grads = [
-        None if p is None or grad.numel() == 0 and p.numel() != 0 else grad.to(p.dtype)
-        for grad, p in zip(grads, (x, *params))
-    ]
-    if not ctx.has_expansion:
-        grads[1:4] = [None, None, None]
-    return (*grads, None, None, None)
+# Registration: custom ops, with the fake implementations and autograd formula shared with the C++ ops.
 
 
 def _define_ops() -> None:
@@ -468,14 +433,12 @@ def _define_ops() -> None:
                                       w_project, bn3_weight, bn3_bias, bna_weight, bna_bias, stats1, stats2, stats3,
                                       statsa, eps, scale, padding)  # fmt: skip
 
-    fakes = {"refine_eval": _fake_refine_eval, "refine_train": _fake_refine_train,
-             "refine_train_backward": _fake_refine_train_backward}  # fmt: skip
+    fakes = {"refine_eval": fake_refine_eval, "refine_train": fake_refine_train,
+             "refine_train_backward": fake_refine_train_backward}  # fmt: skip
     for fn in (refine_eval, refine_train, refine_train_backward):
         op = torch.library.custom_op(f"{NAMESPACE}::{fn.__name__}", fn, mutates_args=())
         op.register_fake(fakes[fn.__name__])
-    torch.library.register_autograd(
-        f"{NAMESPACE}::refine_train", _backward_refine_train, setup_context=_setup_refine_train
-    )
+    register_refine_train_autograd(NAMESPACE)
 
 
 def _ensure_registered() -> bool:

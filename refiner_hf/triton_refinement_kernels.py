@@ -195,6 +195,22 @@ def _merge_pair(n, my, m2y, mx, m2x, cxy, y, x, inside):
     return total, my + ey * share, m2y, mx + ex * share, m2x, cxy
 
 
+@triton.jit
+def _projection(x_ptr, w1_ptr, b1_ptr, wdw_ptr, bdw_ptr, wp_ptr, b, rows, cols, H, C, M, W,
+                K: tl.constexpr, PAD: tl.constexpr, HAS_EXPAND: tl.constexpr, HP: tl.constexpr,
+                BLOCK_C: tl.constexpr, BP: tl.constexpr, LOW: tl.constexpr, EMULATE: tl.constexpr):  # fmt: skip
+    """wp relu6(dw(t1) + bdw) for a tile's BP positions (t1 = relu6(w1 x + b1)), over the channels in chunks: the
+    projection every pass that needs it recomputes from x."""
+    acc = tl.full([BP, HP], 0.0, tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        w1t, b1 = _expansion(w1_ptr, b1_ptr, c0, H, C, HAS_EXPAND, HP, BLOCK_C)
+        y2 = _depthwise(x_ptr, w1t, b1, wdw_ptr, b, rows, cols, c0, H, C, M, W, K, PAD, HAS_EXPAND, HP, BLOCK_C,
+                        BP, LOW, EMULATE)  # fmt: skip
+        t2 = _relu6(y2 + _vector(bdw_ptr, c0, C, BLOCK_C)[None, :])
+        acc += _mm(t2, _matrix_t(wp_ptr, c0, C, 0, H, C, BLOCK_C, HP), LOW, EMULATE)
+    return acc
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Forward.
 
@@ -206,13 +222,8 @@ def refine_folded_kernel(x_ptr, out_ptr, w1_ptr, b1_ptr, wdw_ptr, bdw_ptr, wp_pt
                          EMULATE: tl.constexpr):  # fmt: skip
     """out = wp relu6(dw(t1) + bdw) + bp + rs * x with t1 = relu6(w1 x + b1): one tile per program."""
     b, rows, cols, inside = _tile(tl.program_id(0), M, W, BR, BC)
-    acc = tl.full([BR * BC, HP], 0.0, tl.float32)
-    for c0 in range(0, C, BLOCK_C):
-        w1t, b1 = _expansion(w1_ptr, b1_ptr, c0, H, C, HAS_EXPAND, HP, BLOCK_C)
-        y2 = _depthwise(x_ptr, w1t, b1, wdw_ptr, b, rows, cols, c0, H, C, M, W, K, PAD, HAS_EXPAND, HP, BLOCK_C,
-                        BR * BC, LOW, EMULATE)  # fmt: skip
-        t2 = _relu6(y2 + _vector(bdw_ptr, c0, C, BLOCK_C)[None, :])
-        acc += _mm(t2, _matrix_t(wp_ptr, c0, C, 0, H, C, BLOCK_C, HP), LOW, EMULATE)
+    acc = _projection(x_ptr, w1_ptr, b1_ptr, wdw_ptr, bdw_ptr, wp_ptr, b, rows, cols, H, C, M, W, K, PAD, HAS_EXPAND,
+                      HP, BLOCK_C, BR * BC, LOW, EMULATE)  # fmt: skip
     xc, _ = _load_maps(x_ptr, b, 0, H, H, rows, cols, M, W, HP)
     out = acc + _vector(bp_ptr, 0, H, HP)[None, :] + _vector(rs_ptr, 0, H, HP)[None, :] * xc
     _store_maps(out_ptr, out, b, 0, H, H, rows, cols, inside, M, W, HP)
@@ -270,13 +281,8 @@ def head_stats_kernel(x_ptr, stats_ptr, w1_ptr, b1_ptr, wdw_ptr, bdw_ptr, wp_ptr
     cxy = tl.full([HP], 0.0, tl.float32)
     for t in range(pid, num_tiles, programs):
         b, rows, cols, inside = _tile(t, M, W, BR, BC)
-        y3 = tl.full([BR * BC, HP], 0.0, tl.float32)
-        for c0 in range(0, C, BLOCK_C):
-            w1t, b1 = _expansion(w1_ptr, b1_ptr, c0, H, C, HAS_EXPAND, HP, BLOCK_C)
-            y2 = _depthwise(x_ptr, w1t, b1, wdw_ptr, b, rows, cols, c0, H, C, M, W, K, PAD, HAS_EXPAND, HP, BLOCK_C,
-                            BR * BC, LOW, EMULATE)  # fmt: skip
-            t2 = _relu6(y2 + _vector(bdw_ptr, c0, C, BLOCK_C)[None, :])
-            y3 += _mm(t2, _matrix_t(wp_ptr, c0, C, 0, H, C, BLOCK_C, HP), LOW, EMULATE)
+        y3 = _projection(x_ptr, w1_ptr, b1_ptr, wdw_ptr, bdw_ptr, wp_ptr, b, rows, cols, H, C, M, W, K, PAD,
+                         HAS_EXPAND, HP, BLOCK_C, BR * BC, LOW, EMULATE)  # fmt: skip
         xc, _ = _load_maps(x_ptr, b, 0, H, H, rows, cols, M, W, HP)
         n, my, m2y, mx, m2x, cxy = _merge_pair(n, my, m2y, mx, m2x, cxy, y3, xc, inside)
     h = tl.arange(0, HP)
@@ -322,13 +328,8 @@ def backward_sums_kernel(x_ptr, g_ptr, sums_ptr, w1_ptr, b1_ptr, wdw_ptr, bdw_pt
     s_y = tl.full([HP], 0.0, tl.float32)
     for t in range(pid, num_tiles, programs):
         b, rows, cols, inside = _tile(t, M, W, BR, BC)
-        y3 = tl.full([BR * BC, HP], 0.0, tl.float32)
-        for c0 in range(0, C, BLOCK_C):
-            w1t, b1 = _expansion(w1_ptr, b1_ptr, c0, H, C, HAS_EXPAND, HP, BLOCK_C)
-            y2 = _depthwise(x_ptr, w1t, b1, wdw_ptr, b, rows, cols, c0, H, C, M, W, K, PAD, HAS_EXPAND, HP, BLOCK_C,
-                            BR * BC, LOW, EMULATE)  # fmt: skip
-            t2 = _relu6(y2 + _vector(bdw_ptr, c0, C, BLOCK_C)[None, :])
-            y3 += _mm(t2, _matrix_t(wp_ptr, c0, C, 0, H, C, BLOCK_C, HP), LOW, EMULATE)
+        y3 = _projection(x_ptr, w1_ptr, b1_ptr, wdw_ptr, bdw_ptr, wp_ptr, b, rows, cols, H, C, M, W, K, PAD,
+                         HAS_EXPAND, HP, BLOCK_C, BR * BC, LOW, EMULATE)  # fmt: skip
         xc, _ = _load_maps(x_ptr, b, 0, H, H, rows, cols, M, W, HP)
         g, _ = _load_maps(g_ptr, b, 0, H, H, rows, cols, M, W, HP)
         yhat3, zhat = _head_normals(y3, xc, heads_ptr, H, HP)

@@ -131,3 +131,20 @@ def loss_gradients_and_statistics(model, inputs, labels, seed=123):
     grads = {name: p.grad.clone() for name, p in model.named_parameters()}
     buffers = {name: b.clone() for name, b in model.named_buffers()}
     return loss.detach(), grads, buffers
+
+
+# Script lines (for a child process that changed how the package loads): a tiny model's fast inference equals its
+# reference computation, and a memory-lean training step runs; `RefinerViTConfig`, `RefinerViTForImageClassification`
+# and `torch` must be imported before them.
+SWITCHES_RUN = """
+config = RefinerViTConfig(image_size=32, patch_size=8, hidden_size=24, num_hidden_layers=2, num_attention_heads=4,
+                          num_labels=3)
+model = RefinerViTForImageClassification(config).eval()
+inputs = torch.randn(1, 3, 32, 32)
+with torch.no_grad():
+    reference = model(inputs).logits
+    model.set_fast_inference()
+    assert (model(inputs).logits - reference).abs().max() < 1e-5
+model.train().set_memory_lean_training()
+model(inputs, labels=torch.tensor([1])).loss.backward()
+"""

@@ -10,6 +10,7 @@ import pytest
 import torch
 from helpers import (
     FIXTURES,
+    SWITCHES_RUN,
     assert_matches_original,
     loss_gradients_and_statistics,
     original_outputs,
@@ -294,27 +295,20 @@ def test_torch_compile_fullgraph_matches_eager(backend, fast):
 
 def test_without_kernel_sources_everything_falls_back_to_pytorch(tmp_path):
     """As in a model directory's copy of the code: no C++ sources, so the PyTorch implementations run."""
-    script = textwrap.dedent(
-        f"""
-        import pathlib, torch, warnings
-        import refiner_hf.cpu_kernels as kernels
-        kernels._SOURCE_DIR = pathlib.Path({str(tmp_path)!r})
-        from refiner_hf import RefinerViTConfig, RefinerViTForImageClassification
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
-            assert not kernels.kernels_available()
-        config = RefinerViTConfig(image_size=32, patch_size=8, hidden_size=24, num_hidden_layers=2,
-                                  num_attention_heads=4, num_labels=3)
-        model = RefinerViTForImageClassification(config).eval()
-        inputs = torch.randn(1, 3, 32, 32)
-        with torch.no_grad():
-            reference = model(inputs).logits
-            model.set_fast_inference()
-            assert (model(inputs).logits - reference).abs().max() < 1e-5
-        model.train().set_memory_lean_training()
-        model(inputs, labels=torch.tensor([1])).loss.backward()
-        print("ok")
-        """
+    script = (
+        textwrap.dedent(
+            f"""
+            import pathlib, torch, warnings
+            import refiner_hf.cpu_kernels as kernels
+            kernels._SOURCE_DIR = pathlib.Path({str(tmp_path)!r})
+            from refiner_hf import RefinerViTConfig, RefinerViTForImageClassification
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                assert not kernels.kernels_available()
+            """
+        )
+        + SWITCHES_RUN
+        + 'print("ok")\n'
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr

@@ -24,7 +24,7 @@ import textwrap
 
 import pytest
 import torch
-from helpers import loss_gradients_and_statistics, randomize_, tiny_config
+from helpers import SWITCHES_RUN, loss_gradients_and_statistics, randomize_, tiny_config
 
 from refiner_hf import RefinerViTForImageClassification, triton_attention, triton_refinement, triton_support
 from refiner_hf.modeling_refiner_vit import RefinerViTRefiner
@@ -359,28 +359,21 @@ def test_triton_paths_need_cuda_or_the_interpreter():
 def test_without_triton_everything_falls_back(tmp_path):
     """Where Triton cannot be imported: nothing fails at import, the switches run the CPU paths, and asking for the
     interpreter says why not in one line."""
-    script = textwrap.dedent(
-        """
-        import sys, torch
-        sys.modules["triton"] = None  # import triton raises ImportError
-        from refiner_hf import RefinerViTConfig, RefinerViTForImageClassification, triton_support
-        assert not triton_support.triton_available()
-        config = RefinerViTConfig(image_size=32, patch_size=8, hidden_size=24, num_hidden_layers=2,
-                                  num_attention_heads=4, num_labels=3)
-        model = RefinerViTForImageClassification(config).eval()
-        inputs = torch.randn(1, 3, 32, 32)
-        with torch.no_grad():
-            reference = model(inputs).logits
-            model.set_fast_inference()
-            assert (model(inputs).logits - reference).abs().max() < 1e-5
-        model.train().set_memory_lean_training()
-        model(inputs, labels=torch.tensor([1])).loss.backward()
-        try:
-            with triton_support.interpreted():
-                pass
-        except RuntimeError as error:
-            print(error)
-        """
+    script = (
+        "import sys, torch\n"
+        'sys.modules["triton"] = None  # import triton raises ImportError\n'
+        "from refiner_hf import RefinerViTConfig, RefinerViTForImageClassification, triton_support\n"
+        "assert not triton_support.triton_available()\n"
+        + SWITCHES_RUN
+        + textwrap.dedent(
+            """
+            try:
+                with triton_support.interpreted():
+                    pass
+            except RuntimeError as error:
+                print(error)
+            """
+        )
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
