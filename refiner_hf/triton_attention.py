@@ -14,20 +14,16 @@ float32), else the projection's; promoted with A's.
 """
 
 import math
-import threading
 
 import torch
 
-from .triton_support import has_kernel_module, interpreting, kernel_module, next_power_of_2, runs_on
+from .triton_support import OpRegistration, interpreting, kernel_module, next_power_of_2, runs_on
 
 
 NAMESPACE = "refiner_hf_triton"
 KERNELS = "triton_attention_kernels"
 _OPS = ("attention_probs", "attention_softmax_backward")
 MAX_HEAD_DIM = 256
-
-_lock = threading.Lock()
-_registered: dict[str, bool] = {"done": False}
 
 
 def can_fuse(qkv: torch.Tensor, previous: torch.Tensor | None, heads: int) -> bool:
@@ -40,7 +36,7 @@ def can_fuse(qkv: torch.Tensor, previous: torch.Tensor | None, heads: int) -> bo
         previous.device != qkv.device or previous.dtype not in (torch.float32, torch.bfloat16)
     ):
         return False
-    return _ensure_registered()
+    return _registration.ensure()
 
 
 def probs_dtype(qkv: torch.Tensor, previous: torch.Tensor | None) -> torch.dtype:
@@ -142,15 +138,4 @@ def _define_ops() -> None:
     backward.register_fake(_fake_softmax_backward)
 
 
-def _ensure_registered() -> bool:
-    """Registers the ops once per process (another copy of this module may have done so); never while compiling."""
-    if _registered["done"]:
-        return True
-    if torch.compiler.is_compiling() or not has_kernel_module(KERNELS):
-        return False
-    with _lock:
-        if not _registered["done"]:
-            if not all(hasattr(getattr(torch.ops, NAMESPACE), name) for name in _OPS):
-                _define_ops()
-            _registered["done"] = True
-    return True
+_registration = OpRegistration(NAMESPACE, _OPS, KERNELS, _define_ops)

@@ -34,7 +34,6 @@ reference's convolutions would.
 
 import contextlib
 import math
-import threading
 from collections.abc import Iterator
 from typing import NamedTuple
 
@@ -47,7 +46,7 @@ from .refinement_ops import (
     register_refine_train_autograd,
 )
 from .triton_support import (
-    has_kernel_module,
+    OpRegistration,
     interpreting,
     kernel_module,
     multiprocessor_count,
@@ -64,8 +63,6 @@ MAX_HEADS = 64
 MAX_CHANNELS = 256
 MAX_KERNEL = 9
 
-_lock = threading.Lock()
-_registered: dict[str, bool] = {"done": False}
 _tiles: dict[str, tuple[int, int] | None] = {"shape": None}
 
 
@@ -79,7 +76,7 @@ def can_refine(attention_map: torch.Tensor, heads: int, channels: int, kernel_si
         return False
     if not (heads <= MAX_HEADS and channels <= MAX_CHANNELS and 1 <= kernel_size <= MAX_KERNEL):
         return False
-    return _ensure_registered()
+    return _registration.ensure()
 
 
 def autocast_input(attention_map: torch.Tensor) -> torch.Tensor:
@@ -441,15 +438,4 @@ def _define_ops() -> None:
     register_refine_train_autograd(NAMESPACE)
 
 
-def _ensure_registered() -> bool:
-    """Registers the ops once per process (another copy of this module may have done so); never while compiling."""
-    if _registered["done"]:
-        return True
-    if torch.compiler.is_compiling() or not has_kernel_module(KERNELS):
-        return False
-    with _lock:
-        if not _registered["done"]:
-            if not all(hasattr(ops(), name) for name in _OPS):
-                _define_ops()
-            _registered["done"] = True
-    return True
+_registration = OpRegistration(NAMESPACE, _OPS, KERNELS, _define_ops)

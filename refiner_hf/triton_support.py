@@ -18,7 +18,7 @@ import importlib.util
 import logging
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import ModuleType
 
 import torch
@@ -147,3 +147,29 @@ def multiprocessor_count(device: torch.device) -> int:
 
 def next_power_of_2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
+
+
+class OpRegistration:
+    """
+    Registers a module's Triton custom ops (`define`) once per process, unless they exist already (another copy of
+    the module, such as a model directory's remote code, registered them); never while compiling, and not where the
+    kernel module cannot be loaded.
+    """
+
+    def __init__(self, namespace: str, op_names: tuple[str, ...], kernels: str, define: Callable[[], None]) -> None:
+        self.namespace, self.op_names, self.kernels, self.define = namespace, op_names, kernels, define
+        self._lock = threading.Lock()
+        self._done = False
+
+    def ensure(self) -> bool:
+        """Whether the ops are registered (registering them now if needed)."""
+        if self._done:
+            return True
+        if torch.compiler.is_compiling() or not has_kernel_module(self.kernels):
+            return False
+        with self._lock:
+            if not self._done:
+                if not all(hasattr(getattr(torch.ops, self.namespace), name) for name in self.op_names):
+                    self.define()
+                self._done = True
+        return True
