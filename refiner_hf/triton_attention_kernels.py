@@ -82,6 +82,17 @@ def attention_probs_kernel(qkv_ptr, prev_ptr, out_ptr, H, N, D, HD, scale, alpha
 
 
 @triton.jit
+def _softmax_and_grad(grad_ptr, probs_ptr, prev_ptr, base, rows, cols, N, alpha, HAS_PREV: tl.constexpr):
+    """The softmax output S = P - alpha A and the gradient dP on a block of rows and columns (float32), and its mask."""
+    mask = (rows < N)[:, None] & (cols < N)[None, :]
+    s = tl.load(probs_ptr + base + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_PREV:
+        s -= alpha * tl.load(prev_ptr + base + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(grad_ptr + base + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    return s, g, mask
+
+
+@triton.jit
 def softmax_backward_kernel(grad_ptr, probs_ptr, prev_ptr, out_ptr, N, alpha,
                             HAS_PREV: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):  # fmt: skip
     """dS = S (dP - rowsum(dP S)), S = P - alpha A, for rows program_id(0) * BM.. of map program_id(1)."""
@@ -90,17 +101,9 @@ def softmax_backward_kernel(grad_ptr, probs_ptr, prev_ptr, out_ptr, N, alpha,
     dot = tl.full([BM], 0.0, tl.float32)
     for n0 in range(0, N, BN):
         cols = n0 + tl.arange(0, BN)
-        mask = (rows < N)[:, None] & (cols < N)[None, :]
-        s = tl.load(probs_ptr + base + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        if HAS_PREV:
-            s -= alpha * tl.load(prev_ptr + base + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        g = tl.load(grad_ptr + base + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        s, g, mask = _softmax_and_grad(grad_ptr, probs_ptr, prev_ptr, base, rows, cols, N, alpha, HAS_PREV)
         dot += _sum(g * s, 1)
     for n0 in range(0, N, BN):
         cols = n0 + tl.arange(0, BN)
-        mask = (rows < N)[:, None] & (cols < N)[None, :]
-        s = tl.load(probs_ptr + base + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        if HAS_PREV:
-            s -= alpha * tl.load(prev_ptr + base + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        g = tl.load(grad_ptr + base + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        s, g, mask = _softmax_and_grad(grad_ptr, probs_ptr, prev_ptr, base, rows, cols, N, alpha, HAS_PREV)
         tl.store(out_ptr + base + cols[None, :], (s * (g - dot[:, None])).to(out_ptr.dtype.element_ty), mask=mask)
