@@ -37,16 +37,21 @@ def add_common_arguments(parser) -> None:
     parser.add_argument("--json", type=Path, help="Also write the figures to this JSON file.")
 
 
-def refiner(name: str, image_size: int, seed: int = 0) -> RefinerViTForImageClassification:
-    """A Refiner-ViT preset with random weights (and random BatchNorm statistics, as after training)."""
-    torch.manual_seed(seed)
-    model = RefinerViTForImageClassification(RefinerViTConfig.from_preset(name, image_size=image_size))
+def with_trained_batch_norm_statistics(model: torch.nn.Module) -> torch.nn.Module:
+    """Random BatchNorm running statistics, as after training (fresh ones would make folded BatchNorms trivial)."""
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, torch.nn.BatchNorm2d):
                 module.running_mean.normal_(0.0, 0.1)
                 module.running_var.uniform_(0.5, 1.5)
     return model
+
+
+def refiner(name: str, image_size: int, seed: int = 0) -> RefinerViTForImageClassification:
+    """A Refiner-ViT preset with random weights (and random BatchNorm statistics, as after training)."""
+    torch.manual_seed(seed)
+    model = RefinerViTForImageClassification(RefinerViTConfig.from_preset(name, image_size=image_size))
+    return with_trained_batch_norm_statistics(model)
 
 
 def deit_small_vit(image_size: int, seed: int = 0, attention: str = "sdpa") -> ViTForImageClassification:
@@ -96,12 +101,7 @@ def original_refiner(checkout: Path, name: str, image_size: int, seed: int = 0) 
     torch.manual_seed(seed)
     constructor = getattr(sys.modules[module_name], ORIGINAL_CONSTRUCTORS[name])
     model = constructor(img_size=image_size, mix_token=False, return_dense=True)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.BatchNorm2d):
-                module.running_mean.normal_(0.0, 0.1)
-                module.running_var.uniform_(0.5, 1.5)
-    return model
+    return with_trained_batch_norm_statistics(model)
 
 
 def amp_dtype(model_name: str, precision: str, device: torch.device) -> torch.dtype | None:
