@@ -196,8 +196,9 @@ def export_onnx(
     """
     Writes `model`'s reference computation in evaluation mode as an ONNX model with the dynamo exporter of
     `torch.onnx`: input `pixel_values` (float32, `(batch_size, num_channels, image_size, image_size)`, dynamic batch
-    size), outputs named as in `outputs`, the ONNX graph optimised by onnxscript. Weights go inside the file unless
-    it would pass protobuf's 2 GiB limit (then into `<name>.data` beside it).
+    size), outputs named as in `outputs`, the ONNX graph optimised by onnxscript, without the exporter's stack
+    traces. Weights go inside the file unless it would pass protobuf's 2 GiB limit (then into `<name>.data` beside
+    it).
 
     Raises:
         `ExportError`: an opset before [`MIN_OPSET`], an output the model does not have, or missing packages.
@@ -219,6 +220,10 @@ def export_onnx(
             optimize=True,
             verbose=False,
         )
+    # The exporter records each node's Python stack trace, full of this machine's absolute paths: not for a file that
+    # is shared. The module scopes it records beside them stay (they map nodes back to layers in profilers).
+    for node in program.model.graph.all_nodes():
+        node.metadata_props.pop("pkg.torch.onnx.stack_trace", None)
     program.save(path)
     return path
 
@@ -253,9 +258,13 @@ def quantize_int8(source: str | os.PathLike, destination: str | os.PathLike, per
     return destination
 
 
-def onnx_session(path: str | os.PathLike, threads: int | None = None) -> onnxruntime.InferenceSession:
+def onnx_session(
+    path: str | os.PathLike, threads: int | None = None, spinning: bool = True
+) -> onnxruntime.InferenceSession:
     """
-    An ONNX Runtime CPU session of the model at `path` (`threads` intra-op threads; default: ONNX Runtime's).
+    An ONNX Runtime CPU session of the model at `path` (`threads` intra-op threads; default: ONNX Runtime's). Without
+    `spinning`, its threads sleep as soon as a run ends instead of busy-waiting for the next one (for benchmarks that
+    alternate it with PyTorch, whose threads would otherwise share the cores with spinning ones).
 
     Raises:
         `ModelDirectoryError`: ONNX Runtime cannot load the file (missing, damaged, or not an ONNX model).
@@ -267,6 +276,8 @@ def onnx_session(path: str | os.PathLike, threads: int | None = None) -> onnxrun
     options.log_severity_level = 3  # errors only: the optimiser's notes are not the user's business
     if threads:
         options.intra_op_num_threads = threads
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as error:  # onnxruntime's own exception types (Fail, InvalidProtobuf, NoSuchFile, ...)

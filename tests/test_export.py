@@ -122,6 +122,9 @@ def test_cli_export_of_the_released_fixture_reproduces_the_original_code(release
         "cls_logits": ["batch_size", 10],
         "aux_logits": ["batch_size", 16, 10],
     }
+    # No stack traces of the exporting machine (its paths) in a file meant to be shared.
+    assert str(ROOT).encode() not in (out / "model.onnx").read_bytes()
+    assert not any(p.key == "pkg.torch.onnx.stack_trace" for node in model.graph.node for p in node.metadata_props)
     # Standard operators only: the fast path's C++ kernels (or any custom op) would need their own domain.
     assert {node.domain for node in model.graph.node} <= {"", "ai.onnx"}
     assert [entry.version for entry in model.opset_import if entry.domain == ""] == [20]
