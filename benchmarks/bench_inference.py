@@ -1,17 +1,24 @@
 """
-Inference throughput of Refiner-ViT: the reference path, the fast path (`model.set_fast_inference()`), and a
-transformers `ViTForImageClassification` of DeiT-S size with random weights, in fp32, bf16 (autocast) and compiled
-(`torch.compile`), measured in alternation in one run. Prints images per second and the ratios fast / reference
-and fast / DeiT-S; it is a benchmark, not a test.
+Inference throughput of Refiner-ViT: the reference path, the fast path (`model.set_fast_inference()`), the ONNX
+export run by ONNX Runtime (fp32 and int8 linear layers, CPU), and a transformers `ViTForImageClassification` of
+DeiT-S size with random weights, in fp32, bf16 (autocast) and compiled (`torch.compile`), measured in alternation in
+one run. Prints images per second and the ratios fast / reference, fast / DeiT-S and ONNX Runtime / fast; it is a
+benchmark, not a test.
 
     python benchmarks/bench_inference.py                                  # Refiner-ViT-S, 224 px, batch 1 and 8
     python benchmarks/bench_inference.py --batch-size 8 --no-compile
+    python benchmarks/bench_inference.py --model refiner-vit-l --image-size 448 --dtype fp32 --no-compile --rounds 3
     python benchmarks/bench_inference.py --model refiner-vit-l --image-size 448 --batch-size 2 --device cuda
+
+ONNX Runtime runs in the fp32 eager rows on CPU, with as many threads as PyTorch (`--no-onnx` leaves it out; it
+needs the `export` extra).
 """
 
 import argparse
 import copy
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 from bench_common import (
@@ -29,6 +36,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--dtype", nargs="+", choices=("fp32", "bf16"), default=["fp32", "bf16"])
     parser.add_argument("--no-compile", action="store_true", help="Skip the torch.compile measurements.")
+    parser.add_argument("--no-onnx", action="store_true", help="Skip the ONNX Runtime measurements.")
     parser.add_argument("--rounds", type=int, default=5, help="Alternations of the three models (median kept).")
     parser.add_argument("--seconds", type=float, default=1.0, help="Approximate length of one measurement.")
     return parser.parse_args()
@@ -49,9 +57,17 @@ def main() -> None:
 
     with torch.no_grad():  # also builds the fused kernels before any timing or compilation
         check = torch.randn(2, 3, args.image_size, args.image_size, device=device)
-        difference = (models["fast"](check).logits - models["reference"](check).logits).abs().max().item()
+        expected = models["reference"](check).logits
+        difference = (models["fast"](check).logits - expected).abs().max().item()
     print(f"# {args.model} at {args.image_size} px on {machine_description(device)}")
     print(f"# fast vs reference, fp32 logits: max abs difference {difference:.2e}")
+    work_dir = tempfile.TemporaryDirectory(prefix="bench_inference_")
+    sessions = {}
+    if not args.no_onnx and device.type == "cpu":
+        sessions = onnx_sessions(models["reference"], Path(work_dir.name))
+        for name, session in sessions.items():
+            logits = session.run(["logits"], {"pixel_values": check.numpy()})[0]
+            print(f"# {name} vs reference, logits: max abs difference {abs(logits - expected.numpy()).max():.2e}")
 
     modes = ["eager"] + ([] if args.no_compile else ["compiled"])
     rows = []
@@ -72,6 +88,10 @@ def main() -> None:
                         return model(pixel_values).logits
 
                 candidates = {name: (lambda model=model: forward(model)) for name, model in runners.items()}
+                if mode == "eager" and dtype == "fp32":
+                    inputs = {"pixel_values": pixel_values.numpy()}
+                    for name, session in sessions.items():
+                        candidates[name] = lambda session=session, inputs=inputs: session.run(["logits"], inputs)
                 if mode == "compiled":
                     start = time.perf_counter()
                     for fn in candidates.values():
@@ -95,6 +115,37 @@ def main() -> None:
             f"{images['deit-s']:.2f} | {images['fast'] / images['reference']:.2f}x | "
             f"{images['fast'] / images['deit-s']:.2f}x |"
         )
+    onnx_rows = [(batch_size, images) for batch_size, _, _, images in rows if "onnx-fp32" in images]
+    if onnx_rows:
+        print()
+        print("| batch | reference img/s | fast img/s | ONNX Runtime fp32 img/s | ONNX Runtime int8 img/s "
+              "| DeiT-S-size ViT img/s | ORT fp32 / fast | ORT int8 / fast | ORT int8 / DeiT-S |")  # fmt: skip
+        print("|---|---|---|---|---|---|---|---|---|")
+        for batch_size, images in onnx_rows:
+            print(
+                f"| {batch_size} | {images['reference']:.2f} | {images['fast']:.2f} | {images['onnx-fp32']:.2f} | "
+                f"{images['onnx-int8']:.2f} | {images['deit-s']:.2f} | {images['onnx-fp32'] / images['fast']:.2f}x | "
+                f"{images['onnx-int8'] / images['fast']:.2f}x | {images['onnx-int8'] / images['deit-s']:.2f}x |"
+            )
+    work_dir.cleanup()
+
+
+def onnx_sessions(model, directory: Path) -> dict:
+    """
+    ONNX Runtime sessions of `model`'s export, fp32 and int8, with as many threads as PyTorch uses, which sleep
+    between runs (spinning threads would slow down the PyTorch models measured in alternation with them).
+    """
+    from refiner_hf.onnx_export import export_onnx, onnx_session, quantize_int8
+
+    start = time.perf_counter()
+    export_onnx(model, directory / "model.onnx")
+    quantize_int8(directory / "model.onnx", directory / "model_quantized.onnx")
+    print(f"# exported to ONNX (and quantized) in {time.perf_counter() - start:.0f} s")
+    threads = torch.get_num_threads()
+    return {
+        "onnx-fp32": onnx_session(directory / "model.onnx", threads=threads, spinning=False),
+        "onnx-int8": onnx_session(directory / "model_quantized.onnx", threads=threads, spinning=False),
+    }
 
 
 if __name__ == "__main__":
