@@ -145,6 +145,12 @@ def check_output_directory(
                 "contain it."
             )
     if not output.exists() and not output.is_symlink():
+        existing = next(parent for parent in output.absolute().parents if parent.exists())
+        if not existing.is_dir():  # refused now rather than after minutes of work
+            raise ModelDirectoryError(
+                f"Cannot create {output_dir}: {existing} is a file, not a folder. Choose an output directory in a "
+                "folder you can write to."
+            )
         return
     if not output.is_dir():
         raise ModelDirectoryError(f"{output_dir} exists and is not a directory: choose another output directory.")
@@ -311,7 +317,9 @@ def write_directory(
         output_dir.parent.mkdir(parents=True, exist_ok=True)
         staging = _staging_directory(output_dir)
     except OSError as error:
-        raise ModelDirectoryError(f"Cannot create {output_dir}: {error}") from None
+        raise ModelDirectoryError(
+            f"Cannot create {output_dir}: {error}. Choose an output directory in a folder you can write to."
+        ) from None
     set_aside = None
     try:
         try:

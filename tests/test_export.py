@@ -309,7 +309,7 @@ def vit_directory(path: Path) -> Path:
         ("non-empty output", 1, "{tmp}/taken exists and is not empty: pass --overwrite to replace the ONNX export"),
         ("overwrite other files", 1, "{tmp}/taken is not an ONNX export directory (it holds other files (notes.txt))"),
         ("output is the model", 1, "{tmp}/model holds {tmp}/model, which this command reads"),
-        ("unwritable output", 1, "Cannot create {tmp}/file.txt/onnx:"),
+        ("unwritable output", 1, "Cannot create {tmp}/file.txt/onnx: {tmp}/file.txt is a file, not a folder."),
         ("aux_logits without aux head", 2, "This model has no auxiliary head (`use_aux_head` is false)"),
         ("old opset", 2, "--opset 17 is too old: the exporter writes opset 18 or later."),
         ("check of nothing", 2, "--check {tmp}/nothing: not an export directory (no config.json and model.onnx)"),
