@@ -7,7 +7,7 @@ benchmark, not a test.
 
     python benchmarks/bench_inference.py                                  # Refiner-ViT-S, 224 px, batch 1 and 8
     python benchmarks/bench_inference.py --batch-size 8 --no-compile
-    python benchmarks/bench_inference.py --model refiner-vit-l --image-size 448 --dtype fp32 --no-compile --rounds 3 \
+    python benchmarks/bench_inference.py --model refiner-vit-l --image-size 448 --dtype fp32 --no-compile --rounds 3 \\
         --reference-max-batch 1
     python benchmarks/bench_inference.py --model refiner-vit-l --image-size 448 --batch-size 2 --device cuda
 
