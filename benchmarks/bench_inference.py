@@ -1,21 +1,28 @@
 """
 Inference throughput of Refiner-ViT: the reference path, the fast path (`model.set_fast_inference()`: its fused
-kernels, C++ on CPU and Triton on CUDA, and its PyTorch implementation), the original code's `Refiner_ViT` (with
-`--original-checkout`; under AMP, float16 autocast, on CUDA at bf16), and a transformers `ViTForImageClassification`
-of DeiT-S size with random weights and SDPA, in fp32, bf16 (autocast) and compiled (`torch.compile`), measured in
-alternation in one run. Prints images per second, the ratios fast / reference and fast / DeiT-S, and fast / DeiT-S
-per multiply-add (the throughput ratio times Refiner-ViT's multiply-adds over the ViT's); it is a benchmark, not a
-test.
+kernels, C++ on CPU and Triton on CUDA, and its PyTorch implementation), the ONNX export run by ONNX Runtime (fp32
+and int8 linear layers; CPU), the original code's `Refiner_ViT` (with `--original-checkout`; under AMP, float16
+autocast, on CUDA at bf16), and a transformers `ViTForImageClassification` of DeiT-S size with random weights and
+SDPA, in fp32, bf16 (autocast) and compiled (`torch.compile`), measured in alternation in one run. Prints images per
+second, the ratios fast / reference and fast / DeiT-S, fast / DeiT-S per multiply-add (the throughput ratio times
+Refiner-ViT's multiply-adds over the ViT's) and ONNX Runtime / fast; it is a benchmark, not a test.
 
     python benchmarks/bench_inference.py                                  # Refiner-ViT-S, 224 px, batch 1 and 8
     python benchmarks/bench_inference.py --batch-size 8 --no-compile
+    python benchmarks/bench_inference.py --model refiner-vit-l --image-size 448 --dtype fp32 --no-compile --rounds 3 \\
+        --reference-max-batch 1
     python benchmarks/bench_inference.py --model refiner-vit-l --image-size 448 --batch-size 64 --device cuda \\
         --dtype bf16 --no-compile --original-checkout ../Refiner_ViT
+
+ONNX Runtime runs in the fp32 eager rows on CPU, with as many threads as PyTorch (`--no-onnx` leaves it out; it
+needs the `export` extra).
 """
 
 import argparse
 import copy
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 from bench_common import (
@@ -40,6 +47,8 @@ NAMES = {
     "reference": "reference",
     "fast": "fast (fused kernels)",
     "fast-pytorch": "fast (PyTorch)",
+    "onnx-fp32": "ONNX Runtime fp32",
+    "onnx-int8": "ONNX Runtime int8",
     "original": "original code",
     "deit-s": "DeiT-S-size ViT",
 }
@@ -51,6 +60,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--dtype", nargs="+", choices=("fp32", "bf16"), default=["fp32", "bf16"])
     parser.add_argument("--no-compile", action="store_true", help="Skip the torch.compile measurements.")
+    parser.add_argument("--no-onnx", action="store_true", help="Skip the ONNX Runtime measurements.")
+    parser.add_argument(
+        "--reference-max-batch",
+        type=int,
+        help="Measure the reference path only up to this batch size: it materialises every expanded attention map "
+        "(Refiner-ViT-L at 448 px and batch 8 needs about 18 GB).",
+    )
     parser.add_argument("--rounds", type=int, default=5, help="Alternations of the models (median kept).")
     parser.add_argument("--seconds", type=float, default=1.0, help="Approximate length of one measurement.")
     return parser.parse_args(argv)
@@ -102,6 +118,13 @@ def main(argv: list[str] | None = None) -> None:
     if "original" in models:
         counts = [sum(p.numel() for p in models[name].parameters()) for name in ("original", "reference")]
         print(f"# original code from {args.original_checkout}: {counts[0]:,} parameters (here: {counts[1]:,})")
+    work_dir = tempfile.TemporaryDirectory(prefix="bench_inference_")
+    sessions = {}
+    if not args.no_onnx and device.type == "cpu":
+        sessions = onnx_sessions(models["reference"], Path(work_dir.name))
+        for name, session in sessions.items():
+            logits = session.run(["logits"], {"pixel_values": check.numpy()})[0]
+            print(f"# {name} vs reference, logits: max abs difference {abs(logits - expected.numpy()).max():.2e}")
 
     modes = ["eager"] + ([] if args.no_compile else ["compiled"])
     rows = []
@@ -128,6 +151,12 @@ def main(argv: list[str] | None = None) -> None:
                 }
                 if mode == "eager":  # a compiled graph keeps the kernels it was traced with
                     candidates["fast-pytorch"] = without_fused_kernels(candidates["fast"])
+                if args.reference_max_batch is not None and batch_size > args.reference_max_batch:
+                    del candidates["reference"]
+                if mode == "eager" and dtype == "fp32":
+                    inputs = {"pixel_values": pixel_values.cpu().numpy()}
+                    for name, session in sessions.items():
+                        candidates[name] = lambda session=session, inputs=inputs: session.run(["logits"], inputs)
                 if mode == "compiled":
                     start = time.perf_counter()
                     for fn in candidates.values():
@@ -144,6 +173,10 @@ def main(argv: list[str] | None = None) -> None:
 
     print()
     print(table(rows))
+    onnx_rows = [row for row in rows if "onnx-fp32" in row["images_per_s"]]
+    if onnx_rows:
+        print()
+        print(onnx_table(onnx_rows))
     goal_rows = [row for row in rows if row["goal_met"] is not None]
     if goal_rows:
         print()
@@ -153,6 +186,7 @@ def main(argv: list[str] | None = None) -> None:
     write_json(args.json, {"benchmark": "inference", "machine": machine, "model": args.model,
                            "image_size": args.image_size, "multiply_adds": macs, "fast_vs_reference_difference":
                            difference, "rows": rows, "goal_per_multiply_add": GOAL_PER_MULTIPLY_ADD})  # fmt: skip
+    work_dir.cleanup()
 
 
 def table(rows: list[dict]) -> str:
@@ -164,13 +198,60 @@ def table(rows: list[dict]) -> str:
     ]
     for row in rows:
         images = row["images_per_s"]
-        values = " | ".join(f"{images[name]:.2f}" if name in images else "-" for name in names)
+        values = " | ".join(rate(images, name) for name in names)
         lines.append(
             f"| {row['batch_size']} | {row['dtype']} | {row['mode']} | {values} | "
-            f"{images['fast'] / images['reference']:.2f}x | {images['fast'] / images['deit-s']:.2f}x | "
+            f"{ratio(images, 'fast', 'reference')} | {ratio(images, 'fast', 'deit-s')} | "
             f"**{row['fast_vs_deit_per_multiply_add']:.2f}x** |"
         )
     return "\n".join(lines)
+
+
+def onnx_table(rows: list[dict]) -> str:
+    lines = [
+        "| batch | reference img/s | fast img/s | ONNX Runtime fp32 img/s | ONNX Runtime int8 img/s "
+        "| DeiT-S-size ViT img/s | ORT fp32 / fast | ORT int8 / fast | ORT int8 / DeiT-S |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        images = row["images_per_s"]
+        lines.append(
+            f"| {row['batch_size']} | {rate(images, 'reference')} | {rate(images, 'fast')} | "
+            f"{rate(images, 'onnx-fp32')} | {rate(images, 'onnx-int8')} | {rate(images, 'deit-s')} | "
+            f"{ratio(images, 'onnx-fp32', 'fast')} | {ratio(images, 'onnx-int8', 'fast')} | "
+            f"{ratio(images, 'onnx-int8', 'deit-s')} |"
+        )
+    return "\n".join(lines)
+
+
+def rate(images: dict[str, float], name: str) -> str:
+    return f"{images[name]:.2f}" if name in images else "–"
+
+
+def ratio(images: dict[str, float], name: str, other: str) -> str:
+    return f"{images[name] / images[other]:.2f}x" if name in images and other in images else "–"
+
+
+def onnx_sessions(model, directory: Path) -> dict:
+    """
+    ONNX Runtime sessions of `model`'s export, fp32 and int8, with as many threads as PyTorch uses, which sleep
+    between runs (spinning threads would slow down the PyTorch models measured in alternation with them).
+    """
+    from refiner_hf.onnx_export import export_onnx, onnx_session, quantize_int8
+
+    start = time.perf_counter()
+    export_onnx(model, directory / "model.onnx")
+    quantize_int8(directory / "model.onnx", directory / "model_quantized.onnx")
+    sizes = {name: (directory / name).stat().st_size / 1e6 for name in ("model.onnx", "model_quantized.onnx")}
+    print(
+        f"# exported to ONNX (and quantized) in {time.perf_counter() - start:.0f} s: model.onnx "
+        f"{sizes['model.onnx']:.1f} MB, model_quantized.onnx {sizes['model_quantized.onnx']:.1f} MB"
+    )
+    threads = torch.get_num_threads()
+    return {
+        "onnx-fp32": onnx_session(directory / "model.onnx", threads=threads, spinning=False),
+        "onnx-int8": onnx_session(directory / "model_quantized.onnx", threads=threads, spinning=False),
+    }
 
 
 if __name__ == "__main__":

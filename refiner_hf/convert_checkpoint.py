@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import signal
 import sys
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 
 from PIL import Image
@@ -29,6 +27,7 @@ from .configuration_refiner_vit import PRESETS
 from .conversion import MAX_TOKENS, CheckpointError, load_original_weights, model_from_original_state_dict
 from .hub import build_model_card, imagenet_1k_id2label, push_to_hub
 from .image_processing_refiner_vit import image_processor_for_config
+from .interruption import Terminated, sigterm_unwinds, stopped_message
 from .model_directory import (
     ModelDirectoryError,
     check_output_directory,
@@ -37,10 +36,6 @@ from .model_directory import (
     verify_model_directory,
 )
 from .modeling_refiner_vit import RefinerViTForImageClassification
-
-
-class Terminated(BaseException):
-    """SIGTERM, raised where the converter is so that it unwinds (and cleans up) like Ctrl-C does."""
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -224,37 +219,19 @@ def load_photo(path: Path) -> Image.Image:
         raise OSError(f"Cannot read the check photo {path} ({error}); pass a readable image with --image.") from None
 
 
-@contextmanager
-def _sigterm_unwinds() -> Iterator[None]:
-    """Turns SIGTERM into an exception for the duration, so that a stopped conversion cleans up what it started."""
-
-    def raise_terminated(signum, frame):
-        raise Terminated
-
-    try:
-        previous = signal.signal(signal.SIGTERM, raise_terminated)
-    except ValueError:  # not the main thread: signals cannot be handled here
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logging.disable_progress_bar()
     try:
-        with _sigterm_unwinds():
+        with sigterm_unwinds():
             convert(args)
     except (CheckpointError, ModelDirectoryError, ValueError, OSError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     except (KeyboardInterrupt, Terminated) as stop:
-        signal_name = "SIGTERM" if isinstance(stop, Terminated) else "an interrupt"
-        print(f"error: stopped by {signal_name}; nothing half-written was left behind.", file=sys.stderr)
-        return 128 + (signal.SIGTERM if isinstance(stop, Terminated) else signal.SIGINT)
+        message, status = stopped_message(stop)
+        print(message, file=sys.stderr)
+        return status
     return 0
 
 

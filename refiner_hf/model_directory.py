@@ -6,6 +6,8 @@ target, has the result checked, and only then moves it into place; an existing d
 recognisably a model directory written before, and only after its replacement is complete. A writer killed half way
 leaves a hidden staging (or set-aside) directory, which the next write to the same place recognises as its own
 leftover and cleans up, putting a set-aside model directory back where its replacement never arrived.
+[`write_directory`] does the same for other kinds of directory, each described by a [`DirectoryLayout`] (the ONNX
+export's, for instance).
 
 [`verify_model_directory`] proves a written directory: every tensor in the weights file equals the in-memory model's
 bit for bit, the configuration and both image-processor backends load back equal, the code named in `auto_map` is
@@ -64,13 +66,46 @@ def remote_code_files() -> list[str]:
     return sorted(path.name for path in files)
 
 
-def _is_model_directory_entry(path: Path) -> bool:
-    """Whether `path` is a file that a model directory written by this package (or the Hub) holds."""
-    if path.is_symlink() or not path.is_file():
-        return False
-    name = path.name
-    known = {"config.json", "preprocessor_config.json", WEIGHTS_NAME, WEIGHTS_INDEX_NAME, "README.md", ".gitattributes"}
-    return name in known or bool(_SHARD_PATTERN.fullmatch(name)) or name in remote_code_files()
+@dataclass(frozen=True)
+class DirectoryLayout:
+    """
+    What a kind of directory written by this package holds, so that an existing one is recognised as written before
+    (and may be replaced with `overwrite`) and anything else is left alone.
+
+    Args:
+        description (`str`): what such a directory is called in messages ("model directory").
+        files (`frozenset[str]`): the names it may hold, besides the package's code files and `patterns`.
+        required (`tuple[frozenset[str], ...]`): at least one name of each set must be there.
+        required_description (`str`): how messages name what is required ("config.json and weights").
+        patterns (`tuple[re.Pattern, ...]`): further names it may hold (e.g. weight shards).
+    """
+
+    description: str
+    files: frozenset[str]
+    required: tuple[frozenset[str], ...]
+    required_description: str
+    patterns: tuple[re.Pattern, ...] = ()
+
+    def holds(self, path: Path) -> bool:
+        """Whether `path` is a file that such a directory holds."""
+        if path.is_symlink() or not path.is_file():
+            return False
+        name = path.name
+        return name in self.files or any(p.fullmatch(name) for p in self.patterns) or name in remote_code_files()
+
+    def is_complete(self, names: set[str]) -> bool:
+        return all(names & alternatives for alternatives in self.required)
+
+
+MODEL_DIRECTORY = DirectoryLayout(
+    description="model directory",
+    files=frozenset(
+        {"config.json", "preprocessor_config.json", WEIGHTS_NAME, WEIGHTS_INDEX_NAME, "README.md", ".gitattributes"}
+    ),
+    required=(frozenset({"config.json"}), frozenset({WEIGHTS_NAME, WEIGHTS_INDEX_NAME})),
+    required_description="config.json and weights",
+    patterns=(_SHARD_PATTERN,),
+)
 
 
 def check_output_directory(
@@ -78,18 +113,20 @@ def check_output_directory(
     overwrite: bool = False,
     protected: Iterable[str | os.PathLike] = (),
     overwrite_flag: str = "overwrite=True",
+    layout: DirectoryLayout = MODEL_DIRECTORY,
 ) -> None:
     """
     Refuses an output directory that writing a model there could harm. It may not be the current directory or one of
     its parents, nor contain a `protected` path (e.g. the checkpoint being converted). An existing non-empty directory
-    is replaced only with `overwrite`, and only when it is a model directory written before: `config.json`, weights,
-    and nothing but the files such a directory holds.
+    is replaced only with `overwrite`, and only when it is a directory of `layout` written before (for a model
+    directory: `config.json`, weights, and nothing but the files such a directory holds).
 
     Args:
         output_dir: the directory to write.
-        overwrite: whether a previous model directory there may be replaced.
+        overwrite: whether a previous directory of `layout` there may be replaced.
         protected: paths that must survive the write.
         overwrite_flag: how the caller's user says "overwrite" (`--overwrite` on a command line), for messages.
+        layout: the kind of directory written (default: a model directory).
 
     Raises:
         `ModelDirectoryError`: naming the directory, the reason and what to do.
@@ -109,6 +146,12 @@ def check_output_directory(
                 "contain it."
             )
     if not output.exists() and not output.is_symlink():
+        existing = next(parent for parent in output.absolute().parents if parent.exists())
+        if not existing.is_dir():  # refused now rather than after minutes of work
+            raise ModelDirectoryError(
+                f"Cannot create {output_dir}: {existing} is a file, not a folder. Choose an output directory in a "
+                "folder you can write to."
+            )
         return
     if not output.is_dir():
         raise ModelDirectoryError(f"{output_dir} exists and is not a directory: choose another output directory.")
@@ -117,22 +160,25 @@ def check_output_directory(
         return
     if not overwrite:
         raise ModelDirectoryError(
-            f"{output_dir} exists and is not empty: pass {overwrite_flag} to replace the model directory there, or "
-            "choose another output directory."
+            f"{output_dir} exists and is not empty: pass {overwrite_flag} to replace the {layout.description} there, "
+            "or choose another output directory."
         )
-    foreign = [entry.name for entry in entries if not _is_model_directory_entry(entry)]
-    names = {entry.name for entry in entries}
-    has_weights = WEIGHTS_NAME in names or WEIGHTS_INDEX_NAME in names
-    if foreign or "config.json" not in names or not has_weights:
+    foreign = [entry.name for entry in entries if not layout.holds(entry)]
+    if foreign or not layout.is_complete({entry.name for entry in entries}):
         reason = (
             f"it holds other files ({', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''})"
             if foreign
-            else "it has no config.json and weights"
+            else f"it has no {layout.required_description}"
         )
         raise ModelDirectoryError(
-            f"{output_dir} is not a model directory ({reason}); {overwrite_flag} replaces only a model directory "
-            "written before, never other files: choose another output directory."
+            f"{output_dir} is not {_article(layout.description)} {layout.description} ({reason}); {overwrite_flag} "
+            f"replaces only {_article(layout.description)} {layout.description} written before, never other files: "
+            "choose another output directory."
         )
+
+
+def _article(noun: str) -> str:
+    return "an" if noun[:1].lower() in "aeiou" else "a"
 
 
 def _leftover_owner(entry: Path, prefix: str) -> tuple[int, str] | None:
@@ -221,21 +267,64 @@ def save_model_directory(
         `ModelDirectoryError`: the output directory is refused, or writing failed (e.g. a full disk); nothing was
             left behind.
     """
+
+    def write(staging: Path) -> None:
+        model.save_pretrained(staging)
+        image_processor.save_pretrained(staging)
+        if model_card is not None:
+            (staging / "README.md").write_text(model_card)
+
+    return write_directory(
+        output_dir, write, verify=verify, overwrite=overwrite, protected=protected, overwrite_flag=overwrite_flag
+    )
+
+
+def write_directory(
+    output_dir: str | os.PathLike,
+    write: Callable[[Path], None],
+    verify: Callable[[Path], None] | None = None,
+    overwrite: bool = False,
+    protected: Iterable[str | os.PathLike] = (),
+    overwrite_flag: str = "overwrite=True",
+    layout: DirectoryLayout = MODEL_DIRECTORY,
+) -> Path:
+    """
+    Writes a directory all at once: `write` fills a hidden staging directory beside `output_dir`, `verify` checks it,
+    and only then is it renamed into place; a previous directory of the same `layout` there is set aside first and
+    removed once the new one is in place. A failure or an interruption (an exception, Ctrl-C, a signal turned into
+    an exception) leaves what was there before, and a writer killed outright leaves a hidden directory that the next
+    write to the same place cleans up.
+
+    Args:
+        output_dir: the directory to create.
+        write: fills the staging directory it is given.
+        verify: called with the written (hidden) directory before it is moved into place; raising there leaves
+            nothing.
+        overwrite: replace a previous directory of `layout` at `output_dir` (see [`check_output_directory`]).
+        protected: paths that `output_dir` may not contain.
+        overwrite_flag: how the caller's user says "overwrite", for messages.
+        layout: the kind of directory written, to recognise a previous one.
+
+    Raises:
+        `ModelDirectoryError`: the output directory is refused, or writing failed (e.g. a full disk); nothing was
+            left behind.
+    """
     output_dir = Path(output_dir)
     _recover_from_dead_writers(output_dir)
-    check_output_directory(output_dir, overwrite=overwrite, protected=protected, overwrite_flag=overwrite_flag)
+    check_output_directory(
+        output_dir, overwrite=overwrite, protected=protected, overwrite_flag=overwrite_flag, layout=layout
+    )
     try:
         output_dir.parent.mkdir(parents=True, exist_ok=True)
         staging = _staging_directory(output_dir)
     except OSError as error:
-        raise ModelDirectoryError(f"Cannot create {output_dir}: {error}") from None
+        raise ModelDirectoryError(
+            f"Cannot create {output_dir}: {error}. Choose an output directory in a folder you can write to."
+        ) from None
     set_aside = None
     try:
         try:
-            model.save_pretrained(staging)
-            image_processor.save_pretrained(staging)
-            if model_card is not None:
-                (staging / "README.md").write_text(model_card)
+            write(staging)
         except (OSError, SafetensorError) as error:
             raise ModelDirectoryError(
                 f"Writing {output_dir} failed: {error}. Check the free space and permissions there; nothing was "
@@ -409,7 +498,9 @@ def verify_model_directory(
 
 
 __all__ = [
+    "MODEL_DIRECTORY",
     "RELOAD_RELATIVE_TOLERANCE",
+    "DirectoryLayout",
     "ModelDirectoryError",
     "ReloadCheck",
     "check_output_directory",
@@ -418,4 +509,5 @@ __all__ = [
     "remote_code_files",
     "save_model_directory",
     "verify_model_directory",
+    "write_directory",
 ]
