@@ -3,10 +3,10 @@
 from pathlib import Path
 
 import pytest
-from conftest import load_script, randomize_, tiny_config
+from helpers import load_script, randomize_, tiny_config
 
 from refiner_hf import RefinerViTForImageClassification
-from refiner_hf.hub import image_processor_for_config
+from refiner_hf.image_processing_refiner_vit import image_processor_for_config
 from refiner_hf.model_directory import save_model_directory
 from refiner_hf.training.embedded_data import class_names
 
