@@ -22,7 +22,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import cpu_kernels, triton_attention, triton_refinement
+# Imported by name: a model directory's copy of this code (remote code) carries only the files imported this way.
+from .cpu_kernels import takes as cpu_kernels_take
+from .triton_attention import attention_probs as triton_attention_probs
+from .triton_attention import can_fuse as triton_can_fuse
+from .triton_refinement import autocast_input, can_refine
+from .triton_refinement import ops as triton_refinement_ops
 
 
 class FoldedRefinement(NamedTuple):
@@ -78,10 +83,10 @@ def refine_folded_fused(attention_map: torch.Tensor, folded: FoldedRefinement) -
     if needs_grad(attention_map, *weights):
         return None
     heads, channels, kernel_size = attention_map.shape[1], folded.w_depthwise.shape[0], folded.w_depthwise.shape[-1]
-    if triton_refinement.can_refine(attention_map, heads, channels, kernel_size):
-        x = triton_refinement.autocast_input(attention_map)
-        return triton_refinement.ops().refine_eval(x, *weights, folded.padding[0])
-    if cpu_kernels.takes(attention_map):
+    if can_refine(attention_map, heads, channels, kernel_size):
+        x = autocast_input(attention_map)
+        return triton_refinement_ops().refine_eval(x, *weights, folded.padding[0])
+    if cpu_kernels_take(attention_map):
         w_expand, b_expand, w_depthwise, b_depthwise, w_project, b_project, residual_scale = weights
         return torch.ops.refiner_hf.refine_eval(
             attention_map, w_expand, b_expand, w_depthwise.contiguous(), b_depthwise, w_project.contiguous(),
@@ -94,9 +99,9 @@ def attention_probs(
     qkv: torch.Tensor, previous_attention: torch.Tensor | None, heads: int, scaling: float
 ) -> torch.Tensor:
     """softmax((sqrt(s) q)(sqrt(s) k)^T) + s * previous, from the packed (batch, tokens, 3 * hidden) projection."""
-    if triton_attention.can_fuse(qkv, previous_attention, heads):
-        return triton_attention.attention_probs(qkv, previous_attention, heads, scaling)
-    if cpu_kernels.takes(qkv) and not needs_grad(qkv, previous_attention):
+    if triton_can_fuse(qkv, previous_attention, heads):
+        return triton_attention_probs(qkv, previous_attention, heads, scaling)
+    if cpu_kernels_take(qkv) and not needs_grad(qkv, previous_attention):
         return torch.ops.refiner_hf.attention_probs(qkv, previous_attention, heads, scaling, scaling)
     batch_size, seq_len, width = qkv.shape
     head_dim = width // (3 * heads)
@@ -120,7 +125,7 @@ def attention_context_fused(attention_map: torch.Tensor, values: torch.Tensor, o
     The attention map times the values (columns `offset:` of the packed `values`), in token layout (batch, tokens,
     hidden), as one fused kernel; `None` where the kernel does not take these tensors.
     """
-    if cpu_kernels.takes(attention_map) and not needs_grad(attention_map, values):
+    if cpu_kernels_take(attention_map) and not needs_grad(attention_map, values):
         return torch.ops.refiner_hf.attention_context(attention_map, values, offset)
     return None
 

@@ -13,7 +13,10 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from . import cpu_kernels, triton_refinement
+# Imported by name: a model directory's copy of this code (remote code) carries only the files imported this way.
+from .cpu_kernels import takes as cpu_kernels_take
+from .triton_refinement import autocast_input, can_refine
+from .triton_refinement import ops as triton_refinement_ops
 
 
 class RefinementParameters(NamedTuple):
@@ -64,9 +67,9 @@ def refine_train_fused(
         parameters.w_depthwise.shape[0],
         parameters.w_depthwise.shape[-1],
     )
-    if triton_refinement.can_refine(attention_map, heads, channels, kernel_size):
-        ops, x = triton_refinement.ops(), triton_refinement.autocast_input(attention_map)
-    elif cpu_kernels.takes(attention_map):
+    if can_refine(attention_map, heads, channels, kernel_size):
+        ops, x = triton_refinement_ops(), autocast_input(attention_map)
+    elif cpu_kernels_take(attention_map):
         ops, x = torch.ops.refiner_hf, attention_map
     else:
         return None

@@ -18,7 +18,6 @@ from transformers.utils import ModelOutput
 from transformers.utils.generic import can_return_tuple
 from transformers.utils.output_capturing import capture_outputs
 
-from . import triton_attention
 from .configuration_refiner_vit import RefinerViTConfig
 from .fast_inference import (
     FoldedRefinement,
@@ -32,6 +31,8 @@ from .fast_inference import (
 )
 from .memory_lean_training import RefinementParameters, refine_train_fused
 from .mix_token import MixTokenBox, mix_class_targets, sample_mix_token_box, swap_box_with_reversed_batch
+from .triton_attention import attention_probs as triton_attention_probs
+from .triton_attention import can_fuse as triton_can_fuse
 
 
 @dataclass
@@ -488,10 +489,10 @@ class RefinerViTAttention(nn.Module):
         """softmax(s q k^T) plus s times the incoming map, from the packed (batch, tokens, 3 * hidden) projection."""
         if fast:
             return attention_probs(qkv, previous_attention, self.num_heads, self.scaling)
-        if self.memory_lean_training and self.training and triton_attention.can_fuse(qkv, previous_attention,
+        if self.memory_lean_training and self.training and triton_can_fuse(qkv, previous_attention,
                                                                                      self.num_heads):  # fmt: skip
             # One kernel, keeping no softmax output for the backward pass.
-            return triton_attention.attention_probs(qkv, previous_attention, self.num_heads, self.scaling)
+            return triton_attention_probs(qkv, previous_attention, self.num_heads, self.scaling)
         batch_size, seq_len, _ = qkv.shape
         query, key, _ = qkv.reshape(batch_size, seq_len, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         # The released code scales q and k separately rather than their product; kept for exact outputs.

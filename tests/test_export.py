@@ -37,7 +37,12 @@ from refiner_hf.onnx_export import (
 
 
 ROOT = Path(__file__).resolve().parents[1]
-CODE_FILES = {"configuration_refiner_vit.py", "image_processing_refiner_vit.py", "image_processing_pil_refiner_vit.py"}
+CODE_FILES = {
+    "configuration_refiner_vit.py",
+    "image_processing_refiner_vit.py",
+    "image_processing_pil_refiner_vit.py",
+    "image_processing_refiner_vit_common.py",
+}
 EXPORT_FILES = {"config.json", "preprocessor_config.json", "model.onnx", *CODE_FILES}
 # int8 linear layers against float32, on these random-weight models: measured up to 2 % of the logits' scale on the
 # check photo and the original code's inputs; a quantization that went wrong (a wrong scale, a saturated product) is
