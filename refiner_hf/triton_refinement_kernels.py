@@ -196,6 +196,19 @@ def _merge_pair(n, my, m2y, mx, m2x, cxy, y, x, inside):
 
 
 @triton.jit
+def _store_head_rows(out_ptr, H, HP: tl.constexpr, r0, r1, r2, r3, r4, r5):
+    """Six per-head vectors as consecutive rows of H floats (a program's partial statistics or sums)."""
+    h = tl.arange(0, HP)
+    mask = h < H
+    tl.store(out_ptr + h, r0, mask=mask)
+    tl.store(out_ptr + H + h, r1, mask=mask)
+    tl.store(out_ptr + 2 * H + h, r2, mask=mask)
+    tl.store(out_ptr + 3 * H + h, r3, mask=mask)
+    tl.store(out_ptr + 4 * H + h, r4, mask=mask)
+    tl.store(out_ptr + 5 * H + h, r5, mask=mask)
+
+
+@triton.jit
 def _projection(x_ptr, w1_ptr, b1_ptr, wdw_ptr, bdw_ptr, wp_ptr, b, rows, cols, H, C, M, W,
                 K: tl.constexpr, PAD: tl.constexpr, HAS_EXPAND: tl.constexpr, HP: tl.constexpr,
                 BLOCK_C: tl.constexpr, BP: tl.constexpr, LOW: tl.constexpr, EMULATE: tl.constexpr):  # fmt: skip
@@ -285,14 +298,7 @@ def head_stats_kernel(x_ptr, stats_ptr, w1_ptr, b1_ptr, wdw_ptr, bdw_ptr, wp_ptr
                          HAS_EXPAND, HP, BLOCK_C, BR * BC, LOW, EMULATE)  # fmt: skip
         xc, _ = _load_maps(x_ptr, b, 0, H, H, rows, cols, M, W, HP)
         n, my, m2y, mx, m2x, cxy = _merge_pair(n, my, m2y, mx, m2x, cxy, y3, xc, inside)
-    h = tl.arange(0, HP)
-    out = stats_ptr + pid * 6 * H + h
-    tl.store(out, n, mask=h < H)
-    tl.store(out + H, my, mask=h < H)
-    tl.store(out + 2 * H, m2y, mask=h < H)
-    tl.store(out + 3 * H, mx, mask=h < H)
-    tl.store(out + 4 * H, m2x, mask=h < H)
-    tl.store(out + 5 * H, cxy, mask=h < H)
+    _store_head_rows(stats_ptr + pid * 6 * H, H, HP, n, my, m2y, mx, m2x, cxy)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -343,14 +349,7 @@ def backward_sums_kernel(x_ptr, g_ptr, sums_ptr, w1_ptr, b1_ptr, wdw_ptr, bdw_pt
         s_zy += _sum(zhat * yhat3, 0)
         s_z += _sum(zhat, 0)
         s_y += _sum(yhat3, 0)
-    h = tl.arange(0, HP)
-    out = sums_ptr + pid * 6 * H + h
-    tl.store(out, s_g, mask=h < H)
-    tl.store(out + H, s_gz, mask=h < H)
-    tl.store(out + 2 * H, s_gy, mask=h < H)
-    tl.store(out + 3 * H, s_zy, mask=h < H)
-    tl.store(out + 4 * H, s_z, mask=h < H)
-    tl.store(out + 5 * H, s_y, mask=h < H)
+    _store_head_rows(sums_ptr + pid * 6 * H, H, HP, s_g, s_gz, s_gy, s_zy, s_z, s_y)
 
 
 @triton.jit
