@@ -5,9 +5,11 @@ Draw what Refiner-ViT's attention refinement does to one image.
 For each chosen layer and head, the picture shows the class token's attention over the patch grid, overlaid on the
 image the model saw (after the processor's resize and crop): for refined and shared blocks the map before refinement
 and the refined map side by side, for plain blocks the map they used. Above them: the image with the top-5 prediction,
-and the diversity of the heads per layer (mean pairwise cosine similarity between the heads' whole maps, before and
-after refinement; 1 means identical heads), which is also printed. Everything comes from the maps the model returns
-(`output_attentions=True`, `output_unrefined_attentions=True`).
+how alike the heads are per layer, before and after refinement (`refiner_hf.attention_analysis`: DeepViT's cosine
+similarity of the heads' attention columns, and its centred form, the Pearson correlation, which a refinement's
+BatchNorm scale and offset do not move; 1 means identical heads). It prints both per layer, with the same two
+measures between each layer's maps and the maps the layer before used (DeepViT's cross-layer similarity). Everything
+comes from the maps the model returns (`output_attentions=True`, `output_unrefined_attentions=True`).
 
 With no arguments it uses the model the trainer's default run writes (outputs/refiner-vit-fashion-mnist/model) if it
 exists, otherwise the tiny original checkpoint bundled with the tests, converted on the fly (random weights: the
@@ -46,7 +48,12 @@ from transformers.utils import logging  # noqa: E402
 
 from refiner_hf import RefinerViTForImageClassification, convert_original_checkpoint  # noqa: E402
 from refiner_hf.assets import sample_image_path  # noqa: E402
-from refiner_hf.attention_analysis import class_token_attention, head_similarity, upsample_to_image  # noqa: E402
+from refiner_hf.attention_analysis import (  # noqa: E402
+    LayerSimilarity,
+    class_token_attention,
+    similarity_by_layer,
+    upsample_to_image,
+)
 from refiner_hf.image_processing_refiner_vit import image_processor_for_config  # noqa: E402
 from refiner_hf.training import embedded_data  # noqa: E402
 from refiner_hf.training.errors import (  # noqa: E402
@@ -205,16 +212,28 @@ def overlay_attention(
     return (1 - alpha) * image + alpha * colours
 
 
-def similarity_rows(views: AttentionViews) -> list[tuple[int, str, float, float]]:
-    """Per layer: (index, block type, head similarity before refinement, after); NaN for a single-head model."""
+def similarity_rows(views: AttentionViews) -> list[LayerSimilarity]:
+    """Per layer, the head and cross-layer similarities before and after refinement (NaN where undefined)."""
+    return similarity_by_layer(views.used, views.unrefined, views.block_types)
 
-    def similarity(maps: torch.Tensor) -> float:
-        return float(head_similarity(maps)) if maps.shape[0] > 1 else float("nan")
 
-    return [
-        (i, kind, similarity(before), similarity(after))
-        for i, (kind, before, after) in enumerate(zip(views.block_types, views.unrefined, views.used))
+MEASURE_GROUPS = ("heads: cosine", "heads: centred", "layers: cosine", "layers: centred")
+
+
+def format_similarity_table(rows: list[LayerSimilarity]) -> str:
+    """The printed table: per layer, each measure before and after refinement."""
+    lines = [
+        f"  {'':>5}  {'':<8}" + "".join(f" {group:^15}" for group in MEASURE_GROUPS),
+        f"  {'layer':>5}  {'block':<8}" + f" {'before':>7} {'after':>7}" * 4,
     ]
+    for row in rows:
+        values = (
+            row.head_cosine_before, row.head_cosine_after, row.head_pearson_before, row.head_pearson_after,
+            row.cross_layer_cosine_before, row.cross_layer_cosine_after,
+            row.cross_layer_pearson_before, row.cross_layer_pearson_after,
+        )  # fmt: skip
+        lines.append(f"  {row.layer:>5}  {row.block_type:<8}" + "".join(f" {value:7.3f}" for value in values))
+    return "\n".join(lines)
 
 
 def draw(
@@ -268,18 +287,24 @@ def draw(
     return out
 
 
-def _draw_similarity(axis, rows: list[tuple[int, str, float, float]]) -> None:
-    indices = [row[0] for row in rows]
-    axis.plot(indices, [row[2] for row in rows], "o--", color="tab:gray", label="before refinement", markersize=3)
-    axis.plot(indices, [row[3] for row in rows], "o-", color="tab:orange", label="used (refined)", markersize=3)
+def _draw_similarity(axis, rows: list[LayerSimilarity]) -> None:
+    indices = [row.layer for row in rows]
+    lines = (
+        ("head_cosine_before", "cosine, before", "tab:gray", "o--"),
+        ("head_cosine_after", "cosine, after", "tab:gray", "o-"),
+        ("head_pearson_before", "centred, before", "tab:orange", "s--"),
+        ("head_pearson_after", "centred, after", "tab:orange", "s-"),
+    )
+    for field, label, colour, style in lines:
+        axis.plot(indices, [getattr(row, field) for row in rows], style, color=colour, label=label, markersize=3)
     axis.set_xlabel("layer", fontsize=7)
     axis.set_ylabel("head similarity", fontsize=7)
-    axis.set_title("mean pairwise cosine similarity between heads (1: identical)", fontsize=7)
-    # Refined maps may have negative entries (the BatchNorms shift them), so their cosines can fall below zero.
-    lowest = np.nanmin([min(row[2], row[3]) for row in rows] + [0.0])
-    axis.set_ylim(lowest - 0.05, 1.05)
+    axis.set_title("how alike the heads are (1: identical)", fontsize=7)
+    values = [getattr(row, field) for row in rows for field, *_ in lines]
+    lowest = np.nanmin(values + [0.0]) if not all(np.isnan(values)) else 0.0
+    axis.set_ylim(min(lowest, 0.0) - 0.05, 1.05)
     axis.tick_params(labelsize=6)
-    axis.legend(fontsize=6)
+    axis.legend(fontsize=5, ncol=2)
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
@@ -296,10 +321,11 @@ def main(argv: Sequence[str] | None = None) -> Path:
 
     print(f"Attention of {description} on {image_name}")
     print("Top 5: " + ", ".join(f"{label} ({score:.3f})" for label, score in views.top5))
-    print("Head similarity per layer (mean pairwise cosine similarity of the heads' maps; 1 = identical heads):")
-    print(f"  {'layer':>5}  {'block':<8} {'before':>7} {'after':>7}")
-    for index, kind, before, after in similarity_rows(views):
-        print(f"  {index:>5}  {kind:<8} {before:7.3f} {after:7.3f}")
+    print(
+        "Similarity per layer, before and after refinement: between the heads, and with the map the layer before used "
+        "(DeepViT's cosine of the attention columns, and centred: their Pearson correlation; 1 = identical):"
+    )
+    print(format_similarity_table(similarity_rows(views)))
     out = draw(views, layers, heads, args.out, args.panel_size, args.dpi, args.alpha)
     print(f"Wrote {out}")
     return out
