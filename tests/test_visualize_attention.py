@@ -168,3 +168,65 @@ def test_usage_errors_are_one_line(visualizer, tiny_model_dir, capsys, argv, mes
     assert exit_info.value.code == 2
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"{Path(sys.argv[0]).name}: error: {message}")
+
+
+def test_each_row_has_one_colour_scale_a_colour_bar_and_no_overlapping_labels(
+    visualizer, tiny_model_dir, tmp_path, monkeypatch
+):
+    model = AutoModelForImageClassification.from_pretrained(tiny_model_dir).eval()
+    processor = AutoImageProcessor.from_pretrained(tiny_model_dir)
+    views = visualizer.attention_views(model, processor, Image.open(sample_image_path()).convert("RGB"))
+    figures = []
+    monkeypatch.setattr(visualizer.plt, "close", figures.append)  # keep the figure to look at
+    visualizer.draw(views, [0, 2, 3], [0, 1, 2], tmp_path / "maps.png")
+    (figure,) = figures
+    figure.canvas.draw()
+    bars = [axis for axis in figure.axes if hasattr(axis, "_colorbar")]
+    assert len(bars) == 3  # one per layer row
+    for bar, layer in zip(bars, [0, 2, 3]):
+        used = visualizer.class_token_attention(views.used[layer])[:3]
+        unrefined = visualizer.class_token_attention(views.unrefined[layer])[:3]
+        # The row's scale spans every map it shows: before and after refinement (plain: the used map only).
+        shown = [used] if views.block_types[layer] == "plain" else [used, unrefined]
+        low, high = min(float(m.min()) for m in shown), max(float(m.max()) for m in shown)
+        norm = bar._colorbar.norm
+        assert norm.vmin == pytest.approx(low, rel=1e-6) and norm.vmax == pytest.approx(high, rel=1e-6)
+    # The similarity plot's layer ticks are the layers, as whole numbers.
+    (plot,) = [axis for axis in figure.axes if axis.get_xlabel() == "layer"]
+    assert list(plot.get_xticks()) == [0, 1, 2, 3]
+    assert [label.get_text() for label in plot.get_xticklabels()] == ["0", "1", "2", "3"]
+    # No two labels (titles, row labels, legend, the plot's axis labels) overlap.
+    renderer = figure.canvas.get_renderer()
+    texts = list(figure.texts)  # the title and the row labels
+    for axis in figure.axes:
+        texts += [axis.title, axis.xaxis.label, axis.yaxis.label]
+        legend = axis.get_legend()
+        if legend is not None:
+            texts.append(legend)
+    boxes = [text.get_window_extent(renderer) for text in texts if text.get_visible() and _has_content(text)]
+    assert len(boxes) >= 3 * 6 + 3
+    for i, first in enumerate(boxes):
+        for second in boxes[i + 1 :]:
+            assert not first.overlaps(second), (first, second)
+    monkeypatch.undo()
+    visualizer.plt.close(figure)
+
+
+def _has_content(artist) -> bool:
+    return not hasattr(artist, "get_text") or bool(artist.get_text())
+
+
+def test_a_shared_scale_shows_a_larger_map_brighter(visualizer):
+    image = np.zeros((32, 32, 3))
+    grid = torch.tensor([[0.0, 1.0], [1.0, 2.0]])
+    value_range = visualizer.row_value_range([grid, 2 * grid])
+    assert value_range == (0.0, 4.0)
+    small = visualizer.overlay_attention(image, grid, alpha=1.0, value_range=value_range)
+    large = visualizer.overlay_attention(image, 2 * grid, alpha=1.0, value_range=value_range)
+    assert large.mean() > small.mean() + 0.1
+    # On their own scales the two would look the same.
+    np.testing.assert_allclose(
+        visualizer.overlay_attention(image, grid, alpha=1.0), visualizer.overlay_attention(image, 2 * grid, alpha=1.0)
+    )
+    low, high = visualizer.row_value_range([torch.full((2, 2), 3.0)])
+    assert low < 3.0 < high and high - low < 1e-4
