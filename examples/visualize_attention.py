@@ -4,10 +4,14 @@ Draw what Refiner-ViT's attention refinement does to one image.
 
 For each chosen layer and head, the picture shows the class token's attention over the patch grid, overlaid on the
 image the model saw (after the processor's resize and crop): for refined and shared blocks the map before refinement
-and the refined map side by side, for plain blocks the map they used. Above them: the image with the top-5 prediction,
-and the diversity of the heads per layer (mean pairwise cosine similarity between the heads' whole maps, before and
-after refinement; 1 means identical heads), which is also printed. Everything comes from the maps the model returns
-(`output_attentions=True`, `output_unrefined_attentions=True`).
+and the refined map side by side, for plain blocks the map they used. One row per layer, with one colour scale for the
+whole row (every head, before and after), shown by the colour bar at its end: colours compare within a row, not across
+rows. Above them: the image with the top-5 prediction, and how alike the heads are per layer, before and after
+refinement (`refiner_hf.attention_analysis`: DeepViT's cosine similarity of the heads' attention columns, and its
+centred form, the Pearson correlation, which a refinement's BatchNorm scale and offset do not move; 1 means identical
+heads). It prints both per layer, with the same two measures between each layer's maps and the maps the layer before
+used (DeepViT's cross-layer similarity). Everything comes from the maps the model returns (`output_attentions=True`,
+`output_unrefined_attentions=True`).
 
 With no arguments it uses the model the trainer's default run writes (outputs/refiner-vit-fashion-mnist/model) if it
 exists, otherwise the tiny original checkpoint bundled with the tests, converted on the fly (random weights: the
@@ -19,8 +23,9 @@ other model the bundled cat photo:
     python examples/visualize_attention.py --model path/to/converted-dir --image photo.jpg --layers 0 4 8 --heads 0 1
     python examples/visualize_attention.py --model outputs/refiner-vit-s/model --image https://example.com/cat.jpg
 
-The figure has `2 * len(heads)` columns and `len(layers) + 1` rows of `--panel-size`-inch panels plus a half-panel
-title band, so the PNG is `2 * heads * panel * dpi` by `(layers + 1.5) * panel * dpi` pixels.
+The figure has `2 * len(heads)` columns (and a narrow one for the colour bars) and `len(layers) + 1` rows of about
+`--panel-size`-inch panels plus a half-panel title band, so the PNG is `2 * heads * panel * dpi` by
+`(layers + 1.5) * panel * dpi` pixels.
 """
 
 from __future__ import annotations
@@ -46,7 +51,12 @@ from transformers.utils import logging  # noqa: E402
 
 from refiner_hf import RefinerViTForImageClassification, convert_original_checkpoint  # noqa: E402
 from refiner_hf.assets import sample_image_path  # noqa: E402
-from refiner_hf.attention_analysis import class_token_attention, head_similarity, upsample_to_image  # noqa: E402
+from refiner_hf.attention_analysis import (  # noqa: E402
+    LayerSimilarity,
+    class_token_attention,
+    similarity_by_layer,
+    upsample_to_image,
+)
 from refiner_hf.image_processing_refiner_vit import image_processor_for_config  # noqa: E402
 from refiner_hf.training import embedded_data  # noqa: E402
 from refiner_hf.training.errors import (  # noqa: E402
@@ -194,27 +204,54 @@ def check_indices(name: str, indices: Sequence[int], count: int) -> list[int]:
 
 
 def overlay_attention(
-    image: np.ndarray, grid_map: torch.Tensor, alpha: float = 0.6, colormap: str = "inferno"
+    image: np.ndarray,
+    grid_map: torch.Tensor,
+    alpha: float = 0.6,
+    colormap: str = "inferno",
+    value_range: tuple[float, float] | None = None,
 ) -> np.ndarray:
     """
-    The image with a patch-grid map drawn over it: the map is stretched over the image, scaled to [0, 1] and coloured
+    The image with a patch-grid map drawn over it: the map is stretched over the image, scaled to [0, 1] (over
+    `value_range`, to share a colour scale with other maps, else over its own minimum and maximum) and coloured
     (bright where the attention is high), then blended with opacity `alpha`. Returns `(height, width, 3)` in [0, 1].
     """
-    heat = upsample_to_image(grid_map, image.shape[:2]).numpy()
+    heat = upsample_to_image(grid_map, image.shape[:2], value_range).numpy()
     colours = matplotlib.colormaps[colormap](heat)[..., :3]
     return (1 - alpha) * image + alpha * colours
 
 
-def similarity_rows(views: AttentionViews) -> list[tuple[int, str, float, float]]:
-    """Per layer: (index, block type, head similarity before refinement, after); NaN for a single-head model."""
+def row_value_range(maps: Sequence[torch.Tensor]) -> tuple[float, float]:
+    """The lowest and highest value over the maps of one row (widened a little if they are all equal)."""
+    low = min(float(m.min()) for m in maps)
+    high = max(float(m.max()) for m in maps)
+    if not high > low:
+        spread = 1e-6 * max(abs(low), 1e-30)
+        low, high = low - spread, high + spread
+    return low, high
 
-    def similarity(maps: torch.Tensor) -> float:
-        return float(head_similarity(maps)) if maps.shape[0] > 1 else float("nan")
 
-    return [
-        (i, kind, similarity(before), similarity(after))
-        for i, (kind, before, after) in enumerate(zip(views.block_types, views.unrefined, views.used))
+def similarity_rows(views: AttentionViews) -> list[LayerSimilarity]:
+    """Per layer, the head and cross-layer similarities before and after refinement (NaN where undefined)."""
+    return similarity_by_layer(views.used, views.unrefined, views.block_types)
+
+
+MEASURE_GROUPS = ("heads: cosine", "heads: centred", "layers: cosine", "layers: centred")
+
+
+def format_similarity_table(rows: list[LayerSimilarity]) -> str:
+    """The printed table: per layer, each measure before and after refinement."""
+    lines = [
+        f"  {'':>5}  {'':<8}" + "".join(f" {group:^15}" for group in MEASURE_GROUPS),
+        f"  {'layer':>5}  {'block':<8}" + f" {'before':>7} {'after':>7}" * 4,
     ]
+    for row in rows:
+        values = (
+            row.head_cosine_before, row.head_cosine_after, row.head_pearson_before, row.head_pearson_after,
+            row.cross_layer_cosine_before, row.cross_layer_cosine_after,
+            row.cross_layer_pearson_before, row.cross_layer_pearson_after,
+        )  # fmt: skip
+        lines.append(f"  {row.layer:>5}  {row.block_type:<8}" + "".join(f" {value:7.3f}" for value in values))
+    return "\n".join(lines)
 
 
 def draw(
@@ -225,61 +262,90 @@ def draw(
     panel_size: float = 1.6,
     dpi: int = 100,
     alpha: float = 0.6,
+    colormap: str = "inferno",
 ) -> Path:
-    """Writes the picture (see the module docstring for its layout and size) to `out`."""
+    """
+    Writes the picture (see the module docstring for its layout and size) to `out`. The maps of one row (one layer:
+    every head, before and after refinement) share a colour scale, shown by the row's colour bar, so that before and
+    after can be compared by colour; different rows have different scales.
+    """
     columns, rows = 2 * len(heads), len(layers) + 1
     figure = plt.figure(figsize=(columns * panel_size, (rows + 0.5) * panel_size), dpi=dpi)
+    # A narrow last column holds the rows' colour bars; the margins leave room for their numbers and the row labels.
     grid = figure.add_gridspec(
-        rows, columns, top=rows / (rows + 0.5), bottom=0.02, left=0.02, right=0.98, hspace=0.35, wspace=0.1
-    )
+        rows, columns + 1, width_ratios=[1] * columns + [0.08], top=rows / (rows + 0.5), bottom=0.02,
+        left=0.3 / columns, right=1 - 0.55 / columns, hspace=0.4, wspace=0.12,
+    )  # fmt: skip
     prediction = ", ".join(f"{label} {score:.0%}" for label, score in views.top5)
-    figure.suptitle(f"Top 5: {prediction}", fontsize=9, wrap=True)
+    figure.suptitle(f"Top 5: {prediction}", fontsize=8, wrap=True)
 
     image_axis = figure.add_subplot(grid[0, 0])
     image_axis.imshow(views.image)
-    image_axis.set_title("input", fontsize=8)
+    image_axis.set_title("input", fontsize=7)
     image_axis.axis("off")
-    # The diversity plot leaves a column for its axis labels when there is room.
-    _draw_similarity(figure.add_subplot(grid[0, 2:] if columns >= 4 else grid[0, 1:]), similarity_rows(views))
+    # The similarity plot leaves a column for its axis labels when there is room, and one for its legend when wide.
+    legend_outside = columns >= 6
+    span = grid[0, 2 : columns - 1] if legend_outside else grid[0, 2:columns] if columns >= 4 else grid[0, 1:columns]
+    _draw_similarity(figure.add_subplot(span), similarity_rows(views), legend_outside)
 
     for row, layer in enumerate(layers, start=1):
         kind = views.block_types[layer]
         used = class_token_attention(views.used[layer])
         unrefined = class_token_attention(views.unrefined[layer])
+        shown = [used[head] for head in heads] + ([] if kind == "plain" else [unrefined[head] for head in heads])
+        value_range = row_value_range(shown)
         for n, head in enumerate(heads):
             before_axis = figure.add_subplot(grid[row, 2 * n])
             after_axis = figure.add_subplot(grid[row, 2 * n + 1])
+            before_axis.axis("off")
             if kind == "plain":
-                before_axis.axis("off")
-                before_axis.text(
-                    0.5, 0.5, f"layer {layer}\nplain:\nno refinement", ha="center", va="center", fontsize=7
-                )
+                before_axis.text(0.5, 0.5, "plain block:\nno refinement", ha="center", va="center", fontsize=6)
             else:
-                before_axis.imshow(overlay_attention(views.image, unrefined[head], alpha))
-                before_axis.set_title(f"L{layer} h{head} before", fontsize=7)
-                before_axis.axis("off")
-            after_axis.imshow(overlay_attention(views.image, used[head], alpha))
-            after_title = {"plain": "(plain)", "refined": "refined", "shared": "refined (shared)"}[kind]
-            after_axis.set_title(f"L{layer} h{head} {after_title}", fontsize=7)
+                before_axis.imshow(overlay_attention(views.image, unrefined[head], alpha, colormap, value_range))
+                before_axis.set_title(f"head {head} before", fontsize=6)
+            after_axis.imshow(overlay_attention(views.image, used[head], alpha, colormap, value_range))
+            after_axis.set_title(f"head {head} {'used' if kind == 'plain' else 'after'}", fontsize=6)
             after_axis.axis("off")
+            if n == 0:
+                box = before_axis.get_position()
+                figure.text(
+                    box.x0 - 0.1 / columns, (box.y0 + box.y1) / 2, f"layer {layer} ({kind})", rotation=90,
+                    ha="right", va="center", fontsize=6,
+                )  # fmt: skip
+        bar = figure.colorbar(
+            matplotlib.cm.ScalarMappable(matplotlib.colors.Normalize(*value_range), colormap),
+            cax=figure.add_subplot(grid[row, columns]),
+        )
+        bar.ax.tick_params(labelsize=5, length=2)
+        bar.ax.yaxis.set_major_locator(matplotlib.ticker.MaxNLocator(4))
     out.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(out, dpi=dpi)
     plt.close(figure)
     return out
 
 
-def _draw_similarity(axis, rows: list[tuple[int, str, float, float]]) -> None:
-    indices = [row[0] for row in rows]
-    axis.plot(indices, [row[2] for row in rows], "o--", color="tab:gray", label="before refinement", markersize=3)
-    axis.plot(indices, [row[3] for row in rows], "o-", color="tab:orange", label="used (refined)", markersize=3)
-    axis.set_xlabel("layer", fontsize=7)
-    axis.set_ylabel("head similarity", fontsize=7)
-    axis.set_title("mean pairwise cosine similarity between heads (1: identical)", fontsize=7)
-    # Refined maps may have negative entries (the BatchNorms shift them), so their cosines can fall below zero.
-    lowest = np.nanmin([min(row[2], row[3]) for row in rows] + [0.0])
-    axis.set_ylim(lowest - 0.05, 1.05)
-    axis.tick_params(labelsize=6)
-    axis.legend(fontsize=6)
+def _draw_similarity(axis, rows: list[LayerSimilarity], legend_outside: bool = False) -> None:
+    indices = [row.layer for row in rows]
+    lines = (
+        ("head_cosine_before", "cosine, before", "tab:gray", "o--"),
+        ("head_cosine_after", "cosine, after", "tab:gray", "o-"),
+        ("head_pearson_before", "centred, before", "tab:orange", "s--"),
+        ("head_pearson_after", "centred, after", "tab:orange", "s-"),
+    )
+    for field, label, colour, style in lines:
+        axis.plot(indices, [getattr(row, field) for row in rows], style, color=colour, label=label, markersize=3)
+    axis.set_xticks(indices)  # layers are whole numbers
+    axis.set_xlabel("layer", fontsize=6, labelpad=1)
+    axis.set_ylabel("head similarity", fontsize=6)
+    axis.set_title("how alike the heads are (1: identical)", fontsize=6)
+    values = [getattr(row, field) for row in rows for field, *_ in lines]
+    lowest = np.nanmin(values + [0.0]) if not all(np.isnan(values)) else 0.0
+    axis.set_ylim(min(lowest, 0.0) - 0.05, 1.05)
+    axis.tick_params(labelsize=5, length=2, pad=1)
+    if legend_outside:  # beside the plot, clear of its lines
+        axis.legend(fontsize=5, loc="upper left", bbox_to_anchor=(1.02, 1.0), handlelength=1.5, borderaxespad=0)
+    else:
+        axis.legend(fontsize=5, ncol=2, loc="best", handlelength=1.5, columnspacing=0.8)
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
@@ -296,10 +362,11 @@ def main(argv: Sequence[str] | None = None) -> Path:
 
     print(f"Attention of {description} on {image_name}")
     print("Top 5: " + ", ".join(f"{label} ({score:.3f})" for label, score in views.top5))
-    print("Head similarity per layer (mean pairwise cosine similarity of the heads' maps; 1 = identical heads):")
-    print(f"  {'layer':>5}  {'block':<8} {'before':>7} {'after':>7}")
-    for index, kind, before, after in similarity_rows(views):
-        print(f"  {index:>5}  {kind:<8} {before:7.3f} {after:7.3f}")
+    print(
+        "Similarity per layer, before and after refinement: between the heads, and with the map the layer before used "
+        "(DeepViT's cosine of the attention columns, and centred: their Pearson correlation; 1 = identical):"
+    )
+    print(format_similarity_table(similarity_rows(views)))
     out = draw(views, layers, heads, args.out, args.panel_size, args.dpi, args.alpha)
     print(f"Wrote {out}")
     return out

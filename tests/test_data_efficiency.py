@@ -1,24 +1,20 @@
-"""benchmarks/data_efficiency.py at its smallest setting: both models through the trainer, the table and the plot."""
+"""benchmarks/data_efficiency.py at its smallest: the data, the shares, the step budget, the table and the plot."""
 
+import gzip
 import json
+import math
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from helpers import load_script
 from PIL import Image
 
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "data_efficiency.py"
-TINY = json.dumps(
-    {
-        "hidden_size": 32,
-        "num_attention_heads": 2,
-        "num_hidden_layers": 2,
-        "mlp_ratio": 2.0,
-        "stem_hidden_sizes": [8] * 3,
-    }
-)
+TINY = json.dumps({"hidden_size": 16, "num_attention_heads": 2, "num_hidden_layers": 1, "mlp_ratio": 2.0})
 
 
 @pytest.fixture(scope="module")
@@ -26,33 +22,128 @@ def benchmark():
     return load_script(SCRIPT)
 
 
-def test_smallest_setting_runs_both_models_through_the_trainer(benchmark, tmp_path, capsys):
+def test_smallest_grid_falls_back_to_the_embedded_data_and_reports_what_it_measured(benchmark, tmp_path, capsys):
     out = tmp_path / "efficiency.png"
-    settings = benchmark.main(
-        ["--fractions", "0.02", "--seeds", "0", "--epochs", "1", "--max-train-steps", "2", "--max-eval-samples", "20",
-         "--batch-size", "8", "--config-overrides", TINY, "--out", str(out), "--work-dir", str(tmp_path / "runs")]
+    results = benchmark.main(
+        ["--data-dir", str(tmp_path / "no-data"), "--shares", "0.02", "--seeds", "0", "1", "--max-steps", "3",
+         "--evals", "2", "--held-out", "100", "--max-test-samples", "50", "--batch-size", "8", "--jobs", "1",
+         "--config-overrides", TINY, "--out", str(out)]
     )  # fmt: skip
-    printed = capsys.readouterr().out
-    lines = printed.splitlines()
-    header = next(i for i, line in enumerate(lines) if line.startswith("model"))
-    assert re.fullmatch(r"model\s+parameters\s+2% \(68 img\)", lines[header])
-    rows = lines[header + 1 : header + 3]
-    assert [row.split("  ")[0].strip() for row in rows] == ["plain ViT", "Refiner-ViT"]
-    for row, setting in zip(rows, settings):
-        mean, std = re.search(r"([\d.]+) ±\s+([\d.]+)$", row).groups()
-        assert float(mean) == pytest.approx(100 * setting.top1[0], abs=0.01) and float(std) == 0.0
-        assert 0.0 <= setting.top1[0] <= 1.0
-    # Each run went through the trainer: 2 steps on 68 images, evaluated on 20 validation images.
-    for name in ("plain_0.02_seed0", "refined_0.02_seed0"):
-        log = (tmp_path / "runs" / name / "train.log").read_text()
-        assert "20" in log and (tmp_path / "runs" / name / "all_results.json").is_file()
+    captured = capsys.readouterr()
+    assert "sudo apt-get install dataset-fashion-mnist" in captured.err and "embedded subset" in captured.err
+    # 3,400 embedded training images less 100 held out; 2 % of each class of the 3,300 (about 330 each).
+    assert "a pool of 3,300 training images, 100 held out for early stopping, 1,000 test images" in captured.out
+    assert [(r.model, r.seed) for r in results] == [(model, seed) for seed in (0, 1) for model in benchmark.MODELS]
+    pool_labels = benchmark.load_data(tmp_path / "no-data", 100).train_labels
+    images = len(benchmark.share_indices(pool_labels, 0.02, seed=0))
+    assert images == sum(round(0.02 * count) for count in np.bincount(pool_labels))
+    for result in results:
+        assert result.images == images and result.steps == 3 and result.max_steps == 3
+        assert result.best_step in (2, 3) and not result.stopped_early  # evaluated at steps 2 and 3
+        assert 0.0 <= result.test_top1 <= 1.0 and round(result.test_top1 * 50) == pytest.approx(result.test_top1 * 50)
+    # The table's row: each model's mean ± std over the two seeds, the gap and its standard error.
+    row = next(line for line in captured.out.splitlines() if line.strip().startswith("2%"))
+    numbers = [float(x) for x in re.findall(r"[-+]?\d+\.\d+", row)]
+    plain = [100 * r.test_top1 for r in results if r.model == "plain ViT"]
+    refined = [100 * r.test_top1 for r in results if r.model == "Refiner-ViT"]
+    expected = [np.mean(plain), np.std(plain, ddof=1), np.mean(refined), np.std(refined, ddof=1)]
+    expected += [expected[2] - expected[0], math.sqrt((expected[1] ** 2 + expected[3] ** 2) / 2)]
+    np.testing.assert_allclose(numbers, expected, rtol=0, atol=0.006)  # printed with 2 decimals
+    assert row.split()[1] == str(images)
+    record = json.loads(out.with_suffix(".json").read_text())
+    assert [run["test_top1"] for run in record["runs"]] == [r.test_top1 for r in results]
+    assert record["arguments"]["parameters"]["Refiner-ViT"] > record["arguments"]["parameters"]["plain ViT"]
+    assert record["arguments"]["source"].startswith("the embedded Fashion-MNIST subset")
     with Image.open(out) as plot:
         assert plot.format == "PNG" and plot.size == (600, 420)
+    # The table and plot again from the results file alone, without training.
+    redrawn = benchmark.main(["--from-results", str(out.with_suffix(".json")), "--out", str(tmp_path / "again.png")])
+    assert redrawn == results and row in capsys.readouterr().out.splitlines()
+    assert (tmp_path / "again.png").is_file()
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """An IDX file as Fashion-MNIST ships it: zeros, the uint8 type code, the rank, the sizes, then the data."""
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in array.shape)
+    path.write_bytes(gzip.compress(header + array.astype(np.uint8).tobytes()))
+
+
+def test_reads_the_full_data_set_and_holds_out_a_fixed_split(benchmark, tmp_path):
+    rng = np.random.default_rng(0)
+    train, train_labels = rng.integers(0, 256, (40, 28, 28)), np.arange(40) % 10
+    test, test_labels = rng.integers(0, 256, (12, 28, 28)), np.arange(12) % 10
+    for name, array in (("train-images-idx3", train), ("train-labels-idx1", train_labels),
+                        ("t10k-images-idx3", test), ("t10k-labels-idx1", test_labels)):  # fmt: skip
+        write_idx(tmp_path / f"{name}-ubyte.gz", array)
+    data = benchmark.load_data(tmp_path, held_out=8)
+    assert data.source == f"Fashion-MNIST from {tmp_path}"
+    assert len(data.train_images) == 32 and len(data.held_out_images) == 8
+    np.testing.assert_array_equal(data.test_images, test)
+    # Every training image is in exactly one of the two splits, with its label, and the split is the same each time.
+    together = np.concatenate([data.train_images, data.held_out_images]).reshape(40, -1)
+    order = np.lexsort(together.T[::-1])
+    np.testing.assert_array_equal(together[order], train.reshape(40, -1)[np.lexsort(train.reshape(40, -1).T[::-1])])
+    again = benchmark.load_data(tmp_path, held_out=8)
+    np.testing.assert_array_equal(again.held_out_labels, data.held_out_labels)
+
+
+def test_shares_are_drawn_per_class_and_per_seed(benchmark):
+    labels = np.repeat(np.arange(10), 100)
+    chosen = benchmark.share_indices(labels, 0.03, seed=0)
+    assert np.bincount(labels[chosen]).tolist() == [3] * 10
+    assert np.array_equal(chosen, benchmark.share_indices(labels, 0.03, seed=0))
+    assert not np.array_equal(chosen, benchmark.share_indices(labels, 0.03, seed=1))
+    assert len(benchmark.share_indices(labels, 1.0, seed=0)) == 1000
+    assert np.bincount(labels[benchmark.share_indices(labels, 0.001, seed=0)]).tolist() == [1] * 10  # at least one
+
+
+def test_smaller_shares_get_more_epochs(benchmark):
+    # 4 / sqrt(share) epochs: 1 % of 59,000 images (590, 10 steps of 64) for 40 epochs; 10 % for 12.6; all for 4.
+    assert benchmark.step_budget(0.01, 590, 4.0, 64) == 400
+    assert benchmark.step_budget(0.1, 5900, 4.0, 64) == round(4 / math.sqrt(0.1) * 93)
+    assert benchmark.step_budget(1.0, 59000, 4.0, 64) == 4 * 922
+    per_image = [benchmark.step_budget(s, round(59000 * s), 4.0, 64) / (59000 * s) for s in (0.01, 0.03, 0.1, 1.0)]
+    assert per_image == sorted(per_image, reverse=True)
+
+
+def test_gap_and_seed_noise(benchmark):
+    def results(model, values):
+        return [
+            benchmark.RunResult(model, 0.01, seed, 590, v, v, 10, 10, 10, False, 1.0) for seed, v in enumerate(values)
+        ]
+
+    clear = benchmark.summary_rows(
+        results("plain ViT", [0.70, 0.72, 0.74]) + results("Refiner-ViT", [0.80, 0.81, 0.82])
+    )
+    (row,) = clear
+    assert row["plain ViT"][:2] == pytest.approx((72.0, 2.0)) and row["Refiner-ViT"][:2] == pytest.approx((81.0, 1.0))
+    assert row["gap"] == pytest.approx(9.0) and row["gap_se"] == pytest.approx(math.sqrt(5 / 3))
+    assert not row["inside_noise"]
+    (noisy,) = benchmark.summary_rows(
+        results("plain ViT", [0.70, 0.72, 0.74]) + results("Refiner-ViT", [0.71, 0.73, 0.77])
+    )
+    assert noisy["gap"] == pytest.approx(5 / 3) and noisy["inside_noise"]
+
+
+def test_augmentation_shifts_by_at_most_two_pixels_or_mirrors(benchmark):
+    batch = torch.full((64, 1, 28, 28), -1.0)
+    batch[:, 0, 10, 5] = 5.0
+    shifted = benchmark.augment(batch, torch.Generator().manual_seed(0))
+    assert shifted.shape == batch.shape
+    rows, columns = [], []
+    for image in shifted[:, 0]:
+        row, column = divmod(int(image.argmax()), 28)
+        assert image.max() == 5.0 and (image == 5.0).sum() == 1
+        rows.append(row)
+        columns.append(column if abs(column - 5) <= 2 else 27 - column)
+    assert set(rows) <= set(range(8, 13)) and set(columns) <= set(range(3, 8))
+    assert len(set(rows)) > 2  # not the same shift for every image
 
 
 def test_parameter_counts_match_within_five_percent(benchmark):
-    configs = {name: benchmark.model_config(kind, {}) for name, kind in benchmark.MODELS.items()}
-    assert configs["plain ViT"]["block_types"] == ["plain"] * 6
-    assert configs["Refiner-ViT"]["block_types"] == ["refined"] * 6
-    counts = {name: benchmark.parameter_count(config) for name, config in configs.items()}
-    assert counts["plain ViT"] < counts["Refiner-ViT"] < 1.05 * counts["plain ViT"]
+    for full in (False, True):
+        configs = {name: benchmark.model_config(kind, full, {}) for name, kind in benchmark.MODELS.items()}
+        assert configs["plain ViT"]["block_types"] == ["plain"] * configs["plain ViT"]["num_hidden_layers"]
+        assert set(configs["Refiner-ViT"]["block_types"]) == {"refined"}
+        counts = {name: benchmark.parameter_count(config) for name, config in configs.items()}
+        assert counts["plain ViT"] < counts["Refiner-ViT"] < 1.05 * counts["plain ViT"]

@@ -8,17 +8,24 @@ import pytest
 import torch
 from helpers import load_script, randomize_, tiny_config
 from PIL import Image
-from transformers import AutoModelForImageClassification
+from transformers import AutoImageProcessor, AutoModelForImageClassification
 
 from refiner_hf import RefinerViTForImageClassification
 from refiner_hf.assets import sample_image_path
-from refiner_hf.attention_analysis import class_token_attention
+from refiner_hf.attention_analysis import class_token_attention, similarity_by_layer
 from refiner_hf.image_processing_refiner_vit import image_processor_for_config
 from refiner_hf.training import embedded_data
 from refiner_hf.training.errors import UsageError, run_command
 
 
 SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "visualize_attention.py"
+# The printed table's columns after the layer and block type, in order.
+FIELDS = [
+    f"{group}_{measure}_{when}"
+    for group in ("head", "cross_layer")
+    for measure in ("cosine", "pearson")
+    for when in ("before", "after")
+]
 
 
 @pytest.fixture(scope="module")
@@ -47,11 +54,22 @@ def test_writes_a_png_of_the_stated_size(visualizer, tiny_model_dir, tmp_path, c
         # 2 * heads columns, layers + 1 rows plus a half-panel title band, each panel 1 inch at 40 dpi.
         assert picture.size == (2 * 2 * 40, int((3 + 1.5) * 40))
     printed = capsys.readouterr().out
-    # The diversity table: one line per layer, similarities in [0, 1] (cosines of non-negative softmax maps).
+    # The similarity table: one line per layer; per measure (heads: cosine, centred; layers: cosine, centred) the
+    # value before and after refinement, as `similarity_by_layer` gives them for the same image.
     rows = [line.split() for line in printed.splitlines() if line.strip()[:1].isdigit()]
     assert [(row[0], row[1]) for row in rows] == [("0", "refined"), ("1", "shared"), ("2", "plain"), ("3", "shared")]
-    assert 0.0 <= float(rows[0][2]) <= 1.0
-    assert rows[2][2] == rows[2][3]  # a plain block's map is not refined
+    model = AutoModelForImageClassification.from_pretrained(tiny_model_dir).eval()
+    processor = AutoImageProcessor.from_pretrained(tiny_model_dir)
+    views = visualizer.attention_views(model, processor, Image.open(sample_image_path()).convert("RGB"))
+    expected = similarity_by_layer(views.used, views.unrefined, views.block_types)
+    for row, layer in zip(rows, expected):
+        values = [float(value) for value in row[2:]]
+        fields = [getattr(layer, name) for name in FIELDS]
+        np.testing.assert_allclose(values, fields, rtol=0, atol=6e-4)  # printed with 3 decimals
+    assert 0.0 <= float(rows[0][2]) <= 1.0  # the first block refines a softmax map: non-negative, cosines in [0, 1]
+    assert rows[2][2:4] == [rows[2][2]] * 2 and rows[2][4:6] == [rows[2][4]] * 2  # a plain block's map is not refined
+    assert rows[1][6] == rows[1][8] == "1.000"  # a shared block refines the map the block before used
+    assert all(value == "nan" for value in rows[0][6:])  # the first block has no block before
 
 
 def test_default_layers_spread_over_the_refined_and_shared_blocks(visualizer):
@@ -99,7 +117,9 @@ def test_single_head_model_draws_without_a_similarity(visualizer, tmp_path, caps
     with Image.open(out) as picture:  # 1 head: 2 columns; 3 refined/shared layers + 1 row; 1.6-inch panels
         assert picture.size == (int(2 * 1.6 * 30), int((3 + 1.5) * 1.6 * 30))
     rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.strip()[:1].isdigit()]
-    assert len(rows) == 4 and all(row[2] == "nan" and row[3] == "nan" for row in rows)
+    # No pair of heads: no head similarity; the cross-layer similarity needs one head only.
+    assert len(rows) == 4 and all(value == "nan" for row in rows for value in row[2:6])
+    assert all(-1.0 <= float(value) <= 1.0 for row in rows[1:] for value in row[6:])
 
 
 def save_model(directory: Path, **config_fields) -> Path:
@@ -148,3 +168,65 @@ def test_usage_errors_are_one_line(visualizer, tiny_model_dir, capsys, argv, mes
     assert exit_info.value.code == 2
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"{Path(sys.argv[0]).name}: error: {message}")
+
+
+def test_each_row_has_one_colour_scale_a_colour_bar_and_no_overlapping_labels(
+    visualizer, tiny_model_dir, tmp_path, monkeypatch
+):
+    model = AutoModelForImageClassification.from_pretrained(tiny_model_dir).eval()
+    processor = AutoImageProcessor.from_pretrained(tiny_model_dir)
+    views = visualizer.attention_views(model, processor, Image.open(sample_image_path()).convert("RGB"))
+    figures = []
+    monkeypatch.setattr(visualizer.plt, "close", figures.append)  # keep the figure to look at
+    visualizer.draw(views, [0, 2, 3], [0, 1, 2], tmp_path / "maps.png")
+    (figure,) = figures
+    figure.canvas.draw()
+    bars = [axis for axis in figure.axes if hasattr(axis, "_colorbar")]
+    assert len(bars) == 3  # one per layer row
+    for bar, layer in zip(bars, [0, 2, 3]):
+        used = visualizer.class_token_attention(views.used[layer])[:3]
+        unrefined = visualizer.class_token_attention(views.unrefined[layer])[:3]
+        # The row's scale spans every map it shows: before and after refinement (plain: the used map only).
+        shown = [used] if views.block_types[layer] == "plain" else [used, unrefined]
+        low, high = min(float(m.min()) for m in shown), max(float(m.max()) for m in shown)
+        norm = bar._colorbar.norm
+        assert norm.vmin == pytest.approx(low, rel=1e-6) and norm.vmax == pytest.approx(high, rel=1e-6)
+    # The similarity plot's layer ticks are the layers, as whole numbers.
+    (plot,) = [axis for axis in figure.axes if axis.get_xlabel() == "layer"]
+    assert list(plot.get_xticks()) == [0, 1, 2, 3]
+    assert [label.get_text() for label in plot.get_xticklabels()] == ["0", "1", "2", "3"]
+    # No two labels (titles, row labels, legend, the plot's axis labels) overlap.
+    renderer = figure.canvas.get_renderer()
+    texts = list(figure.texts)  # the title and the row labels
+    for axis in figure.axes:
+        texts += [axis.title, axis.xaxis.label, axis.yaxis.label]
+        legend = axis.get_legend()
+        if legend is not None:
+            texts.append(legend)
+    boxes = [text.get_window_extent(renderer) for text in texts if text.get_visible() and _has_content(text)]
+    assert len(boxes) >= 3 * 6 + 3
+    for i, first in enumerate(boxes):
+        for second in boxes[i + 1 :]:
+            assert not first.overlaps(second), (first, second)
+    monkeypatch.undo()
+    visualizer.plt.close(figure)
+
+
+def _has_content(artist) -> bool:
+    return not hasattr(artist, "get_text") or bool(artist.get_text())
+
+
+def test_a_shared_scale_shows_a_larger_map_brighter(visualizer):
+    image = np.zeros((32, 32, 3))
+    grid = torch.tensor([[0.0, 1.0], [1.0, 2.0]])
+    value_range = visualizer.row_value_range([grid, 2 * grid])
+    assert value_range == (0.0, 4.0)
+    small = visualizer.overlay_attention(image, grid, alpha=1.0, value_range=value_range)
+    large = visualizer.overlay_attention(image, 2 * grid, alpha=1.0, value_range=value_range)
+    assert large.mean() > small.mean() + 0.1
+    # On their own scales the two would look the same.
+    np.testing.assert_allclose(
+        visualizer.overlay_attention(image, grid, alpha=1.0), visualizer.overlay_attention(image, 2 * grid, alpha=1.0)
+    )
+    low, high = visualizer.row_value_range([torch.full((2, 2), 3.0)])
+    assert low < 3.0 < high and high - low < 1e-4
