@@ -51,6 +51,7 @@ def test_smallest_grid_falls_back_to_the_embedded_data_and_reports_what_it_measu
     expected += [expected[2] - expected[0], math.sqrt((expected[1] ** 2 + expected[3] ** 2) / 2)]
     np.testing.assert_allclose(numbers, expected, rtol=0, atol=0.006)  # printed with 2 decimals
     assert row.split()[1] == str(images)
+    assert "0 of 4 runs converged (the others hit the epoch cap)." in captured.out  # 3 steps: each hit its cap
     record = json.loads(out.with_suffix(".json").read_text())
     assert [run["test_top1"] for run in record["runs"]] == [r.test_top1 for r in results]
     assert record["arguments"]["parameters"]["Refiner-ViT"] > record["arguments"]["parameters"]["plain ViT"]
