@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """
 Data efficiency of attention refinement where data is the limit: a Refiner-ViT against a plain ViT of the same size,
-each trained on a share of Fashion-MNIST until its held-out accuracy stops improving (or its epoch budget ends),
+each trained on a share of Fashion-MNIST until its held-out accuracy has stopped improving at the lowest learning rate,
 several seeds per share.
 
 Data. The full Fashion-MNIST (60,000 training and 10,000 test images, MIT licence) read from
@@ -17,24 +17,26 @@ Models. Both are `RefinerViTConfig`s with the same width, depth, heads, patch si
 attention maps in every block (`block_types` all `"refined"`: expansion and a depthwise convolution on the maps), the
 plain ViT in none (all `"plain"`), so they differ only by the refinement's few parameters (checked: within 5 %). The
 default is a small model (width 48, 4 blocks, 4 heads, 7-pixel patches: 16 tokens, a single-convolution stem, no aux
-head) so that the default grid fits in an hour on two CPU cores; `--full` uses the embedded recipe's model (width 96,
+head) so that the default grid fits in an hour on two CPU cores (shares 1 to 30 %; the 100 % share alone would take
+longer than that); `--full` uses the embedded recipe's model (width 96,
 6 blocks, 4-pixel patches, the convolutional stem), examples/recipes/embedded_fashion_mnist.yaml.
 
-Training. A plain loop on tensors (the trainer's PIL pipeline would cost more than these models): AdamW, linear warmup
-over the first 5 % of the steps then cosine decay, label smoothing 0.1, random shifts of up to 2 pixels and horizontal
-flips. Each run may take `--epochs / sqrt(share)` epochs: a smaller share gets more passes over its images, so the
-steps per training image grow as the share shrinks (the steps per run still grow with the share). It is evaluated on
-the held-out images `--evals` times, evenly spaced, and stops when `--patience` evaluations in a row bring no
-improvement; the weights of its best evaluation are tested. Each run prints whether it stopped early or ran out of
-epochs (then the held-out accuracy had not stopped improving by that rule, and a larger budget may still help).
+Training. A plain loop on tensors (the trainer's PIL pipeline would cost more than these models): AdamW, label
+smoothing 0.1, random shifts of up to 2 pixels and horizontal flips. Trained to convergence of its share: a run is
+evaluated on the held-out images once an epoch, but at least `--min-eval-steps` apart (so a small share gets several
+epochs between evaluations); after a linear warmup over the first interval the learning rate holds until a plateau
+(`--patience` evaluations without a gain, then one more: `ReduceLROnPlateau`), drops tenfold, and after `--lr-drops`
+drops the next plateau ends the run. The weights of its best evaluation are tested. How long a run trains therefore
+follows from its share: a smaller share takes more passes over its images. `--max-epochs / sqrt(share)` epochs is
+only a safety cap; each run prints whether it converged or hit the cap.
 
 Prints one row per share: mean ± std test top-1 over the seeds for each model, the gap (Refiner-ViT minus plain ViT)
 with its standard error, and whether the gap is inside seed noise (smaller than twice its standard error); writes the
 runs as JSON (`--results`, after every run) and draws the plot (`--out`); `--from-results` redraws both from such a
 file without training:
 
-    python benchmarks/data_efficiency.py          # shares 1, 3, 10 %, 3 seeds, the small model: 2 CPU cores, ~1 hour
-    python benchmarks/data_efficiency.py --full   # shares 1, 3, 10, 30, 100 %, the recipe's model, 30 epochs: a GPU
+    python benchmarks/data_efficiency.py          # shares 1-30 %, 3 seeds, the small model: 2 CPU cores, < 1 hour
+    python benchmarks/data_efficiency.py --full   # shares 1-100 %, 3 seeds, the recipe's model: a GPU
 
 It is a benchmark, not a test: the figures it prints are the result.
 """
@@ -90,8 +92,8 @@ RECIPE_MODEL = {
     "num_attention_heads": 4, "mlp_ratio": 3.0, "stem_type": "conv", "stem_hidden_sizes": [16, 32, 48],
     "refine_expansion": 3, "use_aux_head": False,
 }  # fmt: skip
-DEFAULTS = {"shares": [0.01, 0.03, 0.1], "epochs": 8.0, "batch_size": 64, "held_out": 1000}
-FULL_DEFAULTS = {"shares": [0.01, 0.03, 0.1, 0.3, 1.0], "epochs": 30.0, "batch_size": 128, "held_out": 5000}
+DEFAULTS = {"shares": [0.01, 0.03, 0.1, 0.3], "max_epochs": 30.0, "batch_size": 64, "held_out": 1000}
+FULL_DEFAULTS = {"shares": [0.01, 0.03, 0.1, 0.3, 1.0], "max_epochs": 30.0, "batch_size": 128, "held_out": 5000}
 # Fashion-MNIST's pixel mean and standard deviation (of the training file, in [0, 1]).
 PIXEL_MEAN, PIXEL_STD = 0.286, 0.353
 
@@ -123,7 +125,9 @@ class RunResult:
     steps: int
     best_step: int
     max_steps: int
-    stopped_early: bool
+    epochs: float
+    lr_drops: int
+    converged: bool
     seconds: float
 
 
@@ -132,20 +136,37 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--full",
         action="store_true",
-        help="The full grid for a GPU: shares 1, 3, 10, 30, 100 %%, the recipe's model, 30 epochs, batch 128, "
-        "5,000 held-out images.",
+        help="The full grid for a GPU: shares 1, 3, 10, 30, 100 %%, the recipe's model, at most 30 / sqrt(share) "
+        "epochs, batch 128, 5,000 held-out images.",
     )
-    parser.add_argument("--shares", type=float, nargs="+", help="Shares of the training pool (default 0.01 0.03 0.1).")
+    parser.add_argument(
+        "--shares", type=float, nargs="+", help="Shares of the training pool (default 0.01 0.03 0.1 0.3)."
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument(
-        "--epochs", type=float, help="Epochs of the whole pool (default 8); a share s gets epochs / sqrt(s)."
+        "--max-epochs",
+        type=float,
+        help="The epoch budget, a safety cap: a share s may take max_epochs / sqrt(s) epochs (default 30).",
     )
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--held-out", type=int, help="Training images kept apart for early stopping (default 1,000).")
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--weight-decay", type=float, default=0.05)
-    parser.add_argument("--evals", type=int, default=12, help="Held-out evaluations per run, evenly spaced.")
-    parser.add_argument("--patience", type=int, default=4, help="Stop after this many evaluations without a gain.")
+    parser.add_argument(
+        "--min-eval-steps", type=int, default=50, help="Steps between held-out evaluations: an epoch, at least this."
+    )
+    parser.add_argument(
+        "--patience",
+        type=int,
+        default=4,
+        help="Evaluations without a gain tolerated at one learning rate; the next one without a gain is a plateau.",
+    )
+    parser.add_argument(
+        "--lr-drops",
+        type=int,
+        default=2,
+        help="Plateaus that divide the learning rate by 10; the plateau after the last drop ends the run.",
+    )
     parser.add_argument("--max-steps", type=int, help="Cap every run at this many steps (for quick checks).")
     parser.add_argument("--max-test-samples", type=int, help="Test on the first N test images only.")
     parser.add_argument("--config-overrides", type=json.loads, default={}, help="JSON changes to both models' config.")
@@ -248,13 +269,19 @@ def top1(
     return correct / len(inputs)
 
 
-def step_budget(share: float, images: int, epochs: float, batch_size: int) -> int:
-    """The most steps a run on `images` images (a `share` of the pool) may take: `epochs / sqrt(share)` epochs."""
-    return max(1, round(epochs / math.sqrt(share) * math.ceil(images / batch_size)))
+def step_budget(share: float, images: int, max_epochs: float, batch_size: int) -> int:
+    """The most steps a run on `images` images (a `share` of the pool) may take: `max_epochs / sqrt(share)` epochs."""
+    return max(1, round(max_epochs / math.sqrt(share) * math.ceil(images / batch_size)))
+
+
+def eval_interval(images: int, batch_size: int, min_eval_steps: int) -> int:
+    """Steps between held-out evaluations: one epoch, but at least `min_eval_steps` (a 1 % share is 10 steps)."""
+    return max(math.ceil(images / batch_size), min_eval_steps)
 
 
 def run(name: str, config: dict[str, Any], share: float, seed: int, data: Data, args: argparse.Namespace) -> RunResult:
-    """Trains one model on one share with one seed until the held-out top-1 stops improving; tests its best weights."""
+    """Trains one model on one share with one seed until its held-out top-1 has stopped improving at the lowest
+    learning rate; tests its best weights."""
     start = time.perf_counter()
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
@@ -265,25 +292,21 @@ def run(name: str, config: dict[str, Any], share: float, seed: int, data: Data, 
     held_out = to_inputs(data.held_out_images, device), torch.from_numpy(data.held_out_labels).long().to(device)
     model = RefinerViTForImageClassification(RefinerViTConfig(num_labels=10, **config)).to(device)
 
-    max_steps = step_budget(share, len(chosen), args.epochs, args.batch_size)
+    max_steps = step_budget(share, len(chosen), args.max_epochs, args.batch_size)
     if args.max_steps is not None:
         max_steps = min(max_steps, args.max_steps)
-    warmup = max(1, round(0.05 * max_steps))
+    interval = eval_interval(len(chosen), args.batch_size, args.min_eval_steps)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda step: (
-            (step + 1) / warmup
-            if step < warmup
-            else 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, max_steps - warmup)))
-        ),
-    )
-    eval_steps = sorted({max(1, round(max_steps * (i + 1) / args.evals)) for i in range(args.evals)})
-    best, best_step, best_state, evals_without_gain = -1.0, 0, None, 0
-    step, stopped_early = 0, False
-    while step < max_steps and not stopped_early:
+    # Warmup over the first interval, then the rate holds until the held-out top-1 stops improving.
+    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.1, patience=args.patience)
+    best, best_step, best_state, lr_drops = -1.0, 0, None, 0
+    step, converged = 0, False
+    while step < max_steps and not converged:
         order = torch.randperm(len(chosen), generator=generator).to(device)
         for first in range(0, len(chosen), args.batch_size):
+            if step < interval:
+                for group in optimizer.param_groups:
+                    group["lr"] = args.lr * (step + 1) / interval
             model.train()
             batch = order[first : first + args.batch_size]
             logits = model(augment(images[batch], generator)).logits
@@ -291,17 +314,18 @@ def run(name: str, config: dict[str, Any], share: float, seed: int, data: Data, 
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            schedule.step()
             step += 1
-            if step in eval_steps:
+            if step % interval == 0 or step == max_steps:
                 accuracy = top1(model, *held_out)
                 if accuracy > best:
-                    best, best_step, evals_without_gain = accuracy, step, 0
+                    best, best_step = accuracy, step
                     best_state = copy.deepcopy(model.state_dict())
-                else:
-                    evals_without_gain += 1
-                    stopped_early = evals_without_gain >= args.patience
-            if step >= max_steps or stopped_early:
+                rate = optimizer.param_groups[0]["lr"]
+                plateau.step(accuracy)
+                if optimizer.param_groups[0]["lr"] < rate:  # a plateau: the rate drops, or after the last drop it ends
+                    lr_drops += 1
+                    converged = lr_drops > args.lr_drops
+            if step >= max_steps or converged:
                 break
     model.load_state_dict(best_state)
     test_images, test_labels = data.test_images, data.test_labels
@@ -309,7 +333,11 @@ def run(name: str, config: dict[str, Any], share: float, seed: int, data: Data, 
         test_images, test_labels = test_images[: args.max_test_samples], test_labels[: args.max_test_samples]
     test = top1(model, to_inputs(test_images, device), torch.from_numpy(test_labels).long().to(device))
     seconds = time.perf_counter() - start
-    return RunResult(name, share, seed, len(chosen), test, best, step, best_step, max_steps, stopped_early, seconds)
+    epochs = step / math.ceil(len(chosen) / args.batch_size)
+    return RunResult(
+        name, share, seed, len(chosen), test, best, step, best_step, max_steps, epochs, min(lr_drops, args.lr_drops),
+        converged, seconds,
+    )  # fmt: skip
 
 
 _WORKER_DATA: Data | None = None
@@ -396,7 +424,9 @@ def report_results(results: list[RunResult], parameters: dict[str, int], seeds: 
     rows = summary_rows(results)
     print(f"\nTest top-1 (%), mean ± std over seeds {list(seeds)}; gap = Refiner-ViT - plain ViT:")
     print(format_table(rows, parameters))
-    title = f"{source.split(' from ')[0]}, {len(seeds)} seed(s), early stopping on a held-out split"
+    converged = sum(r.converged for r in results)
+    print(f"{converged} of {len(results)} runs converged (the others hit the epoch cap).")
+    title = f"{source.split(' from ')[0]}, {len(seeds)} seed(s), {converged} of {len(results)} runs converged"
     return plot(rows, out, title)
 
 
@@ -420,11 +450,13 @@ def main(argv: Sequence[str] | None = None) -> list[RunResult]:
         f"{data.source}: a pool of {len(data.train_labels):,} training images, {len(data.held_out_labels):,} held "
         f"out for early stopping, {len(data.test_labels):,} test images. Refiner-ViT (every block refined) against a "
         f"plain ViT ({parameters['plain ViT']:,} vs {parameters['Refiner-ViT']:,} parameters); shares {args.shares}, "
-        f"seeds {args.seeds}, up to {args.epochs:g} / sqrt(share) epochs per run, batch {args.batch_size}, "
-        f"on {args.device}",
+        f"seeds {args.seeds}, batch {args.batch_size}, each run until its held-out top-1 stops improving after "
+        f"{args.lr_drops} learning-rate drops (at most {args.max_epochs:g} / sqrt(share) epochs), on {args.device}",
         flush=True,
     )
-    tasks = [(name, configs[name], share, seed) for share in args.shares for seed in args.seeds for name in MODELS]
+    # The largest shares first, so that the last runs to finish are short ones.
+    shares = sorted(args.shares, reverse=True)
+    tasks = [(name, configs[name], share, seed) for share in shares for seed in args.seeds for name in MODELS]
     results: list[RunResult] = []
 
     def report(result: RunResult) -> None:
@@ -432,11 +464,11 @@ def main(argv: Sequence[str] | None = None) -> list[RunResult]:
         write_results(
             args, parameters, results, data.source
         )  # after every run: an interrupted grid keeps what it measured
-        ending = "stopped early" if result.stopped_early else "ran out of epochs"
+        ending = "converged" if result.converged else f"ran out of epochs after {result.lr_drops} drop(s)"
         print(
             f"  {result.model:<12} {result.share:>5.0%} seed {result.seed}: test {100 * result.test_top1:6.2f} %, "
             f"held-out {100 * result.held_out_top1:6.2f} % at step {result.best_step}/{result.steps} "
-            f"(at most {result.max_steps}; {ending}), {result.seconds:.0f} s",
+            f"({result.epochs:.0f} epochs, at most {result.max_steps} steps; {ending}), {result.seconds:.0f} s",
             flush=True,
         )
 

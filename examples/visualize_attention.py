@@ -31,6 +31,7 @@ The figure has `2 * len(heads)` columns (and a narrow one for the colour bars) a
 from __future__ import annotations
 
 import argparse
+import math
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -250,7 +251,9 @@ def format_similarity_table(rows: list[LayerSimilarity]) -> str:
             row.cross_layer_cosine_before, row.cross_layer_cosine_after,
             row.cross_layer_pearson_before, row.cross_layer_pearson_after,
         )  # fmt: skip
-        lines.append(f"  {row.layer:>5}  {row.block_type:<8}" + "".join(f" {value:7.3f}" for value in values))
+        # "–" where a measure does not apply (no block before the first; one head has no pair).
+        cells = "".join(f" {'–' if math.isnan(value) else f'{value:.3f}':>7}" for value in values)
+        lines.append(f"  {row.layer:>5}  {row.block_type:<8}" + cells)
     return "\n".join(lines)
 
 

@@ -26,7 +26,7 @@ def test_smallest_grid_falls_back_to_the_embedded_data_and_reports_what_it_measu
     out = tmp_path / "efficiency.png"
     results = benchmark.main(
         ["--data-dir", str(tmp_path / "no-data"), "--shares", "0.02", "--seeds", "0", "1", "--max-steps", "3",
-         "--evals", "2", "--held-out", "100", "--max-test-samples", "50", "--batch-size", "8", "--jobs", "1",
+         "--min-eval-steps", "2", "--held-out", "100", "--max-test-samples", "50", "--batch-size", "8", "--jobs", "1",
          "--config-overrides", TINY, "--out", str(out)]
     )  # fmt: skip
     captured = capsys.readouterr()
@@ -39,7 +39,8 @@ def test_smallest_grid_falls_back_to_the_embedded_data_and_reports_what_it_measu
     assert images == sum(round(0.02 * count) for count in np.bincount(pool_labels))
     for result in results:
         assert result.images == images and result.steps == 3 and result.max_steps == 3
-        assert result.best_step in (2, 3) and not result.stopped_early  # evaluated at steps 2 and 3
+        assert result.best_step in (2, 3) and not result.converged  # evaluated at steps 2 and 3 (the last)
+        assert result.epochs == pytest.approx(3 / math.ceil(images / 8))
         assert 0.0 <= result.test_top1 <= 1.0 and round(result.test_top1 * 50) == pytest.approx(result.test_top1 * 50)
     # The table's row: each model's mean ± std over the two seeds, the gap and its standard error.
     row = next(line for line in captured.out.splitlines() if line.strip().startswith("2%"))
@@ -50,6 +51,7 @@ def test_smallest_grid_falls_back_to_the_embedded_data_and_reports_what_it_measu
     expected += [expected[2] - expected[0], math.sqrt((expected[1] ** 2 + expected[3] ** 2) / 2)]
     np.testing.assert_allclose(numbers, expected, rtol=0, atol=0.006)  # printed with 2 decimals
     assert row.split()[1] == str(images)
+    assert "0 of 4 runs converged (the others hit the epoch cap)." in captured.out  # 3 steps: each hit its cap
     record = json.loads(out.with_suffix(".json").read_text())
     assert [run["test_top1"] for run in record["runs"]] == [r.test_top1 for r in results]
     assert record["arguments"]["parameters"]["Refiner-ViT"] > record["arguments"]["parameters"]["plain ViT"]
@@ -97,19 +99,60 @@ def test_shares_are_drawn_per_class_and_per_seed(benchmark):
     assert np.bincount(labels[benchmark.share_indices(labels, 0.001, seed=0)]).tolist() == [1] * 10  # at least one
 
 
-def test_smaller_shares_get_more_epochs(benchmark):
-    # 4 / sqrt(share) epochs: 1 % of 59,000 images (590, 10 steps of 64) for 40 epochs; 10 % for 12.6; all for 4.
+def test_smaller_shares_may_take_more_epochs_and_are_evaluated_at_least_every_min_eval_steps(benchmark):
+    # At most 4 / sqrt(share) epochs: 1 % of 59,000 images (590, 10 steps of 64) 40 epochs; 10 % 12.6; all 4.
     assert benchmark.step_budget(0.01, 590, 4.0, 64) == 400
     assert benchmark.step_budget(0.1, 5900, 4.0, 64) == round(4 / math.sqrt(0.1) * 93)
     assert benchmark.step_budget(1.0, 59000, 4.0, 64) == 4 * 922
     per_image = [benchmark.step_budget(s, round(59000 * s), 4.0, 64) / (59000 * s) for s in (0.01, 0.03, 0.1, 1.0)]
     assert per_image == sorted(per_image, reverse=True)
+    # Evaluated once an epoch, but not more often than every 50 steps (590 images are 10 steps of 64).
+    assert benchmark.eval_interval(590, 64, 50) == 50
+    assert benchmark.eval_interval(5900, 64, 50) == 93 and benchmark.eval_interval(59000, 64, 50) == 922
+
+
+@pytest.mark.parametrize("patience, lr_drops", [(0, 0), (1, 1), (2, 2)])
+def test_a_run_ends_at_the_plateau_after_its_last_learning_rate_drop(
+    benchmark, tmp_path, monkeypatch, patience, lr_drops
+):
+    # A held-out top-1 that never improves after the first evaluation: each plateau takes patience + 1 evaluations,
+    # the rate drops lr_drops times, and the plateau after the last drop ends the run.
+    seen_rates = []
+
+    def constant_top1(model, inputs, labels, batch=500):
+        seen_rates.append(float(optimizers[-1].param_groups[0]["lr"]))
+        return 0.5
+
+    optimizers = []
+    adamw = torch.optim.AdamW
+    monkeypatch.setattr(benchmark, "top1", constant_top1)
+    monkeypatch.setattr(
+        benchmark.torch.optim, "AdamW", lambda *a, **k: optimizers.append(adamw(*a, **k)) or optimizers[-1]
+    )
+    args = benchmark.parse_args(
+        ["--data-dir", str(tmp_path), "--shares", "0.01", "--batch-size", "8", "--min-eval-steps", "2",
+         "--patience", str(patience), "--lr-drops", str(lr_drops), "--lr", "0.01", "--held-out", "20",
+         "--max-test-samples", "10", "--device", "cpu"]
+    )  # fmt: skip
+    data = benchmark.load_data(tmp_path, args.held_out)
+    config = benchmark.model_config("plain", False, json.loads(TINY))
+    result = benchmark.run("plain ViT", config, 0.01, 0, data, args)
+    evaluations = 1 + (lr_drops + 1) * (patience + 1)
+    assert result.converged and result.lr_drops == lr_drops
+    interval = benchmark.eval_interval(result.images, 8, 2)  # 30 images: an epoch of 4 steps
+    assert interval == 4 and result.best_step == interval and result.steps == interval * evaluations < result.max_steps
+    # Held-out evaluations (the last call tests the best weights): the rate after warmup, divided by 10 per drop.
+    expected = [0.01] * (1 + patience + 1) + [
+        0.01 * 0.1 ** (1 + i // (patience + 1)) for i in range(lr_drops * (patience + 1))
+    ]
+    np.testing.assert_allclose(seen_rates[:-1], expected, rtol=1e-6)
 
 
 def test_gap_and_seed_noise(benchmark):
     def results(model, values):
         return [
-            benchmark.RunResult(model, 0.01, seed, 590, v, v, 10, 10, 10, False, 1.0) for seed, v in enumerate(values)
+            benchmark.RunResult(model, 0.01, seed, 590, v, v, 10, 10, 10, 1.0, 2, True, 1.0)
+            for seed, v in enumerate(values)
         ]
 
     clear = benchmark.summary_rows(

@@ -63,13 +63,13 @@ def test_writes_a_png_of_the_stated_size(visualizer, tiny_model_dir, tmp_path, c
     views = visualizer.attention_views(model, processor, Image.open(sample_image_path()).convert("RGB"))
     expected = similarity_by_layer(views.used, views.unrefined, views.block_types)
     for row, layer in zip(rows, expected):
-        values = [float(value) for value in row[2:]]
+        values = [float("nan") if value == "–" else float(value) for value in row[2:]]
         fields = [getattr(layer, name) for name in FIELDS]
         np.testing.assert_allclose(values, fields, rtol=0, atol=6e-4)  # printed with 3 decimals
     assert 0.0 <= float(rows[0][2]) <= 1.0  # the first block refines a softmax map: non-negative, cosines in [0, 1]
     assert rows[2][2:4] == [rows[2][2]] * 2 and rows[2][4:6] == [rows[2][4]] * 2  # a plain block's map is not refined
     assert rows[1][6] == rows[1][8] == "1.000"  # a shared block refines the map the block before used
-    assert all(value == "nan" for value in rows[0][6:])  # the first block has no block before
+    assert rows[0][6:] == ["–"] * 4  # the first block has no block before
 
 
 def test_default_layers_spread_over_the_refined_and_shared_blocks(visualizer):
@@ -118,7 +118,7 @@ def test_single_head_model_draws_without_a_similarity(visualizer, tmp_path, caps
         assert picture.size == (int(2 * 1.6 * 30), int((3 + 1.5) * 1.6 * 30))
     rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.strip()[:1].isdigit()]
     # No pair of heads: no head similarity; the cross-layer similarity needs one head only.
-    assert len(rows) == 4 and all(value == "nan" for row in rows for value in row[2:6])
+    assert len(rows) == 4 and all(row[2:6] == ["–"] * 4 for row in rows)
     assert all(-1.0 <= float(value) <= 1.0 for row in rows[1:] for value in row[6:])
 
 
