@@ -185,6 +185,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     bad = [share for share in args.shares if not 0 < share <= 1]
     if bad:
         parser.error(f"--shares must lie in (0, 1], got {bad}.")
+    for name, lowest in (("patience", 0), ("lr_drops", 0), ("min_eval_steps", 1), ("batch_size", 1)):
+        if getattr(args, name) < lowest:
+            parser.error(f"--{name.replace('_', '-')} must be at least {lowest}, got {getattr(args, name)}.")
+    if not args.max_epochs > 0:
+        parser.error(f"--max-epochs must be positive, got {args.max_epochs}.")
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.results is None:

@@ -190,3 +190,19 @@ def test_parameter_counts_match_within_five_percent(benchmark):
         assert set(configs["Refiner-ViT"]["block_types"]) == {"refined"}
         counts = {name: benchmark.parameter_count(config) for name, config in configs.items()}
         assert counts["plain ViT"] < counts["Refiner-ViT"] < 1.05 * counts["plain ViT"]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--shares", "0", "1.5"], r"--shares must lie in \(0, 1\], got \[0.0, 1.5\]"),
+        (["--patience", "-1"], "--patience must be at least 0, got -1"),
+        (["--lr-drops", "-2"], "--lr-drops must be at least 0, got -2"),
+        (["--min-eval-steps", "0"], "--min-eval-steps must be at least 1, got 0"),
+        (["--max-epochs", "0"], "--max-epochs must be positive, got 0.0"),
+    ],
+)
+def test_rejects_settings_that_cannot_run(benchmark, capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark.parse_args(argv)
+    assert exit_info.value.code == 2 and re.search(message, capsys.readouterr().err)
