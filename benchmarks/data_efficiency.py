@@ -18,8 +18,8 @@ attention maps in every block (`block_types` all `"refined"`: expansion and a de
 plain ViT in none (all `"plain"`), so they differ only by the refinement's few parameters (checked: within 5 %). The
 default is a small model (width 48, 4 blocks, 4 heads, 7-pixel patches: 16 tokens, a single-convolution stem, no aux
 head) so that the default grid fits in an hour on two CPU cores (shares 1 to 30 %; the 100 % share alone would take
-longer than that); `--full` uses the embedded recipe's model (width 96,
-6 blocks, 4-pixel patches, the convolutional stem), examples/recipes/embedded_fashion_mnist.yaml.
+longer than that); `--full` uses the embedded recipe's model (width 96, 6 blocks, 4-pixel patches, the convolutional
+stem), examples/recipes/embedded_fashion_mnist.yaml.
 
 Training. A plain loop on tensors (the trainer's PIL pipeline would cost more than these models): AdamW, label
 smoothing 0.1, random shifts of up to 2 pixels and horizontal flips. Trained to convergence of its share: a run is
