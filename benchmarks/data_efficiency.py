@@ -68,6 +68,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from refiner_hf import RefinerViTConfig, RefinerViTForImageClassification  # noqa: E402
+from refiner_hf.training.checkpointing import write_text_atomically  # noqa: E402
 from refiner_hf.training.embedded_data import SUBSET_FILE  # noqa: E402
 from refiner_hf.training.embedded_data.build_subset import read_idx  # noqa: E402
 
@@ -420,7 +421,8 @@ def write_results(args: argparse.Namespace, parameters: dict[str, int], results:
     args.results.parent.mkdir(parents=True, exist_ok=True)
     arguments = vars(args) | {"parameters": parameters, "source": source}
     record = {"arguments": arguments, "runs": [asdict(r) for r in results]}
-    args.results.write_text(json.dumps(record, indent=1, default=str))
+    # Atomically: stopped mid-write, the file keeps the previous record whole.
+    write_text_atomically(args.results, json.dumps(record, indent=1, default=str))
 
 
 def report_results(results: list[RunResult], parameters: dict[str, int], seeds: Sequence[int], source: str, out: Path):
@@ -466,9 +468,8 @@ def main(argv: Sequence[str] | None = None) -> list[RunResult]:
 
     def report(result: RunResult) -> None:
         results.append(result)
-        write_results(
-            args, parameters, results, data.source
-        )  # after every run: an interrupted grid keeps what it measured
+        # After every run: an interrupted grid keeps what it measured.
+        write_results(args, parameters, results, data.source)
         ending = "converged" if result.converged else f"ran out of epochs after {result.lr_drops} drop(s)"
         print(
             f"  {result.model:<12} {result.share:>5.0%} seed {result.seed}: test {100 * result.test_top1:6.2f} %, "

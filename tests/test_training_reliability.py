@@ -25,6 +25,7 @@ from refiner_hf.training.checkpointing import (
     NonFiniteWeightsError,
     TrainingProgress,
     write_manifest,
+    write_text_atomically,
 )
 from refiner_hf.training.data import DataError, decode_image
 from refiner_hf.training.run_lock import LOCK_FILE, RunLockedError
@@ -246,3 +247,19 @@ def test_a_model_too_large_to_be_meant_is_refused_with_the_flag_that_allows_it(t
     overrides = json.dumps({"num_hidden_layers": 100_000})
     with pytest.raises(UsageError, match=r"describes a model of [\d,]+ parameters.*--allow_large_model"):
         run_in_process(tiny_run_args(tmp_path / "run", config_overrides=overrides, **SMALL))
+
+
+def test_a_write_stopped_midway_keeps_the_previous_file_whole(tmp_path, monkeypatch):
+    target = tmp_path / "all_results.json"
+    write_text_atomically(target, '{"eval_top1": 0.5}\n')
+    assert target.read_text() == '{"eval_top1": 0.5}\n' and sorted(p.name for p in tmp_path.iterdir()) == [target.name]
+
+    def stopped_midway(self, text, *args, **kwargs):
+        with open(self, "w") as file:
+            file.write(text[:5])  # half the text, then the run is stopped
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(type(target), "write_text", stopped_midway)
+    with pytest.raises(KeyboardInterrupt):
+        write_text_atomically(target, '{"eval_top1": 0.75}\n')
+    assert target.read_text() == '{"eval_top1": 0.5}\n'  # the old record, not half of the new one

@@ -120,6 +120,14 @@ def sha256_of(path: Path) -> str:
         return hashlib.file_digest(file, "sha256").hexdigest()
 
 
+def write_text_atomically(path: Path, text: str) -> None:
+    """Writes `text` to `path` through a `.partial` file renamed over it: a reader (or a run stopped mid-write) sees
+    the old file or the new one, never half of one."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text)
+    partial.replace(path)
+
+
 def write_manifest(directory: Path) -> None:
     """Records the size and SHA-256 of every file under `directory` in its manifest (written last, atomically)."""
     files = sorted(path for path in directory.rglob("*") if path.is_file() and path.name != MANIFEST_FILE)
@@ -129,9 +137,7 @@ def write_manifest(directory: Path) -> None:
             for path in files
         }
     }
-    partial = directory / f"{MANIFEST_FILE}.partial"
-    partial.write_text(json.dumps(manifest, indent=1) + "\n")
-    partial.rename(directory / MANIFEST_FILE)
+    write_text_atomically(directory / MANIFEST_FILE, json.dumps(manifest, indent=1) + "\n")
 
 
 def verify_checkpoint(checkpoint: Path) -> None:

@@ -41,6 +41,7 @@ from .checkpointing import (
     CheckpointManager,
     NonFiniteWeightsError,
     TrainingProgress,
+    write_text_atomically,
 )
 from .data import EMBEDDED_DATASET_NAME, ImageData, check_labels, load_image_data
 from .distributed import (
@@ -607,9 +608,7 @@ def finish(run: Run, model_dir: Path | None, seconds: float) -> dict[str, Any]:
         "history": progress.history,
     }
     if accelerator.is_main_process:
-        partial = run.output_dir / "all_results.json.partial"
-        partial.write_text(json.dumps(results, indent=2) + "\n")
-        partial.replace(run.output_dir / "all_results.json")
+        write_text_atomically(run.output_dir / "all_results.json", json.dumps(results, indent=2) + "\n")
         if results["model_dir"] is not None:
             accelerator.print(
                 f"Best: {100 * results['eval_top1']:.2f} % top-1, {100 * results['eval_top5']:.2f} % top-5 "
