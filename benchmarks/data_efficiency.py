@@ -68,6 +68,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from refiner_hf import RefinerViTConfig, RefinerViTForImageClassification  # noqa: E402
+from refiner_hf.interruption import Terminated, sigterm_unwinds, stopped_message  # noqa: E402
 from refiner_hf.training.checkpointing import write_text_atomically  # noqa: E402
 from refiner_hf.training.embedded_data import SUBSET_FILE  # noqa: E402
 from refiner_hf.training.embedded_data.build_subset import read_idx  # noqa: E402
@@ -485,8 +486,16 @@ def main(argv: Sequence[str] | None = None) -> list[RunResult]:
             args.jobs, mp_context=context, initializer=_init_worker, initargs=(data,)
         ) as pool:
             futures = [pool.submit(_run_in_worker, *task, args) for task in tasks]
-            for future in concurrent.futures.as_completed(futures):
-                report(future.result())
+            try:
+                for future in concurrent.futures.as_completed(futures):
+                    report(future.result())
+            except BaseException:
+                # Stopped (Ctrl-C, SIGTERM) or a run failed: drop the queued runs and end the running ones, instead
+                # of leaving the pool to finish the grid before the exception gets out.
+                pool.shutdown(wait=False, cancel_futures=True)
+                for worker in multiprocessing.active_children():
+                    worker.terminate()
+                raise
     else:
         for task in tasks:
             report(run(*task, data, args))
@@ -498,4 +507,10 @@ def main(argv: Sequence[str] | None = None) -> list[RunResult]:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        with sigterm_unwinds():
+            main()
+    except (KeyboardInterrupt, Terminated) as stop:
+        message, status = stopped_message(stop)
+        print(f"{message} The runs that finished are in the results file.", file=sys.stderr)
+        sys.exit(status)

@@ -4,6 +4,10 @@ import gzip
 import json
 import math
 import re
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -206,3 +210,25 @@ def test_rejects_settings_that_cannot_run(benchmark, capsys, argv, message):
     with pytest.raises(SystemExit) as exit_info:
         benchmark.parse_args(argv)
     assert exit_info.value.code == 2 and re.search(message, capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("stop, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_stopped_grid_ends_at_once_and_keeps_the_runs_that_finished(tmp_path, stop, status):
+    # Ctrl-C or SIGTERM while two workers train: the queued runs are dropped and the running ones ended (the pool
+    # would otherwise finish all 24 runs first); the results file holds the finished runs, whole.
+    out = tmp_path / "e.png"
+    command = [sys.executable, str(SCRIPT), "--data-dir", str(tmp_path / "none"), "--shares", "0.02", "0.05",
+               "--seeds", *map(str, range(6)), "--held-out", "100", "--max-test-samples", "100",
+               "--min-eval-steps", "5", "--config-overrides", TINY, "--jobs", "2", "--out", str(out)]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    results = out.with_suffix(".json")
+    deadline = time.monotonic() + 120
+    while not results.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert process.poll() is None, "the grid ended before it could be stopped"
+    process.send_signal(stop)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == status
+    assert "stopped by" in err and "The runs that finished are in the results file." in err
+    finished = json.loads(results.read_text())["runs"]
+    assert 1 <= len(finished) < 24
