@@ -11,6 +11,7 @@ buffer of the new model, and anything missing, left over or of the wrong shape i
 from __future__ import annotations
 
 import argparse
+import errno
 import math
 import os
 import pickle
@@ -25,6 +26,7 @@ import torch
 from huggingface_hub.errors import StrictDataclassError
 from safetensors import SafetensorError
 
+from .cli import DataError
 from .configuration_refiner_vit import RefinerViTConfig
 from .modeling_refiner_vit import RefinerViTForImageClassification, count_parameters
 
@@ -44,7 +46,7 @@ MAX_TOKENS = 4097
 _SAFETENSORS_MAX_HEADER = 100_000_000  # safetensors' own limit on its JSON header
 
 
-class CheckpointError(ValueError):
+class CheckpointError(DataError, ValueError):
     """An original checkpoint that cannot be loaded or converted; the message says which file and why."""
 
 
@@ -89,7 +91,7 @@ def load_checkpoint_file(path: str | os.PathLike) -> object:
         hint = f" (it holds {', '.join(candidates[:5])})" if candidates else ""
         raise CheckpointError(f"{path} is a directory: pass the checkpoint file itself{hint}.")
     if not path.is_file():
-        raise FileNotFoundError(f"Checkpoint file not found: {path}")
+        raise FileNotFoundError(errno.ENOENT, "Checkpoint file not found", str(path))
     check_declared_sizes(path)
     try:
         with torch.serialization.safe_globals(SAFE_CHECKPOINT_GLOBALS):

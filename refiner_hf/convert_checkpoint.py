@@ -23,13 +23,12 @@ from PIL import Image
 from transformers.utils import logging
 
 from .assets import sample_image_path
+from .cli import ArgumentParser, DataError, command_status
 from .configuration_refiner_vit import PRESETS
-from .conversion import MAX_TOKENS, CheckpointError, load_original_weights, model_from_original_state_dict
+from .conversion import MAX_TOKENS, load_original_weights, model_from_original_state_dict
 from .hub import build_model_card, imagenet_1k_id2label, push_to_hub
 from .image_processing_refiner_vit import image_processor_for_config
-from .interruption import Terminated, sigterm_unwinds, stopped_message
 from .model_directory import (
-    ModelDirectoryError,
     check_output_directory,
     logits_on_image,
     save_model_directory,
@@ -38,9 +37,12 @@ from .model_directory import (
 from .modeling_refiner_vit import RefinerViTForImageClassification
 
 
+PROG = "refiner-vit-convert"
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="refiner-vit-convert",
+    parser = ArgumentParser(
+        prog=PROG,
         description="Convert an original Refiner-ViT checkpoint (timm training checkpoint, bare or DDP state dict) "
         "into a self-contained Hugging Face model directory.",
     )
@@ -207,7 +209,7 @@ def convert(args: argparse.Namespace) -> Path:
     return output_dir
 
 
-class UploadError(OSError):
+class UploadError(DataError, OSError):
     """The model directory was written but its upload to the Hub failed."""
 
 
@@ -220,19 +222,9 @@ def load_photo(path: Path) -> Image.Image:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
+    """Runs the command; returns its exit status (see `refiner_hf.cli` for the error policy)."""
     logging.disable_progress_bar()
-    try:
-        with sigterm_unwinds():
-            convert(args)
-    except (CheckpointError, ModelDirectoryError, ValueError, OSError, RuntimeError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    except (KeyboardInterrupt, Terminated) as stop:
-        message, status = stopped_message(stop)
-        print(message, file=sys.stderr)
-        return status
-    return 0
+    return command_status(lambda: convert(parse_args(argv)), PROG)
 
 
 if __name__ == "__main__":

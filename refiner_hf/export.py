@@ -25,10 +25,10 @@ from transformers import AutoConfig, AutoImageProcessor
 from transformers.utils import logging
 
 from .assets import sample_image_path
+from .cli import ArgumentParser, UsageError, check_model_path, command_status, loading_error
 from .convert_checkpoint import load_photo
 from .image_processing_refiner_vit import image_processor_for_config
-from .interruption import Terminated, sigterm_unwinds, stopped_message
-from .model_directory import ModelDirectoryError, check_output_directory
+from .model_directory import check_output_directory
 from .modeling_refiner_vit import RefinerViTForImageClassification
 from .onnx_export import (
     DEFAULT_OPSET,
@@ -49,7 +49,6 @@ from .onnx_export import (
     save_onnx_directory,
     verify_onnx_directory,
 )
-from .training.errors import ArgumentParser, UsageError, check_model_path, loading_error, one_line
 
 
 PROG = "refiner-vit-export"
@@ -219,21 +218,9 @@ def export(args) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the command; returns its exit status (see `refiner_hf.cli` for the error policy)."""
     logging.disable_progress_bar()
-    try:
-        args = parse_args(argv)
-        with sigterm_unwinds():
-            return export(args)
-    except (UsageError, ExportError) as error:
-        print(f"{PROG}: error: {one_line(str(error))}", file=sys.stderr)
-        return 2
-    except (ModelDirectoryError, OSError) as error:
-        print(f"{PROG}: error: {one_line(str(error))}", file=sys.stderr)
-        return 1
-    except (KeyboardInterrupt, Terminated) as stop:
-        message, status = stopped_message(stop)
-        print(f"{PROG}: {message}", file=sys.stderr)
-        return status
+    return command_status(lambda: export(parse_args(argv)), PROG)
 
 
 if __name__ == "__main__":

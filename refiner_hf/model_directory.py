@@ -33,6 +33,7 @@ from transformers import AutoImageProcessor, AutoModelForImageClassification
 from transformers.dynamic_module_utils import get_relative_import_files, get_relative_imports
 
 from . import image_processing_refiner_vit, modeling_refiner_vit
+from .cli import DataError
 from .image_processing_pil_refiner_vit import RefinerViTImageProcessorPil
 from .image_processing_refiner_vit import RefinerViTImageProcessor
 from .image_processing_refiner_vit_common import image_processor_auto_map
@@ -50,7 +51,7 @@ _SHARD_PATTERN = re.compile(r"model-\d+-of-\d+\.safetensors")
 _STAGING, _SET_ASIDE = "partial", "replaced"
 
 
-class ModelDirectoryError(OSError):
+class ModelDirectoryError(DataError, OSError):
     """A model directory that cannot be written where asked, or that does not prove what it should hold."""
 
 

@@ -18,6 +18,7 @@ from transformers.utils import ModelOutput
 from transformers.utils.generic import can_return_tuple
 from transformers.utils.output_capturing import capture_outputs
 
+from .cli import DataError
 from .configuration_refiner_vit import RefinerViTConfig
 from .fast_inference import (
     FoldedRefinement,
@@ -774,7 +775,7 @@ def count_parameters(config: RefinerViTConfig, heads: bool = True) -> int:
     return total
 
 
-class ModelTooLargeError(ValueError):
+class ModelTooLargeError(DataError, ValueError):
     """A configuration whose model has more parameters than `RefinerViTPreTrainedModel.max_parameters`."""
 
     def __init__(self, count: int, limit: int, how_to_allow: str) -> None:

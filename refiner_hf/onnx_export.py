@@ -34,6 +34,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoImageProcessor
 
+from .cli import UsageError
 from .configuration_refiner_vit import RefinerViTConfig
 from .model_directory import DirectoryLayout, ModelDirectoryError, write_directory
 from .modeling_refiner_vit import RefinerViTForImageClassification
@@ -78,7 +79,7 @@ ONNX_EXPORT_DIRECTORY = DirectoryLayout(
 )
 
 
-class ExportError(ValueError):
+class ExportError(UsageError):
     """An export that cannot be made as asked (an output the model does not have, an opset too old, ...)."""
 
 

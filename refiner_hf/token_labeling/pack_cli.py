@@ -15,11 +15,15 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .store import RelabelError, pack_relabel_store
+from ..cli import EXIT_DATA, ArgumentParser, command_status
+from .store import pack_relabel_store
+
+
+PROG = "refiner-vit-pack-relabel"
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="refiner-vit-pack-relabel", description=__doc__.strip().splitlines()[0])
+    parser = ArgumentParser(prog=PROG, description=__doc__.strip().splitlines()[0])
     parser.add_argument("relabel_root", type=Path, help="Directory of <wnid>/<image stem>.pt relabel files.")
     parser.add_argument("output", type=Path, help="Directory to create for the packed store.")
     parser.add_argument("--num-classes", type=int, default=1000, help="Classes the indices refer to.")
@@ -29,27 +33,28 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        report = pack_relabel_store(
-            args.relabel_root,
-            args.output,
-            num_classes=args.num_classes,
-            shard_size=args.shard_size,
-            num_workers=args.num_workers,
-            progress=True,
-        )
-    except (RelabelError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+def pack(args: argparse.Namespace) -> int:
+    report = pack_relabel_store(
+        args.relabel_root,
+        args.output,
+        num_classes=args.num_classes,
+        shard_size=args.shard_size,
+        num_workers=args.num_workers,
+        progress=True,
+    )
     print(f"Packed {report.packed} relabel maps into {args.output}.")
     if report.bad:
         print(f"{len(report.bad)} bad relabel file(s) were left out:", file=sys.stderr)
         for problem in report.bad:
             print(f"  {problem}", file=sys.stderr)
-        return 0 if args.allow_bad else 2
+        return 0 if args.allow_bad else EXIT_DATA
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the command; returns its exit status (see `refiner_hf.cli` for the error policy)."""
+    status: list[int] = []
+    return command_status(lambda: status.append(pack(parse_args(argv))), PROG) or status[0]
 
 
 if __name__ == "__main__":

@@ -29,6 +29,8 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from ..cli import DataError
+
 
 PACKED_FORMAT = "refiner-relabel-packed"
 PACKED_VERSION = 1
@@ -37,7 +39,7 @@ _INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int6
 _SHARD_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
 
-class RelabelError(ValueError):
+class RelabelError(DataError, ValueError):
     """A relabel file or store that cannot be used; the message names the file or key."""
 
 

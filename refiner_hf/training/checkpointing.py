@@ -40,7 +40,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .errors import UsageError
+from .errors import DataError, UsageError
 
 
 CHECKPOINT_PATTERN = re.compile(r"^step_(\d+)$")
@@ -53,11 +53,11 @@ RANDOM_STATES_PATTERN = "random_states_{}.pkl"
 LEGACY_CUSTOM_STATES = ("scheduler", "progress", "ema")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(DataError, ValueError):
     """A checkpoint that cannot be resumed from; the message names the checkpoint and the file."""
 
 
-class NonFiniteWeightsError(RuntimeError):
+class NonFiniteWeightsError(DataError, RuntimeError):
     """Weights with NaN or infinite values, which are never checkpointed."""
 
 

@@ -20,11 +20,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..cli import DataError
+
 
 LOCK_FILE = ".run.lock"
 
 
-class RunLockedError(RuntimeError):
+class RunLockedError(DataError, RuntimeError):
     """Another live run holds the output directory."""
 
 

@@ -51,7 +51,7 @@ from .distributed import (
     synchronize_batchnorm_statistics,
 )
 from .ema import build_model_ema
-from .errors import UsageError
+from .errors import DataError, UsageError
 from .evaluation import evaluate_classifier
 from .loaders import build_evaluation_loader, build_training_loader
 from .mixing import BatchMixing, mix_batch
@@ -414,7 +414,7 @@ def train_epoch(run: Run, epoch: int) -> dict[str, Any]:
     return epoch_statistics(run, images, seconds)
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(DataError, RuntimeError):
     """The training loss became NaN or infinite; the run stops before it changes the weights."""
 
 
