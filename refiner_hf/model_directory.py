@@ -280,7 +280,7 @@ class OutputLock:
     def __init__(self, output_dir: str | os.PathLike) -> None:
         self.output_dir = Path(output_dir)
         absolute = self.output_dir.absolute()
-        self.path = absolute.parent / f".{absolute.name}.lock"
+        self.path = absolute.parent.resolve() / f".{absolute.name}.lock"  # one lock whatever links lead there
         self.holder = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
         self.taken_over: dict | None = None
 

@@ -15,6 +15,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -281,6 +282,34 @@ def test_the_export_check_fails_on_nan_outputs_even_when_both_sides_are_nan(tmp_
     ):
         save_onnx_directory(model, image_processor_for_config(model.config), tmp_path / "onnx", image)
     assert listing(tmp_path) == []
+
+
+class NanSession:
+    """An ONNX Runtime session stand-in whose logits have one NaN (an export that went wrong), the model's none."""
+
+    def __init__(self, model: RefinerViTForImageClassification) -> None:
+        self.model = model
+
+    def get_inputs(self):
+        return [SimpleNamespace(name="pixel_values")]
+
+    def get_outputs(self):
+        return [SimpleNamespace(name="logits")]
+
+    def run(self, names, feeds):
+        with torch.no_grad():
+            logits = self.model(pixel_values=torch.from_numpy(feeds["pixel_values"])).logits.numpy().copy()
+        logits[0, 1] = float("nan")
+        return [logits]
+
+
+def test_nan_on_the_onnx_side_alone_fails_the_check():
+    model = randomize_(RefinerViTForImageClassification(tiny_config(image_size=28, patch_size=4))).eval()
+    pixel_values = torch.randn(1, 3, 28, 28)
+    with pytest.raises(
+        ModelDirectoryError, match=r"Non-finite logits \(NaN or infinity\) at batch size 1: ONNX Runtime's 1 of 5"
+    ):
+        onnx_export.compare_outputs(NanSession(model), model, [(pixel_values, pixel_values.numpy())])
 
 
 # 4. Float weights stored as integers.
