@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import json
 import math
 import os
 import pickle
@@ -44,6 +45,10 @@ MAX_INFLATION = 2.0
 # by the position embedding. 1 + 64 x 64 tokens (1024 px at patch 16) is four times the released L at 448 px (785).
 MAX_TOKENS = 4097
 _SAFETENSORS_MAX_HEADER = 100_000_000  # safetensors' own limit on its JSON header
+_SAFETENSORS_DTYPE_BYTES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "I16": 2, "F16": 2, "BF16": 2, "U32": 4,
+    "I32": 4, "F32": 4, "U64": 8, "I64": 8, "F64": 8, "C64": 8,
+}  # fmt: skip
 
 
 class CheckpointError(DataError, ValueError):
@@ -116,16 +121,21 @@ def check_declared_sizes(path: str | os.PathLike) -> None:
     """
     Refuses a checkpoint file whose declared sizes would make loading it allocate far more than the file holds: a zip
     archive (PyTorch's format) that inflates to more than [`MAX_INFLATION`] times its size, or a safetensors file whose
-    header claims more than the file has. (PyTorch's legacy format checks its storages against the file itself.)
+    header claims more than the file has: a header or a tensor reaching past the end of the file (truncated), a tensor
+    whose shape needs more bytes than it declares, or a `.safetensors` file that is not one (e.g. a link to another
+    file). (PyTorch's legacy format checks its storages against the file itself.)
 
     Raises:
         `CheckpointError`: naming the file and the sizes.
     """
-    path = Path(path)
-    size = path.stat().st_size
-    if zipfile.is_zipfile(path):
+    path = real = Path(path)
+    named_suffix, size = path.suffix, path.stat().st_size
+    if path.is_symlink():
+        real = Path(os.path.realpath(path))
+        path = Path(f"{path} (a link to {real})")  # what messages name
+    if zipfile.is_zipfile(real):
         try:
-            with zipfile.ZipFile(path) as archive:
+            with zipfile.ZipFile(real) as archive:
                 declared = sum(info.file_size for info in archive.infolist())
         except (zipfile.BadZipFile, OSError, ValueError) as error:
             raise CheckpointError(f"{path}: a damaged zip archive ({error}).") from None
@@ -135,14 +145,53 @@ def check_declared_sizes(path: str | os.PathLike) -> None:
                 "tensors uncompressed, so this is not a checkpoint as torch.save writes it; refusing to inflate it."
             )
         return
-    with path.open("rb") as file:
+    with open(real, "rb") as file:
         head = file.read(9)
-    if len(head) == 9 and head[8:9] == b"{":  # safetensors: an 8-byte header length, then the JSON header
-        header_size = int.from_bytes(head[:8], "little")
-        if header_size > min(size - 8, _SAFETENSORS_MAX_HEADER):
+        if len(head) == 9 and head[8:9] == b"{":  # safetensors: an 8-byte header length, then the JSON header
+            file.seek(0)
+            _check_safetensors_sizes(path, file, size)
+            return
+    if ".safetensors" in (real.suffix, named_suffix):
+        raise CheckpointError(
+            f"{path}: not a safetensors file (it does not start with a safetensors header); pass the weights file "
+            "itself."
+        )
+
+
+def _check_safetensors_sizes(path: Path, file, size: int) -> None:
+    """[`check_declared_sizes`] for a safetensors file: its header, then every tensor's extent within the file."""
+    header_size = int.from_bytes(file.read(8), "little")
+    if header_size > min(size - 8, _SAFETENSORS_MAX_HEADER):
+        raise CheckpointError(
+            f"{path}: a safetensors header of {header_size:,} bytes in a {size:,}-byte file; the file is "
+            "truncated or corrupt."
+        )
+    try:
+        header = json.loads(file.read(header_size))
+        entries = [(name, entry) for name, entry in header.items() if name != "__metadata__"]
+        extents = [(name, entry["dtype"], list(entry["shape"]), entry["data_offsets"]) for name, entry in entries]
+    except (ValueError, TypeError, KeyError, AttributeError) as error:
+        raise CheckpointError(f"{path}: a damaged safetensors header ({type(error).__name__}: {error}).") from None
+    data_size = size - 8 - header_size
+    for name, dtype, shape, offsets in extents:
+        if not (
+            isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(isinstance(v, int) for v in offsets + shape)
+            and min(shape, default=0) >= 0
+        ):
+            raise CheckpointError(f"{path}: a damaged safetensors header (tensor {name!r}: {shape}, {offsets}).")
+        begin, end = offsets
+        if not 0 <= begin <= end <= data_size:
             raise CheckpointError(
-                f"{path}: a safetensors header of {header_size:,} bytes in a {size:,}-byte file; the file is "
-                "truncated or corrupt."
+                f"{path}: tensor {name!r} is declared at bytes {begin:,} to {end:,} of the data, but the file holds "
+                f"{data_size:,} bytes of data; the file is truncated or corrupt."
+            )
+        needed = math.prod(shape) * _SAFETENSORS_DTYPE_BYTES.get(dtype, 0)
+        if dtype in _SAFETENSORS_DTYPE_BYTES and needed != end - begin:
+            raise CheckpointError(
+                f"{path}: tensor {name!r} of shape {tuple(shape)} ({dtype}) needs {needed:,} bytes but is declared "
+                f"with {end - begin:,}; the file is corrupt."
             )
 
 
@@ -401,16 +450,17 @@ def convert_state_dict(
 ) -> dict[str, torch.Tensor]:
     """
     Renames an original state dict to `model`'s names and checks that it covers the model exactly: every original
-    tensor maps to exactly one parameter or buffer of the same shape, and every parameter and buffer gets one. `model`
-    may live on the meta device: only its names and shapes are read.
+    tensor maps to exactly one parameter or buffer of the same shape, and every parameter and buffer gets one; a float
+    parameter or buffer stored as integers (or booleans, or complex numbers) is refused. `model` may live on the meta
+    device: only its names, shapes and dtypes are read.
 
     Raises:
-        `CheckpointError`: naming the unexpected, missing or mis-shaped keys.
+        `CheckpointError`: naming the unexpected, missing, mis-shaped or non-float keys.
     """
     block_types = model.config.block_types
     expected = model.state_dict()
     converted: dict[str, torch.Tensor] = {}
-    unexpected, wrong_shape = [], []
+    unexpected, wrong_shape, not_float = [], [], []
     for key, tensor in state_dict.items():
         new_key = original_key_to_hf(key, block_types)
         if new_key is None or new_key not in expected:
@@ -421,6 +471,8 @@ def convert_state_dict(
         if tuple(tensor.shape) != tuple(expected[new_key].shape):
             wrong_shape.append(f"{key!r} {tuple(tensor.shape)} (expected {tuple(expected[new_key].shape)})")
             continue
+        if expected[new_key].is_floating_point() and not tensor.is_floating_point():
+            not_float.append(f"{key!r} ({str(tensor.dtype).removeprefix('torch.')})")
         converted[new_key] = tensor
     # PyTorch before 0.4.1 did not save `num_batches_tracked`; it does not change any output.
     missing = [k for k in expected if k not in converted and not k.endswith("num_batches_tracked")]
@@ -433,6 +485,13 @@ def convert_state_dict(
         problems.append(f"tensors of the wrong shape {', '.join(wrong_shape[:_MAX_KEYS_SHOWN])}")
     if problems:
         raise CheckpointError(f"{source}: does not match the inferred Refiner-ViT architecture: {'; '.join(problems)}.")
+    if not_float:
+        listed = ", ".join(not_float[:_MAX_KEYS_SHOWN])
+        listed += f", ... ({len(not_float)} in all)" if len(not_float) > _MAX_KEYS_SHOWN else ""
+        raise CheckpointError(
+            f"{source}: float weights stored with a non-float dtype (their fractional part is lost): {listed}. "
+            "Convert the checkpoint the weights were trained in, saved as floats."
+        )
     for key in expected:
         if key not in converted:
             converted[key] = torch.zeros(expected[key].shape, dtype=expected[key].dtype)

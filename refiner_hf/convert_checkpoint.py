@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,12 +24,13 @@ from PIL import Image
 from transformers.utils import logging
 
 from .assets import sample_image_path
-from .cli import ArgumentParser, DataError, command_status
+from .cli import ArgumentParser, DataError, UsageError, check_output_path, command_status
 from .configuration_refiner_vit import PRESETS
 from .conversion import MAX_TOKENS, load_original_weights, model_from_original_state_dict
 from .hub import build_model_card, imagenet_1k_id2label, push_to_hub
 from .image_processing_refiner_vit import image_processor_for_config
 from .model_directory import (
+    OutputLock,
     check_output_directory,
     logits_on_image,
     save_model_directory,
@@ -128,12 +130,59 @@ def model_card(
     return build_model_card(config, args.push_to_hub or name, summary, details, datasets=datasets)
 
 
+def check_arguments(args: argparse.Namespace) -> None:
+    """Refuses flag values that cannot be meant, before anything is read."""
+    positive = {
+        "--image-size": args.image_size,
+        "--crop-pct": args.crop_pct,
+        "--max-tokens": args.max_tokens,
+        "--layer-norm-eps": args.layer_norm_eps,
+        "--num-attention-heads": args.num_attention_heads,
+    }
+    for flag, value in positive.items():
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise UsageError(f"{flag} {value}: give a positive number (or leave {flag} out for the default).")
+    if args.output_dir is not None:
+        check_output_path("--output-dir", args.output_dir)
+
+
+def resize(model: RefinerViTForImageClassification, image_size: int, max_tokens: int | None) -> None:
+    """Resizes the position embedding to `image_size` px, refusing a size off the patch grid or of too many tokens."""
+    patch = model.config.patch_size
+    if image_size % patch:
+        raise UsageError(
+            f"--image-size {image_size}: not a multiple of the model's patch size {patch}; choose e.g. "
+            f"{max(patch, image_size // patch * patch)}."
+        )
+    tokens = (image_size // patch) ** 2 + 1
+    if max_tokens is not None and tokens > max_tokens:
+        gib = model.config.num_attention_heads * tokens**2 * 4 / 2**30
+        raise UsageError(
+            f"--image-size {image_size}: {tokens:,} tokens at patch {patch}, more than --max-tokens {max_tokens:,}; "
+            f"each attention map of one image would take {gib:,.1f} GiB. Raise --max-tokens only if this machine has "
+            "the memory."
+        )
+    print(f"Resizing the position embedding from {model.config.image_size} to {image_size} px.")
+    model.resize_position_embeddings(image_size)
+
+
 def convert(args: argparse.Namespace) -> Path:
+    """The command: refusals of what cannot work first, then the conversion under the output directory's lock."""
+    check_arguments(args)
+    if args.output_dir is None:
+        return convert_checked(args)
+    # Refused before minutes of work, not after; one writer at a time from the start (a second one is refused now).
+    check_output_directory(args.output_dir, args.overwrite, protected=[args.checkpoint], overwrite_flag="--overwrite")
+    with OutputLock(args.output_dir):
+        return convert_checked(args)
+
+
+def convert_checked(args: argparse.Namespace) -> Path:
+    """Converts, checks and writes the model directory (and uploads it with --push-to-hub)."""
+
     def check_output(directory: Path) -> None:
         check_output_directory(directory, args.overwrite, protected=[args.checkpoint], overwrite_flag="--overwrite")
 
-    if args.output_dir is not None:  # refused before minutes of work, not after
-        check_output(args.output_dir)
     image = load_photo(args.image)
     original = load_original_weights(args.checkpoint, args.weights)
     print(
@@ -150,8 +199,7 @@ def convert(args: argparse.Namespace) -> Path:
     )
     print(f"Every original tensor was mapped exactly once with its shape ({len(original.state_dict)} tensors).")
     if args.image_size and args.image_size != model.config.image_size:
-        print(f"Resizing the position embedding from {model.config.image_size} to {args.image_size} px.")
-        model.resize_position_embeddings(args.image_size)
+        resize(model, args.image_size, args.max_tokens)
     if model.config.num_labels == 1000:
         model.config.id2label = imagenet_1k_id2label()
         model.config.label2id = {label: index for index, label in model.config.id2label.items()}
@@ -169,7 +217,9 @@ def convert(args: argparse.Namespace) -> Path:
     card = model_card(model, args, original.weights, processor.crop_pct, sha256_of(args.checkpoint), output_dir.name)
 
     def verify(directory: Path) -> None:
-        check = verify_model_directory(directory, model, processor, image, expected_logits=expected)
+        check = verify_model_directory(
+            directory, model, processor, image, expected_logits=expected, allow_non_finite=args.allow_non_finite
+        )
         print(
             f"Reloaded from disk: all {check.num_tensors} tensors bitwise equal, configuration and both processor "
             f"backends load back equal; logits on {args.image.name} match the converted model (max difference "

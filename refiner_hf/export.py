@@ -25,14 +25,15 @@ from transformers import AutoConfig, AutoImageProcessor
 from transformers.utils import logging
 
 from .assets import sample_image_path
-from .cli import ArgumentParser, UsageError, check_model_path, command_status, loading_error
+from .cli import ArgumentParser, UsageError, check_model_path, check_output_path, command_status, loading_error
 from .convert_checkpoint import load_photo
 from .image_processing_refiner_vit import image_processor_for_config
-from .model_directory import check_output_directory
+from .model_directory import OutputLock, check_output_directory
 from .modeling_refiner_vit import RefinerViTForImageClassification
 from .onnx_export import (
     DEFAULT_OPSET,
     EXPORT_RELATIVE_TOLERANCE,
+    MAX_OPSET,
     MIN_OPSET,
     ONNX_DATA_NAME,
     ONNX_EXPORT_DIRECTORY,
@@ -40,9 +41,11 @@ from .onnx_export import (
     ONNX_NAME,
     OUTPUT_NAMES,
     QUANTIZED_ONNX_NAME,
-    ExportError,
     OnnxExport,
     OutputComparison,
+    check_export_memory,
+    check_finite_weights,
+    check_opset,
     check_outputs,
     onnx_opset,
     require_onnx_packages,
@@ -65,7 +68,10 @@ def parse_args(argv: Sequence[str] | None = None):
         "--output", "--output-dir", dest="output", type=Path, required=True, help="The export directory to write."
     )
     parser.add_argument(
-        "--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET}; at least {MIN_OPSET})."
+        "--opset",
+        type=int,
+        default=DEFAULT_OPSET,
+        help=f"ONNX opset (default {DEFAULT_OPSET}; {MIN_OPSET} to {MAX_OPSET}).",
     )
     parser.add_argument(
         "--image-size",
@@ -164,8 +170,44 @@ def report(result: OnnxExport, image_name: str) -> None:
         )
 
 
+def check_arguments(args) -> None:
+    """Refuses flag values that cannot be meant, before anything is loaded."""
+    if args.image_size is not None and args.image_size <= 0:
+        raise UsageError(
+            f"--image-size {args.image_size}: give a positive number of pixels (a multiple of the model's patch size), "
+            "or leave it out to export at the model's own size."
+        )
+    if not args.check:
+        check_opset(args.opset)
+
+
+def source_config(source: str):
+    """The configuration of a Refiner-ViT at `source`, or `None` when it cannot be read (the loading names why)."""
+    check_model_path("--model", source)
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except (OSError, ValueError):
+        return None
+    return config if config.model_type == "refiner-vit" else None
+
+
 def export(args) -> int:
+    """The command: refusals of what cannot work first, then the export under the output directory's lock."""
+    check_arguments(args)
     require_onnx_packages()
+    if args.check:
+        return export_or_check(args)
+    check_output_path("--output", args.output)
+    protected = [args.model] if Path(args.model).exists() else []
+    check_output_directory(
+        args.output, args.overwrite, protected=protected, overwrite_flag="--overwrite", layout=ONNX_EXPORT_DIRECTORY
+    )
+    with OutputLock(args.output):  # one writer at a time, from the start: a second export is refused now
+        return export_or_check(args)
+
+
+def export_or_check(args) -> int:
+    """Checks the export at `args.output` with `--check`, else exports; the sizes and weights are checked first."""
     protected = [args.model] if Path(args.model).exists() else []
     if args.check:
         names = {p.name for p in args.output.iterdir()} if args.output.is_dir() else set()
@@ -176,14 +218,13 @@ def export(args) -> int:
             )
         if args.image_size is None:  # check at the resolution the export was made for
             args.image_size = AutoConfig.from_pretrained(args.output).image_size
-    else:
-        check_output_directory(
-            args.output, args.overwrite, protected=protected, overwrite_flag="--overwrite", layout=ONNX_EXPORT_DIRECTORY
-        )
-        if args.opset < MIN_OPSET:
-            raise ExportError(f"--opset {args.opset} is too old: the exporter writes opset {MIN_OPSET} or later.")
+    config = source_config(args.model)
+    if config is not None:  # refused before the model (and a resized position embedding) is allocated
+        check_export_memory(config, args.image_size)
     image = load_photo(args.image)
     model, processor, note = load_model(args.model, args.image_size)
+    check_export_memory(model.config)
+    check_finite_weights(model, f"--model {args.model}")
     outputs = check_outputs(model, args.extra_outputs)
     config = model.config
     print(

@@ -7,7 +7,9 @@ recognisably a model directory written before, and only after its replacement is
 leaves a hidden staging (or set-aside) directory, which the next write to the same place recognises as its own
 leftover and cleans up, putting a set-aside model directory back where its replacement never arrived.
 [`write_directory`] does the same for other kinds of directory, each described by a [`DirectoryLayout`] (the ONNX
-export's, for instance).
+export's, for instance). One writer at a time: a writer holds an [`OutputLock`] beside the target from start to end,
+and a second one is refused naming the first (host and process). The final move never deletes what the writer did
+not write: a target that appeared, or changed, while it ran is left untouched and the result is kept beside it.
 
 [`verify_model_directory`] proves a written directory: every tensor in the weights file equals the in-memory model's
 bit for bit, the configuration and both image-processor backends load back equal, the code named in `auto_map` is
@@ -16,13 +18,16 @@ there, and the reloaded model reproduces the in-memory model's logits within flo
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
 import re
 import secrets
 import shutil
 import socket
 import tempfile
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +58,17 @@ _STAGING, _SET_ASIDE = "partial", "replaced"
 
 class ModelDirectoryError(DataError, OSError):
     """A model directory that cannot be written where asked, or that does not prove what it should hold."""
+
+
+class OutputLockedError(ModelDirectoryError):
+    """Another live process is writing the same output directory."""
+
+
+class OutputChangedError(ModelDirectoryError):
+    """The output directory appeared or changed while a command wrote it; the command's result was kept aside."""
+
+
+logger = logging.getLogger(__name__)
 
 
 def remote_code_files() -> list[str]:
@@ -234,6 +250,135 @@ def _staging_directory(output_dir: Path) -> Path:
     return path
 
 
+def _remove_created_folders(folders: list[Path]) -> None:
+    """Removes `folders` (deepest first) that a lock created, as long as nothing was written in them."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
+# A lock file that a holder is still writing (created, its holder not yet recorded) is given this long.
+_UNRECORDED_LOCK_GRACE = 60.0
+# The locks this process holds: path -> [times taken, holder record, parent folders created for it].
+_held_locks: dict[Path, list] = {}
+
+
+class OutputLock:
+    """
+    One writer at a time for an output directory: a hidden lock file beside it (`.NAME.lock`), created exclusively
+    (`O_CREAT | O_EXCL`) and naming its holder (host, process, start time), held from [`acquire`] to [`release`]. A
+    second writer is refused with the holder's name; a lock whose process is gone (same host) is taken over. The same
+    process may take it again (a command holds it while the function writing the directory takes it too). Missing
+    parent folders are created, and removed again at the release when nothing was written in them.
+
+    Args:
+        output_dir: the directory to be written.
+    """
+
+    def __init__(self, output_dir: str | os.PathLike) -> None:
+        self.output_dir = Path(output_dir)
+        absolute = self.output_dir.absolute()
+        self.path = absolute.parent.resolve() / f".{absolute.name}.lock"  # one lock whatever links lead there
+        self.holder = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        self.taken_over: dict | None = None
+
+    def _read(self) -> dict | None:
+        try:
+            text = self.path.read_text()
+        except FileNotFoundError:
+            return None
+        try:
+            holder = json.loads(text)
+            return holder if isinstance(holder, dict) else {}
+        except ValueError:
+            return {}  # being written, or damaged: judged by its age
+
+    def _is_stale(self, holder: dict) -> bool:
+        pid = holder.get("pid")
+        if not isinstance(pid, int) or not holder.get("host"):
+            try:
+                return time.time() - self.path.stat().st_mtime > _UNRECORDED_LOCK_GRACE
+            except FileNotFoundError:
+                return True
+        if holder["host"] != self.holder["host"]:
+            return False  # another machine's process: cannot tell whether it lives
+        return pid == os.getpid() or not _process_is_alive(pid)  # this process holds none it does not know of
+
+    def acquire(self) -> OutputLock:
+        """
+        Takes the lock.
+
+        Raises:
+            `OutputLockedError`: another live process holds it (named with its host and process id).
+            `ModelDirectoryError`: the folder of the output directory cannot be created.
+        """
+        if self.path in _held_locks:
+            _held_locks[self.path][0] += 1
+            return self
+        missing = [folder for folder in [self.path.parent, *self.path.parent.parents] if not folder.exists()]
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise ModelDirectoryError(
+                f"Cannot create {self.output_dir}: {error}. Choose an output directory in a folder you can write to."
+            ) from None
+        for _ in range(3):  # another writer taking over the same stale lock at the same time: look again
+            try:
+                descriptor = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._read()
+                if holder is None:
+                    continue
+                if not self._is_stale(holder):
+                    _remove_created_folders(missing)
+                    who = (
+                        f"process {holder['pid']} on {holder['host']}, since {holder.get('started', '?')}"
+                        if holder.get("pid")
+                        else "a process that has not recorded itself yet"
+                    )
+                    raise OutputLockedError(
+                        f"{self.output_dir} is being written by another command ({who}; lock {self.path}): wait for "
+                        "it to finish, or choose another output directory (if that process is gone, delete the lock "
+                        "file)."
+                    ) from None
+                self.taken_over = holder
+                self.path.unlink(missing_ok=True)
+                continue
+            except OSError as error:
+                _remove_created_folders(missing)
+                raise ModelDirectoryError(
+                    f"Cannot write beside {self.output_dir}: {error}. Choose an output directory in a folder you "
+                    "can write to."
+                ) from None
+            with os.fdopen(descriptor, "w") as file:
+                json.dump(self.holder, file)
+            _held_locks[self.path] = [1, self.holder, missing]
+            return self
+        _remove_created_folders(missing)
+        raise OutputLockedError(f"Could not take the lock {self.path}: other commands keep taking it.")
+
+    def release(self) -> None:
+        """Gives the lock up (the file only if it still names this holder) once every taking of it is released."""
+        held = _held_locks.get(self.path)
+        if held is None:
+            return
+        held[0] -= 1
+        if held[0] > 0:
+            return
+        del _held_locks[self.path]
+        if self._read() == held[1]:
+            self.path.unlink(missing_ok=True)
+        _remove_created_folders(held[2])
+
+    def __enter__(self) -> OutputLock:
+        return self.acquire()
+
+    def __exit__(self, *exc_info) -> None:
+        self.release()
+
+
 def save_model_directory(
     model: RefinerViTPreTrainedModel,
     image_processor: RefinerViTImageProcessor | RefinerViTImageProcessorPil,
@@ -311,40 +456,108 @@ def write_directory(
             left behind.
     """
     output_dir = Path(output_dir)
-    _recover_from_dead_writers(output_dir)
-    check_output_directory(
-        output_dir, overwrite=overwrite, protected=protected, overwrite_flag=overwrite_flag, layout=layout
-    )
-    try:
-        output_dir.parent.mkdir(parents=True, exist_ok=True)
-        staging = _staging_directory(output_dir)
-    except OSError as error:
-        raise ModelDirectoryError(
-            f"Cannot create {output_dir}: {error}. Choose an output directory in a folder you can write to."
-        ) from None
-    set_aside = None
-    try:
+    check = dict(overwrite=overwrite, protected=protected, overwrite_flag=overwrite_flag, layout=layout)
+    check_output_directory(output_dir, **check)  # refused before anything is created beside it
+    with OutputLock(output_dir):
+        _recover_from_dead_writers(output_dir)
+        check_output_directory(output_dir, **check)  # again: a dead writer's set-aside directory may be back
+        previous = _directory_identity(output_dir)
         try:
-            write(staging)
-        except (OSError, SafetensorError) as error:
+            staging = _staging_directory(output_dir)
+        except OSError as error:
             raise ModelDirectoryError(
-                f"Writing {output_dir} failed: {error}. Check the free space and permissions there; nothing was "
-                "written."
+                f"Cannot create {output_dir}: {error}. Choose an output directory in a folder you can write to."
             ) from None
-        if verify is not None:
-            verify(staging)
-        if output_dir.exists():
-            set_aside = output_dir.parent / (_sibling_prefix(output_dir, _SET_ASIDE) + secrets.token_hex(4))
-            output_dir.rename(set_aside)
-        staging.rename(output_dir)
-    except BaseException:
-        if set_aside is not None and set_aside.exists() and not output_dir.exists():
-            set_aside.rename(output_dir)
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if set_aside is not None:
-        shutil.rmtree(set_aside, ignore_errors=True)
+        try:
+            try:
+                write(staging)
+            except (OSError, SafetensorError) as error:
+                raise ModelDirectoryError(
+                    f"Writing {output_dir} failed: {error}. Check the free space and permissions there; nothing was "
+                    "written."
+                ) from None
+            if verify is not None:
+                verify(staging)
+            _move_into_place(staging, output_dir, previous, layout)
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
     return output_dir
+
+
+def _directory_identity(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of a non-empty directory at `path` (one to be replaced), else `None`."""
+    if path.is_symlink() or not path.is_dir() or not any(path.iterdir()):
+        return None
+    status = path.stat()
+    return status.st_dev, status.st_ino
+
+
+def _free_sibling(output_dir: Path, suffix: str) -> Path:
+    """A visible name beside `output_dir` that nothing has: `NAME.SUFFIX`, else `NAME.SUFFIX-2`, ..."""
+    for number in range(1, 1000):
+        candidate = output_dir.with_name(f"{output_dir.name}.{suffix}" + (f"-{number}" if number > 1 else ""))
+        if not os.path.lexists(candidate):
+            return candidate
+    return output_dir.with_name(f"{output_dir.name}.{suffix}-{secrets.token_hex(4)}")
+
+
+def _keep_result(staging: Path, output_dir: Path, layout: DirectoryLayout, what: str) -> OutputChangedError:
+    """Moves a finished, checked result to a visible name beside `output_dir`; the error that tells the user."""
+    kept = _free_sibling(output_dir, "new")
+    staging.rename(kept)
+    return OutputChangedError(
+        f"{output_dir} {what} while this command was writing it and was left untouched; the finished "
+        f"{layout.description} was kept at {kept} instead: move it where you want it, or remove it."
+    )
+
+
+def _move_into_place(
+    staging: Path, output_dir: Path, previous: tuple[int, int] | None, layout: DirectoryLayout
+) -> None:
+    """
+    Renames the checked `staging` directory to `output_dir`, deleting only what this command was told to replace:
+    the directory of `previous` identity (checked at the start), and in it only the files of `layout`.
+    """
+    if previous is None or not os.path.lexists(output_dir):  # nothing to replace (any more)
+        try:
+            # Atomic, and refused if a file or a non-empty directory is there by now (an empty one is replaced).
+            os.rename(staging, output_dir)
+            return
+        except OSError as error:
+            if error.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
+                raise
+        raise _keep_result(staging, output_dir, layout, "appeared")
+    if _directory_identity(output_dir) != previous:
+        raise _keep_result(staging, output_dir, layout, "was replaced or emptied")
+    foreign = sorted(entry.name for entry in output_dir.iterdir() if not layout.holds(entry))
+    if foreign:
+        raise _keep_result(staging, output_dir, layout, f"got other files ({', '.join(foreign[:5])})")
+    set_aside = output_dir.parent / (_sibling_prefix(output_dir, _SET_ASIDE) + secrets.token_hex(4))
+    output_dir.rename(set_aside)
+    try:
+        os.rename(staging, output_dir)
+    except BaseException:
+        if not output_dir.exists():
+            set_aside.rename(output_dir)
+        raise
+    _remove_replaced(set_aside, output_dir, layout)
+
+
+def _remove_replaced(set_aside: Path, output_dir: Path, layout: DirectoryLayout) -> None:
+    """
+    Deletes the replaced directory's files of `layout`; anything else (written into it in the instant it was set
+    aside) is kept under a visible name.
+    """
+    for entry in set_aside.iterdir():
+        if layout.holds(entry):
+            entry.unlink(missing_ok=True)
+    try:
+        set_aside.rmdir()
+    except OSError:
+        kept = _free_sibling(output_dir, "previous")
+        set_aside.rename(kept)
+        logger.warning(f"Files written into the replaced {output_dir} while it was replaced are kept in {kept}.")
 
 
 @dataclass
@@ -449,11 +662,27 @@ def logits_on_image(model: torch.nn.Module, image_processor, image) -> torch.Ten
         return model(**image_processor(image, return_tensors="pt")).logits
 
 
-def compare_logits(actual: torch.Tensor, expected: torch.Tensor) -> tuple[float, float]:
+def _non_finite_count(values: torch.Tensor) -> int:
+    return values.numel() - int(torch.isfinite(values).sum())
+
+
+def compare_logits(actual: torch.Tensor, expected: torch.Tensor, allow_non_finite: bool = False) -> tuple[float, float]:
     """
-    The largest difference between two models' logits and the tolerance it must meet (relative to the logits' scale);
-    non-finite logits must be non-finite in the same places. Raises a `ModelDirectoryError` when they differ more.
+    The largest difference between two models' logits and the tolerance it must meet (relative to the logits' scale).
+    A NaN or infinite logit on either side fails (both sides NaN would otherwise compare as "no difference"), unless
+    `allow_non_finite` (a model converted with non-finite weights on purpose): then they must be non-finite in the
+    same places.
+
+    Raises:
+        `ModelDirectoryError`: naming the non-finite values or the difference.
     """
+    counts = {"reloaded": _non_finite_count(actual), "in-memory": _non_finite_count(expected)}
+    if any(counts.values()) and not allow_non_finite:
+        described = " and ".join(f"the {side} model's {count:,}" for side, count in counts.items() if count)
+        raise ModelDirectoryError(
+            f"Non-finite logits (NaN or infinity): {described} of {expected.numel():,}; such a model cannot be "
+            "checked. Its weights hold NaN or infinity, or its computation overflows."
+        )
     finite = torch.isfinite(expected)
     scale = max(1.0, expected[finite].abs().max().item() if finite.any() else 0.0)
     tolerance = RELOAD_RELATIVE_TOLERANCE * scale
@@ -474,12 +703,14 @@ def verify_model_directory(
     image_processor,
     image,
     expected_logits: torch.Tensor | None = None,
+    allow_non_finite: bool = False,
 ) -> ReloadCheck:
     """
     Proves that `directory` holds `model` and `image_processor`: the weights file bit for bit, the configuration and
     both processor backends as they load back, the code `auto_map` names, and the reloaded model's logits on `image`
     (through the reloaded processor) against `expected_logits` (by default the in-memory model's) within
-    [`RELOAD_RELATIVE_TOLERANCE`] of their scale.
+    [`RELOAD_RELATIVE_TOLERANCE`] of their scale. Non-finite logits fail unless `allow_non_finite` (see
+    [`compare_logits`]).
 
     Raises:
         `ModelDirectoryError`: naming what does not hold.
@@ -494,7 +725,7 @@ def verify_model_directory(
         model.train(training)
     reloaded = AutoModelForImageClassification.from_pretrained(directory).eval()
     actual = logits_on_image(reloaded, AutoImageProcessor.from_pretrained(directory), image)
-    difference, tolerance = compare_logits(actual, expected_logits)
+    difference, tolerance = compare_logits(actual, expected_logits, allow_non_finite)
     return ReloadCheck(num_tensors=num_tensors, max_difference=difference, tolerance=tolerance)
 
 
@@ -503,6 +734,9 @@ __all__ = [
     "RELOAD_RELATIVE_TOLERANCE",
     "DirectoryLayout",
     "ModelDirectoryError",
+    "OutputChangedError",
+    "OutputLock",
+    "OutputLockedError",
     "ReloadCheck",
     "check_output_directory",
     "compare_logits",

@@ -34,10 +34,10 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoImageProcessor
 
-from .cli import UsageError
+from .cli import DataError, UsageError
 from .configuration_refiner_vit import RefinerViTConfig
 from .model_directory import DirectoryLayout, ModelDirectoryError, write_directory
-from .modeling_refiner_vit import RefinerViTForImageClassification
+from .modeling_refiner_vit import RefinerViTForImageClassification, count_parameters
 
 
 if TYPE_CHECKING:
@@ -53,6 +53,11 @@ OUTPUT_NAMES = ("logits", "cls_logits", "aux_logits")
 # and has a Gelu operator (the MLP's activation), which keeps the graph close to the model.
 MIN_OPSET = 18
 DEFAULT_OPSET = 20
+# The newest opset the installed exporter writes (torch.onnx's own bound; 23 in torch 2.9 to 2.14).
+try:
+    from torch.onnx._constants import ONNX_MAX_OPSET as MAX_OPSET
+except ImportError:  # pragma: no cover - a torch that moved it
+    MAX_OPSET = 23
 # ONNX Runtime's outputs must equal the PyTorch model's within this, relative to their scale (max(1, max |value|)):
 # the same float32 computation, in another order.
 EXPORT_RELATIVE_TOLERANCE = 1e-4
@@ -81,6 +86,122 @@ ONNX_EXPORT_DIRECTORY = DirectoryLayout(
 
 class ExportError(UsageError):
     """An export that cannot be made as asked (an output the model does not have, an opset too old, ...)."""
+
+
+class NonFiniteWeightsError(DataError, ValueError):
+    """A model whose weights hold NaN or infinity: its export would output them."""
+
+
+class ExportTooLargeError(UsageError):
+    """An export whose estimated memory exceeds the machine's."""
+
+
+def check_opset(opset: int) -> None:
+    """
+    Raises:
+        `ExportError`: an opset the exporter does not write (before [`MIN_OPSET`] or after [`MAX_OPSET`]).
+    """
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise ExportError(
+            f"--opset {opset}: the exporter writes opsets {MIN_OPSET} to {MAX_OPSET}; choose one of them (default "
+            f"{DEFAULT_OPSET})."
+        )
+
+
+def check_finite_weights(model: nn.Module, source: str = "The model") -> None:
+    """
+    Refuses a model whose parameters or buffers hold NaN or infinity (a diverged run, a damaged file), naming every
+    such tensor: its export would compute NaN, and a check against the PyTorch model would compare NaN with NaN.
+
+    Raises:
+        `NonFiniteWeightsError`: listing the tensors and how many values of each are not finite.
+    """
+    bad = {}
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point():
+            count = tensor.numel() - int(torch.isfinite(tensor).sum())
+            if count:
+                bad[name] = (count, tensor.numel())
+    if bad:
+        listed = ", ".join(f"{name!r} ({count:,} of {total:,})" for name, (count, total) in sorted(bad.items())[:8])
+        more = f", ... ({len(bad)} in all)" if len(bad) > 8 else ""
+        raise NonFiniteWeightsError(
+            f"{source}: non-finite values (NaN or infinity) in {len(bad)} tensors: {listed}{more}. Its outputs would "
+            "be NaN or infinite: export a model whose weights are finite (an earlier checkpoint of the run)."
+        )
+
+
+# What an export's check holds at once, measured on CPU (tracing, ONNX Runtime's session and both forward passes of
+# the largest check batch): about 15 attention maps of that batch for an expansion of 2, growing with the expansion
+# of the refinement (whose intermediate maps have `expansion` times the heads), on top of the weights' copies and
+# about 1 GiB of libraries.
+_MAPS_PER_EXPANSION = 5
+_WEIGHT_COPIES = 8
+_BASE_MEMORY = 2**30
+
+
+def export_memory_estimate(config: RefinerViTConfig, image_size: int | None = None, batch_size: int = 3) -> int:
+    """
+    Estimated peak memory in bytes of exporting and checking a model of `config` at `image_size` (default: its own):
+    the attention maps of a batch of `batch_size` images (tokens^2 x heads, times the refinement's expansion and the
+    copies the check's forward passes and ONNX Runtime hold) and the copies of the weights.
+    """
+    image_size = image_size or config.image_size
+    tokens = (image_size // config.patch_size) ** 2 + 1
+    expansions = [
+        config.refine_expansion if kind == "refined" else config.shared_expansion if kind == "shared" else 0
+        for kind in config.block_types
+    ]
+    maps = batch_size * config.num_attention_heads * tokens**2 * 4
+    weights = 4 * count_parameters_at(config, image_size)
+    return _BASE_MEMORY + _WEIGHT_COPIES * weights + _MAPS_PER_EXPANSION * (1 + max(expansions, default=0)) * maps
+
+
+def count_parameters_at(config: RefinerViTConfig, image_size: int) -> int:
+    """The parameters of a model of `config` resized to `image_size` (the position embedding grows with it)."""
+    tokens = (image_size // config.patch_size) ** 2 + 1
+    return count_parameters(config) + (tokens - config.num_patches - 1) * config.hidden_size
+
+
+def machine_memory() -> int:
+    """The machine's physical memory in bytes (0 when the system does not tell)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def check_export_memory(config: RefinerViTConfig, image_size: int | None = None, memory: int | None = None) -> None:
+    """
+    Refuses an export whose [`export_memory_estimate`] exceeds the machine's memory, before anything is allocated,
+    naming the estimate, the memory and the largest image size (a multiple of the patch size) that fits.
+
+    Raises:
+        `ExportTooLargeError`: the export does not fit.
+    """
+    memory = machine_memory() if memory is None else memory
+    image_size = image_size or config.image_size
+    needed = export_memory_estimate(config, image_size)
+    if not memory or needed <= memory:
+        return
+    patch = config.patch_size
+    low, high = 0, image_size // patch  # the largest grid that fits, by bisection (the estimate grows with it)
+    while low < high:
+        middle = (low + high + 1) // 2
+        if export_memory_estimate(config, middle * patch) <= memory:
+            low = middle
+        else:
+            high = middle - 1
+    fits = (
+        f"the largest image size that fits is {low * patch} (--image-size {low * patch})"
+        if low
+        else ("no image size fits")
+    )
+    raise ExportTooLargeError(
+        f"Exporting and checking at {image_size} px needs about {needed / 2**30:,.1f} GiB "
+        f"(attention maps of {(image_size // patch) ** 2 + 1:,} tokens squared x {config.num_attention_heads} heads), "
+        f"more than this machine's {memory / 2**30:,.1f} GiB of memory; {fits}."
+    )
 
 
 def require_onnx_packages() -> None:
@@ -206,8 +327,7 @@ def export_onnx(
     """
     require_onnx_packages()
     outputs = check_outputs(model, outputs)
-    if opset < MIN_OPSET:
-        raise ExportError(f"--opset {opset} is too old: the exporter writes opset {MIN_OPSET} or later.")
+    check_opset(opset)
     path = Path(path)
     with reference_computation(model), torch.no_grad():
         program = torch.onnx.export(
@@ -342,8 +462,9 @@ def compare_outputs(
 ) -> OutputComparison:
     """
     Runs each batch through `session` (its `pixel_values` as ONNX Runtime gets them) and `model`'s reference
-    computation (as PyTorch gets them), and compares every output the session has. With a `tolerance`, an output
-    that differs by more than `tolerance` times its scale, or is non-finite in other places, is an error.
+    computation (as PyTorch gets them), and compares every output the session has. A NaN or infinite value on either
+    side is an error (NaN against NaN is no proof), and with a `tolerance`, so is an output that differs by more than
+    `tolerance` times its scale.
 
     Raises:
         `ModelDirectoryError`: naming the output, the batch size and the difference.
@@ -370,23 +491,26 @@ def compare_outputs(
                     f"{what}'s {name} have shape {got.shape}, the PyTorch model's {reference.shape}, at batch size "
                     f"{len(pixel_values)}."
                 )
+            non_finite = {
+                "the PyTorch model's": reference.size - int(np.isfinite(reference).sum()),
+                f"{what}'s": got.size - int(np.isfinite(got).sum()),
+            }
+            if any(non_finite.values()):  # NaN against NaN must never pass as "no difference"
+                described = " and ".join(f"{side} {count:,}" for side, count in non_finite.items() if count)
+                raise ModelDirectoryError(
+                    f"Non-finite {name} (NaN or infinity) at batch size {len(pixel_values)}: {described} of "
+                    f"{reference.size:,}; such an export cannot be checked (the model's weights hold NaN or infinity, "
+                    "or its computation overflows)."
+                )
             scale = _finite_scale(reference)
             scales[name] = max(scales[name], scale)
-            finite = np.isfinite(reference)
-            same_places = all(
-                np.array_equal(test(got), test(reference)) for test in (np.isnan, np.isposinf, np.isneginf)
-            )
-            difference = float(np.abs(got[finite] - reference[finite]).max()) if finite.any() else 0.0
-            if tolerance is not None and not (same_places and difference <= tolerance * scale):
-                detail = (
-                    "are not finite where the PyTorch model's are"
-                    if not same_places
-                    else (
-                        f"differ from the PyTorch model's by {difference:.3g} (more than {tolerance * scale:.3g}, "
-                        f"{tolerance:g} of their scale {scale:.3g})"
-                    )
+            difference = float(np.abs(got - reference).max())
+            if tolerance is not None and not difference <= tolerance * scale:
+                raise ModelDirectoryError(
+                    f"{what}'s {name} differ from the PyTorch model's by {difference:.3g} (more than "
+                    f"{tolerance * scale:.3g}, {tolerance:g} of their scale {scale:.3g}) at batch size "
+                    f"{len(pixel_values)}."
                 )
-                raise ModelDirectoryError(f"{what}'s {name} {detail} at batch size {len(pixel_values)}.")
             differences[name] = max(differences[name], difference)
         agree += int((actual["logits"].argmax(-1) == expected.logits.argmax(-1).numpy()).sum())
         total += len(pixel_values)
@@ -534,14 +658,15 @@ def save_onnx_directory(
 
     Raises:
         `ExportError`: the export cannot be made as asked.
+        `NonFiniteWeightsError`: the model's weights hold NaN or infinity.
         `ModelDirectoryError`: the output directory is refused, writing failed, or the check failed.
     """
     require_onnx_packages()
     outputs = check_outputs(model, outputs)
     if quantize not in (None, "int8"):
         raise ExportError(f"Unknown quantization {quantize!r}: the only one is int8.")
-    if opset < MIN_OPSET:
-        raise ExportError(f"--opset {opset} is too old: the exporter writes opset {MIN_OPSET} or later.")
+    check_opset(opset)
+    check_finite_weights(model)
     result = OnnxExport(directory=Path(output_dir), outputs=outputs, opset=opset, seconds=0.0)
 
     def write(staging: Path) -> None:
@@ -623,6 +748,14 @@ __all__ = [
     "QUANTIZED_ONNX_NAME",
     "ClassifierOutputs",
     "ExportError",
+    "ExportTooLargeError",
+    "MAX_OPSET",
+    "NonFiniteWeightsError",
+    "check_export_memory",
+    "check_finite_weights",
+    "check_opset",
+    "export_memory_estimate",
+    "machine_memory",
     "OnnxExport",
     "OnnxImageClassifier",
     "OutputComparison",

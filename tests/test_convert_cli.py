@@ -333,12 +333,12 @@ def test_overwrite_replaces_only_a_previous_model_directory(tmp_path, capsys, mo
     capsys.readouterr()
     before = snapshot(tmp_path)
 
-    def refused(output_dir, message, *flags, cwd=work):
+    def refused(output_dir, message, *flags, cwd=work, status=1):
         code, stdout, stderr = run_main(
             "--checkpoint", checkpoint, "--output-dir", output_dir, *flags, cwd=cwd, capsys=capsys,
             monkeypatch=monkeypatch,
         )  # fmt: skip
-        assert code == 1 and re.search(message, stderr), stderr
+        assert code == status and re.search(message, stderr), stderr
         assert "Loaded" not in stdout  # refused before any work
         assert snapshot(tmp_path) == before
 
@@ -351,7 +351,7 @@ def test_overwrite_replaces_only_a_previous_model_directory(tmp_path, capsys, mo
         r"notes is not a model directory \(it holds other files \(notes.txt\)\); --overwrite replaces",
         "--overwrite",
     )
-    refused("file", r"file exists and is not a directory", "--overwrite")
+    refused("file", r"--output-dir file: a file is there; give a directory path\.", "--overwrite", status=2)
     (work / "model" / "train.py").write_text("# a user's script")
     before = snapshot(tmp_path)
     refused("model", r"model is not a model directory \(it holds other files \(train.py\)\)", "--overwrite")

@@ -269,18 +269,27 @@ def test_logits_are_compared_relative_to_their_scale():
         compare_logits(expected + torch.tensor([[0.0, 0.0, 0.012, 0.0]]), expected)
 
 
-def test_non_finite_logits_must_match_in_place():
+def test_non_finite_logits_fail_unless_allowed_and_then_must_match_in_place():
     expected = torch.tensor([[1.0, float("nan"), float("inf")]])
-    assert compare_logits(expected.clone(), expected) == (0.0, 1e-5)
+    # NaN against NaN is no proof: refused, naming both sides' counts.
+    with pytest.raises(
+        ModelDirectoryError,
+        match=r"Non-finite logits \(NaN or infinity\): the reloaded model's 2 and the in-memory model's 2 of 3",
+    ):
+        compare_logits(expected.clone(), expected)
+    with pytest.raises(ModelDirectoryError, match="the reloaded model's 3 of 3"):  # NaN > tolerance is False
+        compare_logits(torch.tensor([[float("nan")] * 3]), torch.ones(1, 3))
+    with pytest.raises(ModelDirectoryError, match="the in-memory model's 1 of 3"):
+        compare_logits(torch.ones(1, 3), torch.tensor([[1.0, 1.0, float("nan")]]))
+    # A model converted with non-finite weights on purpose: non-finite in the same places only.
+    assert compare_logits(expected.clone(), expected, allow_non_finite=True) == (0.0, 1e-5)
     for actual in (
         [[float("nan"), float("nan"), float("inf")]],
         [[1.0, 2.0, float("inf")]],
         [[1.0, float("nan"), -float("inf")]],
     ):
         with pytest.raises(ModelDirectoryError, match="not finite where"):
-            compare_logits(torch.tensor(actual), expected)
-    with pytest.raises(ModelDirectoryError, match="not finite where"):  # NaN > tolerance is False: never a pass
-        compare_logits(torch.tensor([[float("nan")] * 3]), torch.ones(1, 3))
+            compare_logits(torch.tensor(actual), expected, allow_non_finite=True)
 
 
 def test_a_previous_model_directory_is_replaced_only_once_the_new_one_is_complete(written, tmp_path):
