@@ -28,6 +28,7 @@ from safetensors import SafetensorError
 
 from .cli import DataError
 from .configuration_refiner_vit import RefinerViTConfig
+from .loading import check_safetensors_file
 from .modeling_refiner_vit import RefinerViTForImageClassification, count_parameters
 
 
@@ -43,7 +44,6 @@ MAX_INFLATION = 2.0
 # The converted model runs once on a photo to check it; its attention maps grow with the square of the tokens implied
 # by the position embedding. 1 + 64 x 64 tokens (1024 px at patch 16) is four times the released L at 448 px (785).
 MAX_TOKENS = 4097
-_SAFETENSORS_MAX_HEADER = 100_000_000  # safetensors' own limit on its JSON header
 
 
 class CheckpointError(DataError, ValueError):
@@ -138,12 +138,7 @@ def check_declared_sizes(path: str | os.PathLike) -> None:
     with path.open("rb") as file:
         head = file.read(9)
     if len(head) == 9 and head[8:9] == b"{":  # safetensors: an 8-byte header length, then the JSON header
-        header_size = int.from_bytes(head[:8], "little")
-        if header_size > min(size - 8, _SAFETENSORS_MAX_HEADER):
-            raise CheckpointError(
-                f"{path}: a safetensors header of {header_size:,} bytes in a {size:,}-byte file; the file is "
-                "truncated or corrupt."
-            )
+        check_safetensors_file(path, CheckpointError, advice="give the whole checkpoint file")
 
 
 def extract_original_weights(
