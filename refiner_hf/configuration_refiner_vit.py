@@ -395,9 +395,17 @@ class MemoryEstimate:
         """'at least 12.3 GiB (9.8 GiB of weights, gradients and optimizer state, 2.5 GiB of activations ...)'."""
         weights = "weights, gradients and optimizer state" if self.training else "weights"
         return (
-            f"at least {self.total_bytes / 2**30:,.1f} GiB ({self.parameter_bytes / 2**30:,.1f} GiB of {weights} for "
-            f"{self.parameters:,} parameters, {self.activation_bytes / 2**30:,.1f} GiB of activations for one image)"
+            f"at least {format_bytes(self.total_bytes)} ({format_bytes(self.parameter_bytes)} of {weights} for "
+            f"{self.parameters:,} parameters, {format_bytes(self.activation_bytes)} of activations for one image)"
         )
+
+
+def format_bytes(count: int) -> str:
+    """'1.5 GiB', '12.0 MiB', '3.2 KiB' or '512 bytes'."""
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if count >= size:
+            return f"{count / size:,.1f} {unit}"
+    return f"{count} bytes"
 
 
 def _block_activations(config: RefinerViTConfig, block_type: str, training: bool) -> int:
@@ -471,5 +479,6 @@ __all__ = [
     "RefinerViTConfig",
     "count_parameters",
     "estimate_memory",
+    "format_bytes",
     "machine_memory",
 ]

@@ -45,6 +45,8 @@ SAFETENSORS_DTYPE_BITS = {
 }  # fmt: skip
 KEYS_SHOWN = 3
 _HEAD_PREFIXES = ("classifier.", "aux_classifier.")
+# How the note of [`load_image_processor_checked`] starts when the source has no image processor.
+NO_IMAGE_PROCESSOR = "no image processor there"
 _BLOCK_KEY = re.compile(r"(?:refiner_vit\.)?layers\.(\d+)\.attention\.(qkv|q_proj|k_proj|refiner)\.")
 
 
@@ -399,7 +401,7 @@ def load_image_processor_checked(
     if path is None:
         processor = image_processor_for_config(config, crop_pct=changes.get("crop_pct"))
         return processor, (
-            f"no image processor there ({PROCESSOR_NAME}): the evaluation one for its configuration (crop_pct "
+            f"{NO_IMAGE_PROCESSOR} ({PROCESSOR_NAME}): the evaluation one for its configuration (crop_pct "
             f"{processor.crop_pct})"
         )
     loader = processor_class or AutoImageProcessor
@@ -414,6 +416,7 @@ def load_image_processor_checked(
 
 
 __all__ = [
+    "NO_IMAGE_PROCESSOR",
     "ImageProcessorConfigError",
     "LoadedModel",
     "ModelWeightsError",

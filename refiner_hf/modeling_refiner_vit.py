@@ -19,7 +19,13 @@ from transformers.utils.generic import can_return_tuple
 from transformers.utils.output_capturing import capture_outputs
 
 from .cli import DataError
-from .configuration_refiner_vit import RefinerViTConfig, count_parameters, estimate_memory, machine_memory
+from .configuration_refiner_vit import (
+    RefinerViTConfig,
+    count_parameters,
+    estimate_memory,
+    format_bytes,
+    machine_memory,
+)
 from .fast_inference import (
     FoldedRefinement,
     attention_context_fused,
@@ -818,7 +824,7 @@ def check_model_size(
             how_to_allow,
             f"This configuration describes a model that needs {estimate.describe()} to "
             f"{'train on' if training else 'run'} one {config.image_size}-px image, more than the "
-            f"{available / 2**30:,.1f} GiB of memory this machine has",
+            f"{format_bytes(available)} of memory this machine has",
         )
 
 
