@@ -365,3 +365,35 @@ def test_the_loader_names_a_model_that_is_not_a_refiner_vit(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "vit"}))
     with pytest.raises(UsageError, match=r"--model .*: a 'vit' model, not a Refiner-ViT"):
         load_model_checked(str(tmp_path))
+
+
+def test_the_exporter_refuses_a_directory_whose_config_is_a_typo(model_dir, tmp_path, capsys):
+    directory = copy_of(model_dir, tmp_path)
+    rewrite_json(
+        directory / "config.json",
+        lambda config: config.update(num_hidden_layers=100_000, block_types=["plain", "shared"] * 50_000),
+    )
+    start = time.perf_counter()
+    status, line = export_error(directory, tmp_path, capsys)
+    assert time.perf_counter() - start < 5
+    assert status == EXIT_DATA and line.startswith("This configuration has 100,000 blocks (`num_hidden_layers`)")
+
+
+def test_the_trainer_refuses_to_fine_tune_a_model_whose_config_does_not_describe_its_weights(model_dir, tmp_path):
+    from training_utils import run_in_process, tiny_run_args
+
+    directory = copy_of(model_dir, tmp_path)
+    rewrite_json(directory / "config.json", lambda config: config.pop("block_types"))
+    argv = tiny_run_args(
+        tmp_path / "run",
+        config_overrides=None,
+        model_name_or_path=directory,
+        image_size=32,
+        max_train_samples=16,
+        per_device_train_batch_size=4,
+        max_eval_samples=8,
+    )
+    with pytest.raises(ModelWeightsError, match=r"--model_name_or_path .*config.json has no block_types"):
+        run_in_process(argv)
+    assert not (tmp_path / "run" / "model").exists()
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").glob("checkpoint*"))
