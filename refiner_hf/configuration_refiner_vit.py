@@ -363,8 +363,9 @@ def count_parameters(config: RefinerViTConfig, heads: bool = True) -> int:
     return total
 
 
-# Values kept per parameter while training with AdamW: the weight, its gradient and the optimizer's two moments.
-TRAINING_COPIES_PER_PARAMETER = 4
+# Values per parameter held through every forward of training with AdamW, beside the activations: the weight and the
+# optimizer's two moments (the gradients appear as the backward pass frees the activations, so they are not added).
+TRAINING_COPIES_PER_PARAMETER = 3
 _FLOAT_BYTES = 4
 
 
@@ -376,7 +377,7 @@ class MemoryEstimate:
 
     Args:
         parameters (`int`): the number of parameters ([`count_parameters`]).
-        parameter_bytes (`int`): the weights in float32, and while training their gradients and AdamW's two moments.
+        parameter_bytes (`int`): the weights in float32, and while training AdamW's two moments.
         activation_bytes (`int`): the activations of one image at `config.image_size`: at inference the largest
             block's, while training every block's (kept for the backward pass).
         training (`bool`): which of the two it is.
@@ -392,8 +393,8 @@ class MemoryEstimate:
         return self.parameter_bytes + self.activation_bytes
 
     def describe(self) -> str:
-        """'at least 12.3 GiB (9.8 GiB of weights, gradients and optimizer state, 2.5 GiB of activations ...)'."""
-        weights = "weights, gradients and optimizer state" if self.training else "weights"
+        """'at least 12.3 GiB (9.8 GiB of weights and optimizer state for N parameters, 2.5 GiB of activations ...)'."""
+        weights = "weights and optimizer state" if self.training else "weights"
         return (
             f"at least {format_bytes(self.total_bytes)} ({format_bytes(self.parameter_bytes)} of {weights} for "
             f"{self.parameters:,} parameters, {format_bytes(self.activation_bytes)} of activations for one image)"

@@ -156,8 +156,8 @@ def _check_pretrained_overrides(args: ModelArguments, overrides: dict) -> None:
 def check_training_size(args: ModelArguments, config: RefinerViTConfig) -> None:
     """
     Refuses, before anything is built, a model too large to have been meant: more parameters or blocks than are built
-    without being asked, or more memory than the machine has to train on one image of its size (weights, gradients,
-    AdamW's state and the activations: [`~configuration_refiner_vit.estimate_memory`]), unless `--allow_large_model`.
+    without being asked, or more memory than the machine has to train on one image of its size (the weights, AdamW's
+    state and the activations: [`~configuration_refiner_vit.estimate_memory`]), unless `--allow_large_model`.
     """
     if args.allow_large_model:
         return
