@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -335,8 +336,12 @@ def load_model_checked(
         ) from None
     except DataError:
         raise
-    except RuntimeError as error:  # transformers' own refusals of the weights (e.g. a conversion error)
-        raise ModelWeightsError(f"{flag} {source}: its weights cannot be loaded: {one_line(error)}") from None
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as error:  # transformers' refusals, a damaged .bin file
+        reason = one_line(error).split(". ")[0].rstrip(".")
+        raise ModelWeightsError(
+            f"{flag} {source}: its weights cannot be loaded ({reason}); the file is damaged: re-save the model with "
+            "save_pretrained, or re-convert its original checkpoint."
+        ) from None
     except (OSError, ValueError) as error:
         raise loading_error(flag, source, error) from None
     finally:

@@ -18,7 +18,7 @@ import PIL.Image
 import PIL.ImageOps
 import pytest
 import torch
-from helpers import load_script, randomize_, tiny_config
+from helpers import FIXTURES, load_script, randomize_, tiny_config
 from safetensors.torch import load_file, save_file
 
 from refiner_hf import RefinerViTConfig, RefinerViTForImageClassification, RefinerViTModel, modeling_refiner_vit
@@ -171,6 +171,15 @@ def test_damaged_weights_files_are_one_line_naming_the_file(model_dir, tmp_path,
     assert line.startswith(
         f"{huge / WEIGHTS}: tensor 'classifier.bias' (F32 [1099511627776]) needs 4,398,046,511,104 bytes but is "
         "given 20 (the file is damaged); re-save the model"
+    )
+
+    legacy = copy_of(model_dir, tmp_path, "legacy")  # PyTorch's format, truncated
+    (legacy / WEIGHTS).unlink()
+    (legacy / "pytorch_model.bin").write_bytes((FIXTURES / "released_tiny.pth").read_bytes()[:3000])
+    status, line = export_error(legacy, tmp_path, capsys)
+    assert status == EXIT_DATA and line.startswith(f"--model {legacy}: its weights cannot be loaded (")
+    assert line.endswith(
+        "the file is damaged: re-save the model with save_pretrained, or re-convert its original checkpoint."
     )
 
     dtype = tmp_path / "dtype.safetensors"
