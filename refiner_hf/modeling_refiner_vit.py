@@ -636,7 +636,8 @@ class RefinerViTPreTrainedModel(PreTrainedModel):
     input_modalities = ("image",)
     supports_gradient_checkpointing = True
     # Models of more parameters are refused before anything is allocated (a typo such as `num_hidden_layers: 100000`
-    # would otherwise be built until the process is killed); None lifts the bound.
+    # would otherwise be built until the process is killed), as are deeper ones and ones needing more memory than the
+    # machine has (`check_model_size`); None lifts every one of these bounds.
     max_parameters: int | None = 2_000_000_000
     _no_split_modules = ["RefinerViTEmbeddings", "RefinerViTLayer"]
     _can_record_outputs = {
