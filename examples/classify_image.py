@@ -20,7 +20,8 @@ from transformers.utils import logging
 from refiner_hf import convert_original_checkpoint
 from refiner_hf.assets import sample_image_path
 from refiner_hf.image_processing_refiner_vit import image_processor_for_config
-from refiner_hf.training.errors import ArgumentParser, UsageError, check_model_path, loading_error, run_command
+from refiner_hf.loading import NO_IMAGE_PROCESSOR, load_image_processor_checked, load_model_checked
+from refiner_hf.training.errors import ArgumentParser, UsageError, check_model_path, run_command
 
 
 BUNDLED_CHECKPOINT = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "released_tiny.pth"
@@ -67,10 +68,13 @@ def main() -> None:
                 f"Converted {args.checkpoint} ({model.config.matching_preset() or 'custom architecture'}, "
                 f"{model.num_parameters():,} parameters)"
             )
-        try:
-            classifier = pipeline("image-classification", model=model_dir)
-        except (OSError, ValueError) as error:  # not there, or a model type transformers does not know
-            raise loading_error("--model", model_dir, error) from None
+        # Every tensor checked (missing, unexpected, non-finite: one-line errors) and the model's own processor
+        # (an invalid one is an error; only one that is not there falls back to the evaluation processor).
+        model = load_model_checked(model_dir, "--model").model.eval()
+        processor, note = load_image_processor_checked(model_dir, model.config, "--model")
+        if note.startswith(NO_IMAGE_PROCESSOR):
+            print(f"{model_dir}: {note}.")
+        classifier = pipeline("image-classification", model=model, image_processor=processor)
         print(f"Top {args.top_k} for {args.image}:")
         for rank, prediction in enumerate(classifier(args.image, top_k=args.top_k), start=1):
             print(f"  {rank}. {prediction['label']:<30} {prediction['score']:.4f}")

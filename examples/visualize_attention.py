@@ -59,12 +59,11 @@ from refiner_hf.attention_analysis import (  # noqa: E402
     upsample_to_image,
 )
 from refiner_hf.image_processing_refiner_vit import image_processor_for_config  # noqa: E402
+from refiner_hf.loading import NO_IMAGE_PROCESSOR, load_image_processor_checked, load_model_checked  # noqa: E402
 from refiner_hf.training import embedded_data  # noqa: E402
 from refiner_hf.training.errors import (  # noqa: E402
     ArgumentParser,
     UsageError,
-    check_model_path,
-    loading_error,
     run_command,
 )
 
@@ -114,15 +113,12 @@ def load_model(model: str | None) -> tuple[RefinerViTForImageClassification, obj
     if model is None and TRAINED_DEFAULT.is_dir():
         model = str(TRAINED_DEFAULT)
     if model is not None:
-        check_model_path("--model", model)
-        try:
-            loaded = AutoModelForImageClassification.from_pretrained(model)
-            processor = AutoImageProcessor.from_pretrained(model)
-        except (OSError, ValueError) as error:  # not there, or a model type transformers does not know
-            raise loading_error("--model", model, error) from None
-        if not isinstance(loaded, RefinerViTForImageClassification):
-            raise UsageError(f"--model {model} holds a {type(loaded).__name__}, not a Refiner-ViT image classifier.")
-        return loaded.eval(), processor, f"model {model}"
+        # Every tensor checked (missing, unexpected, non-finite: one-line errors), and the model's own processor;
+        # only one that is not there falls back to the evaluation processor for its configuration.
+        loaded = load_model_checked(model, "--model").model
+        processor, note = load_image_processor_checked(model, loaded.config, "--model")
+        described = f"model {model}" + (f" ({note})" if note.startswith(NO_IMAGE_PROCESSOR) else "")
+        return loaded.eval(), processor, described
     converted = convert_original_checkpoint(BUNDLED_CHECKPOINT)
     with tempfile.TemporaryDirectory() as tmp:  # a round trip, as a converted model would be used
         converted.save_pretrained(tmp)

@@ -2,6 +2,8 @@
 
 import copy
 import math
+import os
+from collections import Counter
 from dataclasses import dataclass
 
 from huggingface_hub.dataclasses import strict
@@ -330,4 +332,154 @@ class RefinerViTConfig(PreTrainedConfig):
         return list(PRESETS)
 
 
-__all__ = ["ARCHITECTURES", "PRESETS", "Preset", "RefinerViTConfig"]
+def count_parameters(config: RefinerViTConfig, heads: bool = True) -> int:
+    """
+    The number of parameters of [`RefinerViTForImageClassification`] (of [`RefinerViTModel`] without `heads`) built
+    from `config`, counted from the configuration alone, before anything is allocated.
+    """
+    hidden, heads_count, labels = config.hidden_size, config.num_attention_heads, config.num_labels
+    total = hidden + (config.num_patches + 1) * hidden  # class token, position embedding
+    if config.stem_type == "conv":
+        c1, c2, c3 = config.stem_hidden_sizes
+        total += config.num_channels * c1 * 49 + c1 * c2 * 9 + c2 * c3 * 9 + 2 * (c1 + c2 + c3)
+        total += c3 * hidden * (config.patch_size // 2) ** 2 + hidden
+    else:
+        total += config.num_channels * hidden * config.patch_size**2 + hidden
+    linear = hidden * hidden + (hidden if config.qkv_bias else 0)  # one of q, k, v
+    mlp = 2 * hidden * config.intermediate_size + config.intermediate_size + 2 * hidden  # fc1, fc2, layer scale
+    for block_type, count in Counter(config.block_types).items():  # per kind of block: fast for any depth
+        block = 4 * hidden + (linear if block_type == "shared" else 3 * linear) + hidden * hidden + hidden + mlp
+        if block_type != "plain":
+            expansion = config.shared_expansion if block_type == "shared" else config.refine_expansion
+            expanded = heads_count * expansion
+            if expansion != 1:
+                block += heads_count * expanded + 2 * expanded  # expand conv and its BatchNorm
+            block += expanded * config.refine_kernel_size**2 + 2 * expanded  # depthwise conv and its BatchNorm
+            block += expanded * heads_count + 4 * heads_count  # project conv, its BatchNorm, adapt_bn
+        total += count * block
+    total += 2 * hidden  # final LayerNorm
+    if heads and labels > 0:
+        total += (hidden * labels + labels) * (2 if config.use_aux_head else 1)
+    return total
+
+
+# Values per parameter held through every forward of training with AdamW, beside the activations: the weight and the
+# optimizer's two moments (the gradients appear as the backward pass frees the activations, so they are not added).
+TRAINING_COPIES_PER_PARAMETER = 3
+_FLOAT_BYTES = 4
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """
+    A lower bound of the memory a model needs, from its configuration alone: what it must hold, not what an allocator
+    adds on top.
+
+    Args:
+        parameters (`int`): the number of parameters ([`count_parameters`]).
+        parameter_bytes (`int`): the weights in float32, and while training AdamW's two moments.
+        activation_bytes (`int`): the activations of one image at `config.image_size`: at inference the largest
+            block's, while training every block's (kept for the backward pass).
+        training (`bool`): which of the two it is.
+    """
+
+    parameters: int
+    parameter_bytes: int
+    activation_bytes: int
+    training: bool
+
+    @property
+    def total_bytes(self) -> int:
+        return self.parameter_bytes + self.activation_bytes
+
+    def describe(self) -> str:
+        """'at least 12.3 GiB (9.8 GiB of weights and optimizer state for N parameters, 2.5 GiB of activations ...)'."""
+        weights = "weights and optimizer state" if self.training else "weights"
+        return (
+            f"at least {format_bytes(self.total_bytes)} ({format_bytes(self.parameter_bytes)} of {weights} for "
+            f"{self.parameters:,} parameters, {format_bytes(self.activation_bytes)} of activations for one image)"
+        )
+
+
+def format_bytes(count: int) -> str:
+    """'1.5 GiB', '12.0 MiB', '3.2 KiB' or '512 bytes'."""
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if count >= size:
+            return f"{count / size:,.1f} {unit}"
+    return f"{count} bytes"
+
+
+def _block_activations(config: RefinerViTConfig, block_type: str, training: bool) -> int:
+    """Values one block holds for one image: while training those kept for the backward pass, else its peak."""
+    tokens, hidden = config.num_patches + 1, config.hidden_size
+    maps = config.num_attention_heads * tokens * tokens  # one attention map of every head
+    expansion = config.shared_expansion if block_type == "shared" else config.refine_expansion
+    if training:
+        # LayerNorm inputs, query/key/value (value only in shared blocks), the attention output and the MLP's input,
+        # its hidden layer before and after the activation; the softmax map, and the refinement's maps around each
+        # convolution and BatchNorm.
+        vectors = tokens * (hidden * (4 if block_type == "shared" else 6) + 2 * config.intermediate_size)
+        return vectors + maps * (1 if block_type == "plain" else 2 + 4 * expansion)
+    # The widest moment: the scores and the softmax, or a refinement convolution's input and expanded output.
+    vectors = tokens * (3 * hidden + config.intermediate_size)
+    return vectors + maps * (2 if block_type == "plain" else 1 + expansion)
+
+
+def estimate_memory(config: RefinerViTConfig, training: bool = False) -> MemoryEstimate:
+    """
+    A lower bound of the memory (in float32) a [`RefinerViTForImageClassification`] of `config` needs to run one image
+    of `config.image_size` (or, with `training`, to train on it with AdamW), computed from the numbers alone.
+    """
+    parameters = count_parameters(config)
+    side = config.image_size
+    stem = config.num_channels * side * side  # the image
+    if config.stem_type == "conv":
+        half = ((side - 1) // 2 + 1) ** 2
+        stem += (2 * sum(config.stem_hidden_sizes) if training else 2 * max(config.stem_hidden_sizes)) * half
+    counts = Counter(config.block_types)
+    per_block = {kind: _block_activations(config, kind, training) for kind in counts}
+    if training:
+        activations = stem + sum(per_block[kind] * count for kind, count in counts.items())
+    else:
+        activations = stem + max(per_block.values(), default=0)
+    copies = TRAINING_COPIES_PER_PARAMETER if training else 1
+    return MemoryEstimate(parameters, copies * _FLOAT_BYTES * parameters, _FLOAT_BYTES * activations, training)
+
+
+def machine_memory() -> int | None:
+    """
+    The bytes of memory this process can have: the machine's physical memory (psutil when installed, else the
+    operating system's page count), or the container's limit when that is lower; `None` when it cannot be told.
+    """
+    total = None
+    try:
+        import psutil
+
+        total = int(psutil.virtual_memory().total)
+    except Exception:  # not installed, or no answer on this platform
+        try:
+            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (AttributeError, ValueError, OSError):
+            total = None
+    for limit_file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = open(limit_file).read().strip()
+        except OSError:
+            continue
+        if text.isdigit() and (total is None or int(text) < total):
+            total = int(text)
+        break
+    return total
+
+
+__all__ = [
+    "ARCHITECTURES",
+    "PRESETS",
+    "MemoryEstimate",
+    "Preset",
+    "RefinerViTConfig",
+    "count_parameters",
+    "estimate_memory",
+    "format_bytes",
+    "machine_memory",
+]

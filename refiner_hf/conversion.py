@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import errno
-import json
 import math
 import os
 import pickle
@@ -29,6 +28,7 @@ from safetensors import SafetensorError
 
 from .cli import DataError
 from .configuration_refiner_vit import RefinerViTConfig
+from .loading import check_safetensors_file
 from .modeling_refiner_vit import RefinerViTForImageClassification, count_parameters
 
 
@@ -44,11 +44,6 @@ MAX_INFLATION = 2.0
 # The converted model runs once on a photo to check it; its attention maps grow with the square of the tokens implied
 # by the position embedding. 1 + 64 x 64 tokens (1024 px at patch 16) is four times the released L at 448 px (785).
 MAX_TOKENS = 4097
-_SAFETENSORS_MAX_HEADER = 100_000_000  # safetensors' own limit on its JSON header
-_SAFETENSORS_DTYPE_BYTES = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "I16": 2, "F16": 2, "BF16": 2, "U32": 4,
-    "I32": 4, "F32": 4, "U64": 8, "I64": 8, "F64": 8, "C64": 8,
-}  # fmt: skip
 
 
 class CheckpointError(DataError, ValueError):
@@ -128,7 +123,7 @@ def check_declared_sizes(path: str | os.PathLike) -> None:
     Raises:
         `CheckpointError`: naming the file and the sizes.
     """
-    path = real = Path(path)
+    path = real = given = Path(path)
     named_suffix, size = path.suffix, path.stat().st_size
     if path.is_symlink():
         real = Path(os.path.realpath(path))
@@ -147,52 +142,14 @@ def check_declared_sizes(path: str | os.PathLike) -> None:
         return
     with open(real, "rb") as file:
         head = file.read(9)
-        if len(head) == 9 and head[8:9] == b"{":  # safetensors: an 8-byte header length, then the JSON header
-            file.seek(0)
-            _check_safetensors_sizes(path, file, size)
-            return
+    if len(head) == 9 and head[8:9] == b"{":  # safetensors: an 8-byte header length, then the JSON header
+        check_safetensors_file(given, CheckpointError, advice="give the whole checkpoint file")
+        return
     if ".safetensors" in (real.suffix, named_suffix):
         raise CheckpointError(
             f"{path}: not a safetensors file (it does not start with a safetensors header); pass the weights file "
             "itself."
         )
-
-
-def _check_safetensors_sizes(path: Path, file, size: int) -> None:
-    """[`check_declared_sizes`] for a safetensors file: its header, then every tensor's extent within the file."""
-    header_size = int.from_bytes(file.read(8), "little")
-    if header_size > min(size - 8, _SAFETENSORS_MAX_HEADER):
-        raise CheckpointError(
-            f"{path}: a safetensors header of {header_size:,} bytes in a {size:,}-byte file; the file is "
-            "truncated or corrupt."
-        )
-    try:
-        header = json.loads(file.read(header_size))
-        entries = [(name, entry) for name, entry in header.items() if name != "__metadata__"]
-        extents = [(name, entry["dtype"], list(entry["shape"]), entry["data_offsets"]) for name, entry in entries]
-    except (ValueError, TypeError, KeyError, AttributeError) as error:
-        raise CheckpointError(f"{path}: a damaged safetensors header ({type(error).__name__}: {error}).") from None
-    data_size = size - 8 - header_size
-    for name, dtype, shape, offsets in extents:
-        if not (
-            isinstance(offsets, list)
-            and len(offsets) == 2
-            and all(isinstance(v, int) for v in offsets + shape)
-            and min(shape, default=0) >= 0
-        ):
-            raise CheckpointError(f"{path}: a damaged safetensors header (tensor {name!r}: {shape}, {offsets}).")
-        begin, end = offsets
-        if not 0 <= begin <= end <= data_size:
-            raise CheckpointError(
-                f"{path}: tensor {name!r} is declared at bytes {begin:,} to {end:,} of the data, but the file holds "
-                f"{data_size:,} bytes of data; the file is truncated or corrupt."
-            )
-        needed = math.prod(shape) * _SAFETENSORS_DTYPE_BYTES.get(dtype, 0)
-        if dtype in _SAFETENSORS_DTYPE_BYTES and needed != end - begin:
-            raise CheckpointError(
-                f"{path}: tensor {name!r} of shape {tuple(shape)} ({dtype}) needs {needed:,} bytes but is declared "
-                f"with {end - begin:,}; the file is corrupt."
-            )
 
 
 def extract_original_weights(

@@ -21,13 +21,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoImageProcessor
+from transformers import AutoConfig
 from transformers.utils import logging
 
 from .assets import sample_image_path
-from .cli import ArgumentParser, UsageError, check_model_path, check_output_path, command_status, loading_error
+from .cli import ArgumentParser, UsageError, check_model_path, check_output_path, command_status
 from .convert_checkpoint import load_photo
-from .image_processing_refiner_vit import image_processor_for_config
+from .loading import load_image_processor_checked, load_model_checked
 from .model_directory import OutputLock, check_output_directory
 from .modeling_refiner_vit import RefinerViTForImageClassification
 from .onnx_export import (
@@ -109,32 +109,17 @@ def parse_args(argv: Sequence[str] | None = None):
 
 def load_model(source: str, image_size: int | None) -> tuple[RefinerViTForImageClassification, object, str]:
     """
-    The Refiner-ViT classifier at `source` in float32, its image processor (the evaluation one for its configuration
-    when the source has none), both at `image_size` when given, and a note on where the processor came from.
+    The Refiner-ViT classifier at `source` in float32, every tensor checked ([`~loading.load_model_checked`]), its
+    image processor (the evaluation one for its configuration only when the source has none), both at `image_size`
+    when given, and a note on where the processor came from.
 
     Raises:
         `UsageError`: `source` is not there, not a model directory, or not a Refiner-ViT.
+        `DataError`: weights that are damaged, do not fit the configuration or are not finite; an invalid
+            `preprocessor_config.json`; a model too large for this machine.
     """
-    check_model_path("--model", source)
-    try:
-        config = AutoConfig.from_pretrained(source)
-    except (OSError, ValueError) as error:
-        raise loading_error("--model", source, error) from None
-    if config.model_type != "refiner-vit":
-        raise UsageError(
-            f"--model {source}: a {config.model_type!r} model, not a Refiner-ViT (model_type 'refiner-vit'); this "
-            "command exports Refiner-ViT models only (for other transformers models: `optimum-cli export onnx`)."
-        )
-    try:
-        model = RefinerViTForImageClassification.from_pretrained(source, dtype=torch.float32).eval()
-    except (OSError, ValueError) as error:
-        raise loading_error("--model", source, error) from None
-    try:
-        processor = AutoImageProcessor.from_pretrained(source)
-        note = "its image processor"
-    except (OSError, ValueError):
-        processor = image_processor_for_config(model.config)
-        note = f"no image processor there: the evaluation one for its configuration (crop_pct {processor.crop_pct})"
+    model = load_model_checked(source, "--model", dtype=torch.float32).model.eval()
+    processor, note = load_image_processor_checked(source, model.config, "--model")
     if image_size and image_size != model.config.image_size:
         try:
             model.resize_position_embeddings(image_size)

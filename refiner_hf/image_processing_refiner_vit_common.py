@@ -190,13 +190,26 @@ def pil_image_to_8_bits(image: PIL.Image.Image) -> PIL.Image.Image:
     return image
 
 
+def exif_upright(image: PIL.Image.Image) -> PIL.Image.Image:
+    """`image` turned as its EXIF orientation tag says (a copy without the tag), or `image` itself when it has none."""
+    if image.getexif().get(PIL.Image.ExifTags.Base.Orientation) is not None:
+        return PIL.ImageOps.exif_transpose(image)
+    return image
+
+
 def pil_image_to_refiner_vit_array(image: PIL.Image.Image, do_convert_rgb: bool | None) -> np.ndarray:
-    """Decode a PIL image to an 8-bit `(H, W)` or `(H, W, C)` array, converting it to RGB when `do_convert_rgb`."""
+    """
+    Decode a PIL image to an 8-bit `(H, W)` or `(H, W, C)` array, upright by its EXIF orientation, converting it to
+    RGB when `do_convert_rgb`.
+    """
     try:
         image.load()
     except (OSError, SyntaxError, ValueError) as error:
         name = getattr(image, "filename", "") or "<in-memory image>"
         raise ValueError(f"Could not decode image {name!r}: {error}") from error
+    # Upright as a viewer shows it, and as the trainer's loader reads it (`training.data.decode_image`): a photo taken
+    # with the camera turned stores its pixels sideways and says so in its EXIF orientation tag.
+    image = exif_upright(image)
     image = pil_image_to_8_bits(image)
     if do_convert_rgb and image.mode != "RGB":
         # Same as the `Image.open(path).convert("RGB")` of timm's and torchvision's dataset loaders: alpha is dropped

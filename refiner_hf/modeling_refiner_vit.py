@@ -19,7 +19,13 @@ from transformers.utils.generic import can_return_tuple
 from transformers.utils.output_capturing import capture_outputs
 
 from .cli import DataError
-from .configuration_refiner_vit import RefinerViTConfig
+from .configuration_refiner_vit import (
+    RefinerViTConfig,
+    count_parameters,
+    estimate_memory,
+    format_bytes,
+    machine_memory,
+)
 from .fast_inference import (
     FoldedRefinement,
     attention_context_fused,
@@ -630,7 +636,8 @@ class RefinerViTPreTrainedModel(PreTrainedModel):
     input_modalities = ("image",)
     supports_gradient_checkpointing = True
     # Models of more parameters are refused before anything is allocated (a typo such as `num_hidden_layers: 100000`
-    # would otherwise be built until the process is killed); None lifts the bound.
+    # would otherwise be built until the process is killed), as are deeper ones and ones needing more memory than the
+    # machine has (`check_model_size`); None lifts every one of these bounds.
     max_parameters: int | None = 2_000_000_000
     _no_split_modules = ["RefinerViTEmbeddings", "RefinerViTLayer"]
     _can_record_outputs = {
@@ -745,56 +752,80 @@ class RefinerViTPreTrainedModel(PreTrainedModel):
             init.constant_(module.layer_scale, self.config.layer_scale_init_value)
 
 
-def count_parameters(config: RefinerViTConfig, heads: bool = True) -> int:
-    """
-    The number of parameters of [`RefinerViTForImageClassification`] (of [`RefinerViTModel`] without `heads`) built
-    from `config`, counted from the configuration alone, before anything is allocated.
-    """
-    hidden, heads_count, labels = config.hidden_size, config.num_attention_heads, config.num_labels
-    total = hidden + (config.num_patches + 1) * hidden  # class token, position embedding
-    if config.stem_type == "conv":
-        c1, c2, c3 = config.stem_hidden_sizes
-        total += config.num_channels * c1 * 49 + c1 * c2 * 9 + c2 * c3 * 9 + 2 * (c1 + c2 + c3)
-        total += c3 * hidden * (config.patch_size // 2) ** 2 + hidden
-    else:
-        total += config.num_channels * hidden * config.patch_size**2 + hidden
-    linear = hidden * hidden + (hidden if config.qkv_bias else 0)  # one of q, k, v
-    mlp = 2 * hidden * config.intermediate_size + config.intermediate_size + 2 * hidden  # fc1, fc2, layer scale
-    for block_type in config.block_types:
-        total += 4 * hidden + (linear if block_type == "shared" else 3 * linear) + hidden * hidden + hidden + mlp
-        if block_type != "plain":
-            expansion = config.shared_expansion if block_type == "shared" else config.refine_expansion
-            expanded = heads_count * expansion
-            if expansion != 1:
-                total += heads_count * expanded + 2 * expanded  # expand conv and its BatchNorm
-            total += expanded * config.refine_kernel_size**2 + 2 * expanded  # depthwise conv and its BatchNorm
-            total += expanded * heads_count + 4 * heads_count  # project conv, its BatchNorm, adapt_bn
-    total += 2 * hidden  # final LayerNorm
-    if heads and labels > 0:
-        total += (hidden * labels + labels) * (2 if config.use_aux_head else 1)
-    return total
+# Deeper models are refused like larger ones (see `RefinerViTPreTrainedModel.max_parameters`, whose `None` lifts this
+# bound too): the released models have 16 or 32 blocks, and a typo such as 100,000 blocks at a small width stays under
+# the parameter bound (and may fit in memory) but takes minutes to build.
+MAX_HIDDEN_LAYERS = 1000
 
 
 class ModelTooLargeError(DataError, ValueError):
-    """A configuration whose model has more parameters than `RefinerViTPreTrainedModel.max_parameters`."""
+    """
+    A configuration whose model is larger than is built without being asked: more parameters than
+    `RefinerViTPreTrainedModel.max_parameters`, more blocks than [`MAX_HIDDEN_LAYERS`], or more memory than the
+    machine has ([`~configuration_refiner_vit.estimate_memory`]).
+    """
 
-    def __init__(self, count: int, limit: int, how_to_allow: str) -> None:
-        self.count, self.limit = count, limit
+    def __init__(self, count: int, limit: int | None, how_to_allow: str, reason: str | None = None) -> None:
+        self.count, self.limit, self.reason = count, limit, reason
+        if reason is None:
+            reason = (
+                f"This configuration describes a model of {count:,} parameters ({count * 4 / 2**30:,.1f} GiB in "
+                f"float32), more than the {limit:,} built without being asked (the largest Refiner-ViT has 81 million)"
+            )
         super().__init__(
-            f"This configuration describes a model of {count:,} parameters ({count * 4 / 2**30:,.1f} GiB in float32), "
-            f"more than the {limit:,} built without being asked (the largest Refiner-ViT has 81 million): check "
-            f"`num_hidden_layers`, `hidden_size`, `intermediate_size` and `image_size`. To build it anyway, "
-            f"{how_to_allow}."
+            f"{reason}: check `num_hidden_layers`, `hidden_size`, `intermediate_size` and `image_size`. To build it "
+            f"anyway, {how_to_allow}."
         )
 
 
-def check_model_size(config: RefinerViTConfig) -> None:
-    """Refuses to build a model of more than `RefinerViTPreTrainedModel.max_parameters` parameters."""
+def _available_memory(training: bool) -> int | None:
+    """What the model may use: the machine's memory, or while training the larger of it and the first GPU's."""
+    available = machine_memory()
+    if training and torch.cuda.is_available():
+        gpu = torch.cuda.get_device_properties(0).total_memory
+        available = gpu if available is None else max(available, gpu)
+    return available
+
+
+def check_model_size(
+    config: RefinerViTConfig,
+    how_to_allow: str = "set `RefinerViTPreTrainedModel.max_parameters` to a larger number (or None) first",
+    training: bool = False,
+) -> None:
+    """
+    Refuses, from the configuration's numbers alone (in well under a second), a model of more than
+    `RefinerViTPreTrainedModel.max_parameters` parameters, of more than [`MAX_HIDDEN_LAYERS`] blocks, or needing more
+    memory than the machine has to run one image (with `training`: to train on one image with AdamW). A
+    `max_parameters` of `None` lifts all three.
+
+    Raises:
+        `ModelTooLargeError`: with the count or the estimate, and `how_to_allow` (how the caller's user builds it
+        anyway).
+    """
     limit = RefinerViTPreTrainedModel.max_parameters
+    if limit is None:
+        return
     count = count_parameters(config)
-    if limit is not None and count > limit:
+    if count > limit:
+        raise ModelTooLargeError(count, limit, how_to_allow)
+    if config.num_hidden_layers > MAX_HIDDEN_LAYERS:
         raise ModelTooLargeError(
-            count, limit, "set `RefinerViTPreTrainedModel.max_parameters` to a larger number (or None) first"
+            count,
+            limit,
+            how_to_allow,
+            f"This configuration has {config.num_hidden_layers:,} blocks (`num_hidden_layers`), more than the "
+            f"{MAX_HIDDEN_LAYERS:,} built without being asked (the released Refiner-ViTs have 16 or 32)",
+        )
+    estimate = estimate_memory(config, training=training)
+    available = _available_memory(training)
+    if available is not None and estimate.total_bytes > available:
+        raise ModelTooLargeError(
+            count,
+            limit,
+            how_to_allow,
+            f"This configuration describes a model that needs {estimate.describe()} to "
+            f"{'train on' if training else 'run'} one {config.image_size}-px image, more than the "
+            f"{format_bytes(available)} of memory this machine has",
         )
 
 

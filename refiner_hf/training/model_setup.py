@@ -5,6 +5,7 @@ for the data set's classes, and the image processor it is evaluated and saved wi
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -14,7 +15,14 @@ from transformers import PreTrainedConfig
 
 from ..configuration_refiner_vit import RefinerViTConfig
 from ..image_processing_refiner_vit import RefinerViTImageProcessor, image_processor_for_config
-from ..modeling_refiner_vit import RefinerViTForImageClassification
+from ..loading import (
+    NO_IMAGE_PROCESSOR,
+    LoadedModel,
+    is_classifier_head,
+    load_image_processor_checked,
+    load_model_checked,
+)
+from ..modeling_refiner_vit import ModelTooLargeError, RefinerViTForImageClassification, check_model_size
 from .arguments import ModelArguments
 from .data import DataError
 from .errors import UsageError, check_model_path, loading_error, one_line
@@ -145,10 +153,27 @@ def _check_pretrained_overrides(args: ModelArguments, overrides: dict) -> None:
         )
 
 
-def load_pretrained_model(
-    args: ModelArguments, overrides: dict, cache_dir: str | None = None
-) -> RefinerViTForImageClassification:
-    """`--model_name_or_path` with its own head, or a [`UsageError`] naming what is wrong with the argument."""
+def check_training_size(args: ModelArguments, config: RefinerViTConfig) -> None:
+    """
+    Refuses, before anything is built, a model too large to have been meant: more parameters or blocks than are built
+    without being asked, or more memory than the machine has to train on one image of its size (the weights, AdamW's
+    state and the activations: [`~configuration_refiner_vit.estimate_memory`]), unless `--allow_large_model`.
+    """
+    if args.allow_large_model:
+        return
+    try:
+        check_model_size(config, "pass --allow_large_model", training=True)
+    except ModelTooLargeError as error:
+        raise UsageError(str(error)) from None
+
+
+def load_pretrained_model(args: ModelArguments, overrides: dict, cache_dir: str | None = None) -> LoadedModel:
+    """
+    `--model_name_or_path` with its own head, every tensor checked ([`~loading.load_model_checked`]; only the
+    classifier heads may be absent, fine-tuning then gives it new ones), after the size check at the resolution it
+    will train at; a [`UsageError`] naming what is wrong with the argument, or a `DataError` naming what is wrong with
+    the weights.
+    """
     source = args.model_name_or_path
     _check_pretrained_overrides(args, overrides)
     check_model_path("--model_name_or_path", source)
@@ -156,9 +181,18 @@ def load_pretrained_model(
         model_type = PreTrainedConfig.get_config_dict(source, cache_dir=cache_dir)[0].get("model_type")
         if model_type != RefinerViTConfig.model_type:
             raise UsageError(f"--model_name_or_path {source} holds a {model_type!r} model, not a Refiner-ViT.")
-        return RefinerViTForImageClassification.from_pretrained(source, cache_dir=cache_dir, **overrides)
-    except OSError as error:
+        config = RefinerViTConfig.from_pretrained(source, cache_dir=cache_dir, **overrides)
+    except (OSError, ValueError) as error:
+        if isinstance(error, UsageError):
+            raise
         raise loading_error("--model_name_or_path", source, error) from None
+    if args.image_size and args.image_size % config.patch_size == 0:  # checked at the resolution it will train at
+        config = copy.deepcopy(config)
+        config.image_size = args.image_size
+    check_training_size(args, config)
+    return load_model_checked(
+        source, "--model_name_or_path", allow_missing=is_classifier_head, cache_dir=cache_dir, **overrides
+    )
 
 
 def new_model_config(
@@ -202,10 +236,10 @@ def build_image_processor(
         if resized:
             size = config.image_size
             changes.update(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
-        try:
-            processor = RefinerViTImageProcessor.from_pretrained(source, cache_dir=cache_dir, **changes)
-        except OSError:
-            processor = image_processor_for_config(config, crop_pct=args.crop_pct)
+        processor, note = load_image_processor_checked(
+            source, config, "--model_name_or_path", RefinerViTImageProcessor, cache_dir, **changes
+        )
+        if note.startswith(NO_IMAGE_PROCESSOR):  # only an absent processor falls back; an invalid one is refused
             return processor, f"Image processor: {source} has none; the default for its configuration."
         given = " (--crop_pct)" if args.crop_pct is not None else ""
         return processor, f"Image processor: {source}'s, crop_pct {processor.crop_pct}{given}."
@@ -246,8 +280,17 @@ def build_model(
     notes = []
     resized = False
     if args.model_name_or_path:
-        model = load_pretrained_model(args, overrides, cache_dir)
-        notes.append(fit_classifier_heads(model, num_labels, class_names, args.model_name_or_path))
+        loaded = load_pretrained_model(args, overrides, cache_dir)
+        model = loaded.model
+        if loaded.initialised:  # saved without classifier heads (e.g. a `RefinerViTModel`): new ones, said so
+            id2label, _ = label_maps(num_labels, class_names)
+            replace_classifier_heads(model, id2label)
+            notes.append(
+                f"Classifier head: NEW, randomly initialised for the data set's classes "
+                f"{_names(list(id2label.values()))}: {args.model_name_or_path} has no classifier weights."
+            )
+        else:
+            notes.append(fit_classifier_heads(model, num_labels, class_names, args.model_name_or_path))
         if args.image_size is not None and args.image_size != model.config.image_size:
             if args.image_size % model.config.patch_size:
                 raise UsageError(
@@ -264,6 +307,7 @@ def build_model(
         if args.image_size is not None:
             overrides["image_size"] = args.image_size
         config = new_model_config(args, overrides, label_maps(head, class_names)[0], cache_dir)
+        check_training_size(args, config)
         model = RefinerViTForImageClassification(config)
     model.config.check_architecture()
     image_processor, note = build_image_processor(args, model.config, resized, cache_dir)
