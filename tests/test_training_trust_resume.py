@@ -7,6 +7,7 @@ layout resume, and Ctrl-C or SIGTERM end with one line naming the step, the chec
 """
 
 import json
+import math
 import shlex
 import shutil
 import signal
@@ -22,6 +23,7 @@ from refiner_hf import RefinerViTForImageClassification
 from refiner_hf.cli import EXIT_DATA, EXIT_USAGE, UsageError, command_status
 from refiner_hf.training.checkpointing import STATE_FILE, CheckpointError, write_manifest
 from refiner_hf.training.run_lock import LOCK_FILE, PreviousRunError
+from refiner_hf.training.tracking import read_metrics
 from refiner_hf.training.trainer import (
     MixedRunsError,
     NonFiniteLossError,
@@ -198,6 +200,11 @@ def test_allowed_changes_are_said_and_recorded_in_the_model_card(stopped, tmp_pa
         f"Resuming {checkpoint} with changed settings (--allow_changed_settings): --lr 0.002 -> 0.001; the model "
         "card records them." in out
     )
+    # The new learning rate applies (the checkpoint's schedule is not restored): per-step cosine over 8 steps.
+    lrs = {r["step"]: r["train/lr"] for r in read_metrics(output_dir / "logs") if "train/lr" in r}
+    assert lrs[4] == pytest.approx(1e-5 + 0.5 * (1e-3 - 1e-5)) and lrs[3] == pytest.approx(
+        1e-5 + 0.5 * (2e-3 - 1e-5) * (1 + math.cos(math.pi * 3 / 8))
+    )
     card = (output_dir / "model" / "README.md").read_text()
     assert "## Settings changed on resume" in card and "- resumed at step 3: --lr 0.002 -> 0.001" in card
     state = json.loads((output_dir / "checkpoints" / step(8) / STATE_FILE).read_text())
@@ -237,6 +244,8 @@ def test_a_checkpoint_without_recorded_settings_resumes_with_a_warning(stopped, 
         ("epoch_totals", [0.0, 3], r"is \[0.0, 3\], not three sums"),
         ("history", {"epoch": 0}, "is not a list of epoch summaries"),
         ("evaluated_step", 30, "is 30, after the checkpoint's step 3"),
+        ("scheduler.t_initial", "8", "is '8', not a number"),
+        ("scheduler.cycles", 2, "is not a field of this run's schedule"),
     ],
 )
 def test_a_training_state_that_cannot_be_is_refused_naming_the_file_and_field(
@@ -244,11 +253,12 @@ def test_a_training_state_that_cannot_be_is_refused_naming_the_file_and_field(
 ):
     output_dir = copy_of(stopped, tmp_path / "run")
     checkpoint = output_dir / "checkpoints" / step(3)
-    edit_state(checkpoint, lambda state: state["progress"].update({field: value}))
+    part, name = field.split(".") if "." in field else ("progress", field)
+    edit_state(checkpoint, lambda state: state[part].update({name: value}))
     before = snapshot(output_dir)
     trained = []
     monkeypatch.setattr("refiner_hf.training.trainer.train_epoch", lambda *a: trained.append(1))
-    with pytest.raises(CheckpointError, match=rf"^{checkpoint / STATE_FILE}: progress\.{field} {problem}"):
+    with pytest.raises(CheckpointError, match=rf"^{checkpoint / STATE_FILE}: {part}\.{name} {problem}"):
         run_in_process(tiny_run_args(output_dir, resume_from_checkpoint="latest", **dict(STOPPED, max_train_steps=8)))
     assert not trained and snapshot(output_dir) == before
 

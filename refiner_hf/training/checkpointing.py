@@ -225,6 +225,34 @@ def check_progress_state(
     return state
 
 
+def _kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, (int, float)):
+        return "number"
+    return "list" if isinstance(value, (list, tuple)) else type(value).__name__
+
+
+def check_scheduler_state(state: Any, current: dict[str, Any], where: str) -> None:
+    """
+    Refuses a schedule state whose fields are not those of this run's schedule (`current`), or of another kind (a
+    number where a number belongs, ...; null may stand for anything, as the schedule's optional fields are).
+
+    Raises:
+        `CheckpointError`: naming the file and the field.
+    """
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{where}: `scheduler` is missing or not a mapping; resume from another checkpoint.")
+    for name in sorted(set(state) ^ set(current)):
+        problem = "is missing" if name in current else "is not a field of this run's schedule"
+        raise CheckpointError(f"{where}: scheduler.{name} {problem}; resume from another checkpoint.")
+    for name, value in state.items():
+        if value is not None and current[name] is not None and _kind(value) != _kind(current[name]):
+            raise CheckpointError(
+                f"{where}: scheduler.{name} is {value!r}, not a {_kind(current[name])}; resume from another checkpoint."
+            )
+
+
 def format_setting(value: Any) -> str:
     """A setting's value as the command line gives it."""
     if value is None:
@@ -588,8 +616,8 @@ class CheckpointManager:
             raise CheckpointError(f"{where}: `progress` is missing; resume from another checkpoint.")
         state["progress"] = check_progress_state(state["progress"], str(where), checkpoint_step(checkpoint))
         state["where"] = str(where)
-        if self.scheduler is not None and not isinstance(state.get("scheduler"), dict):
-            raise CheckpointError(f"{where}: `scheduler` is missing or not a mapping; resume from another checkpoint.")
+        if self.scheduler is not None:
+            check_scheduler_state(state.get("scheduler"), self.scheduler.state_dict(), str(where))
         settings = state.get("settings")
         if settings is not None and not isinstance(settings, dict):
             raise CheckpointError(f"{where}: `settings` is not a mapping; resume from another checkpoint.")

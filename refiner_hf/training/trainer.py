@@ -316,9 +316,16 @@ def resume(run: Run) -> None:
     check_same_run(run, checkpoint, state["progress"]["run_id"])
     changes = check_settings(run, checkpoint, state.get("settings"))
     run.checkpoints.check_position(state)
+    if changes:
+        # The checkpoint's schedule and optimizer hyperparameters (lr, weight decay, betas) are the old settings': the
+        # new ones are kept, else a changed --lr or --epochs would silently not apply.
+        state = {**state, "scheduler": run.scheduler.state_dict()}
+        groups = [{key: value for key, value in g.items() if key != "params"} for g in run.optimizer.param_groups]
     run.checkpoints.load(checkpoint, state)
     progress = run.progress
     if changes:
+        for group, hyperparameters in zip(run.optimizer.param_groups, groups):
+            group.update(hyperparameters)
         progress.settings_changes.append({"step": progress.global_step, "changes": changes})
     if not training_finished(run):
         left = "training continues"
