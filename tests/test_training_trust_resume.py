@@ -21,7 +21,13 @@ from training_utils import ROOT, SCRIPT, read_results, run_in_process, subproces
 
 from refiner_hf import RefinerViTForImageClassification
 from refiner_hf.cli import EXIT_DATA, EXIT_USAGE, UsageError, command_status
-from refiner_hf.training.checkpointing import STATE_FILE, CheckpointError, write_manifest
+from refiner_hf.training.checkpointing import (
+    STATE_FILE,
+    CheckpointError,
+    changed_settings,
+    describe_changes,
+    write_manifest,
+)
 from refiner_hf.training.run_lock import LOCK_FILE, PreviousRunError
 from refiner_hf.training.tracking import read_metrics
 from refiner_hf.training.trainer import (
@@ -138,6 +144,19 @@ def test_resuming_and_overwriting_at_once_is_a_usage_error(finished, tmp_path, c
     assert (output_dir / "checkpoints").is_dir()
 
 
+def test_overwrite_never_removes_what_the_run_reads(finished, tmp_path, capsys):
+    output_dir = copy_of(finished, tmp_path / "run")
+    before = snapshot(output_dir)
+    argv = tiny_run_args(output_dir, model_name_or_path=output_dir / "model", config_overrides=None, **SMALL)
+    status, err = status_and_line(argv + ["--overwrite_output_dir"], capsys)
+    assert status == EXIT_USAGE
+    assert err == (
+        f"run_imagenet.py: error: --model_name_or_path {output_dir / 'model'} lies in {output_dir / 'model'}, which "
+        "--overwrite_output_dir removes before the run reads it: choose another --output_dir."
+    )
+    assert snapshot(output_dir) == before
+
+
 def test_resuming_latest_without_checkpoints_never_replaces_a_previous_model(finished, tmp_path):
     output_dir = copy_of(finished, tmp_path / "run")
     shutil.rmtree(output_dir / "checkpoints")
@@ -163,6 +182,17 @@ def test_a_checkpoint_of_another_run_in_the_directory_is_refused(finished, tmp_p
 
 
 # 3: settings that change the computation are refused on resume, unless --allow_changed_settings
+
+
+def test_changed_settings_are_named_as_the_command_line_gives_them():
+    recorded = {"lr": 0.002, "scale": [0.08, 1.0], "num_processes": 1, "aa": None, "config_overrides": {"a": 1}}
+    current = {"lr": 0.002, "scale": [0.5, 1.0], "num_processes": 2, "aa": "rand-m9", "config_overrides": {"a": 2}}
+    assert describe_changes(changed_settings(recorded, current)) == (
+        "--scale 0.08 1.0 -> 0.5 1.0, the number of processes 1 -> 2, --aa unset -> rand-m9, "
+        '--config_overrides {"a":1} -> {"a":2}'
+    )
+    # A setting that only one side records (an argument added or retired since) is not a change.
+    assert changed_settings({"lr": 0.1}, {"lr": 0.1, "new_flag": True}) == {}
 
 
 def test_resuming_with_settings_that_change_the_computation_is_refused_naming_each(stopped, tmp_path, capsys):
@@ -367,6 +397,14 @@ def test_the_resume_command_drops_overwrite_and_an_earlier_resume():
     )
     argv = ["--overwrite_output_dir", "true", "--resume_from_checkpoint", "ckpt", "--epochs", "2"]
     assert resume_command(argv, "run.py") == "python run.py --epochs 2 --resume_from_checkpoint latest"
+
+
+def test_the_resume_command_of_a_launched_run_names_the_launcher(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert resume_command(["--epochs", "2"], "examples/run_imagenet.py") == (
+        "accelerate launch [the same launch options] examples/run_imagenet.py --epochs 2 --resume_from_checkpoint "
+        "latest"
+    )
 
 
 @pytest.mark.parametrize("stop, status, name", [(signal.SIGINT, 130, "an interrupt"), (signal.SIGTERM, 143, "SIGTERM")])

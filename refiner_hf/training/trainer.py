@@ -69,7 +69,14 @@ from .mixing import BatchMixing, mix_batch
 from .model_setup import build_model, convert_sync_batchnorm
 from .optim import build_optimizer, build_scheduler
 from .relabel_targets import DENSE_LABELS, build_dense_label_builder, configure_token_labeling
-from .run_lock import PreviousRunError, RunLock, RunLockedError, claim_run_directory, lock_run_directory
+from .run_lock import (
+    RUN_OUTPUTS,
+    PreviousRunError,
+    RunLock,
+    RunLockedError,
+    claim_run_directory,
+    lock_run_directory,
+)
 from .tracking import format_epoch_summary, tracker_config, trackers_for
 
 
@@ -117,6 +124,8 @@ def setup(args: Arguments) -> Run:
             f"--overwrite_output_dir removes the checkpoints that --resume_from_checkpoint {resuming} would resume: "
             "give one of them."
         )
+    if overwrite:
+        check_inputs_survive_overwrite(args, output_dir)
     cpu = processes_without_accelerators()
     state = PartialState(cpu=cpu)
     lock = lock_run_directory(state, output_dir)  # before anything is written there
@@ -134,6 +143,30 @@ def setup(args: Arguments) -> Run:
         if lock is not None:
             lock.release()
         raise
+
+
+# Arguments naming what a run reads, which --overwrite_output_dir must not remove before it is read.
+INPUT_PATH_ARGUMENTS = (
+    "model_name_or_path", "config_name", "dataset_name", "train_dir", "validation_dir", "relabel_root", "cache_dir",
+    "recipe",
+)  # fmt: skip
+
+
+def check_inputs_survive_overwrite(args: Arguments, output_dir: Path) -> None:
+    """Refuses `--overwrite_output_dir` when what it removes holds one of the run's inputs (e.g. fine-tuning
+    OUTPUT_DIR/model into the same OUTPUT_DIR)."""
+    removed = [(output_dir / name).resolve() for name in RUN_OUTPUTS]
+    for name in INPUT_PATH_ARGUMENTS:
+        value = args.flat().get(name)
+        if not value or not Path(value).exists():
+            continue
+        path = Path(value).resolve()
+        for target in removed:
+            if path == target or path.is_relative_to(target):
+                raise UsageError(
+                    f"--{name} {value} lies in {target}, which --overwrite_output_dir removes before the run reads it: "
+                    "choose another --output_dir."
+                )
 
 
 def build_run(args: Arguments, accelerator: Accelerator, output_dir: Path, lock: RunLock | None) -> Run:
@@ -813,8 +846,8 @@ def resume_command(argv: list[str], program: str) -> str:
             skip_value = "=" not in item
             continue
         kept.append(item)
-    launcher = "accelerate launch [the same launch options] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
-    return f"{launcher}python {shlex.join([program, *kept, '--resume_from_checkpoint', 'latest'])}"
+    launcher = "accelerate launch [the same launch options]" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "python"
+    return f"{launcher} {shlex.join([program, *kept, '--resume_from_checkpoint', 'latest'])}"
 
 
 def resume_hint(argv: list[str] | None = None, program: str | None = None) -> str:
