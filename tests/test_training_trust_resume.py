@@ -17,7 +17,15 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
-from training_utils import ROOT, SCRIPT, read_results, run_in_process, subprocess_env, tiny_run_args
+from training_utils import (
+    ROOT,
+    SCRIPT,
+    read_results,
+    run_in_process,
+    subprocess_env,
+    tiny_run_args,
+    two_process_launcher,
+)
 
 from refiner_hf import RefinerViTForImageClassification
 from refiner_hf.cli import EXIT_DATA, EXIT_USAGE, UsageError, command_status
@@ -436,3 +444,26 @@ def test_a_stopped_run_says_where_it_stopped_and_how_to_resume_in_one_line(tmp_p
     )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"Resumed from {latest}" in resumed.stdout and read_results(output_dir)["global_step"] == 8
+
+
+def test_a_launched_run_stopped_by_sigterm_says_it_once(tmp_path):
+    output_dir = tmp_path / "run"
+    argv = tiny_run_args(output_dir, **dict(SMALL, epochs=1, checkpointing_steps=2))
+    process = subprocess.Popen(
+        [*two_process_launcher(29571), str(SCRIPT), *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=subprocess_env(), cwd=ROOT,
+    )  # fmt: skip
+    for line in process.stdout:
+        if line.startswith("Saved checkpoint"):
+            process.send_signal(signal.SIGTERM)  # to the launcher, which passes it on to both processes
+            break
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 143
+    lines = [part for line in err.splitlines() for part in line.split("\r")]
+    said = [line for line in lines if line.startswith("run_imagenet.py: ")]
+    assert len(said) == 1 and "Traceback" not in err, err[-3000:]
+    assert said[0].startswith("run_imagenet.py: error: stopped by SIGTERM; nothing half-written was left behind.")
+    assert said[0].endswith(
+        f"accelerate launch [the same launch options] {shlex.join([str(SCRIPT), *argv])} --resume_from_checkpoint "
+        "latest"
+    )
