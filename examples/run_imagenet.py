@@ -47,7 +47,7 @@ from typing import Any
 
 from refiner_hf.training.arguments import parse_args
 from refiner_hf.training.errors import run_command
-from refiner_hf.training.trainer import STOPPING_ERRORS, train
+from refiner_hf.training.trainer import STOPPING_ERRORS, resume_hint, train
 
 
 RECIPES = Path(__file__).resolve().parent / "recipes"
@@ -59,4 +59,5 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    run_command(main, usage_errors=STOPPING_ERRORS)
+    # Ctrl-C or SIGTERM: one line with the step reached, the checkpoint to resume from and the command that resumes.
+    run_command(main, usage_errors=STOPPING_ERRORS, stopped_hint=resume_hint)

@@ -43,7 +43,7 @@ from .errors import OneLineErrors, UsageError, did_you_mean, looks_like_a_path
 NOT_IN_RECIPES = frozenset({"recipe", "recipe_source", "hub_token"})
 # Fields about how this process was started rather than what it trains: left out of the model card, so that a resumed
 # run writes the card an uninterrupted one does.
-RUN_CONTROL_FIELDS = frozenset({"resume_from_checkpoint"})
+RUN_CONTROL_FIELDS = frozenset({"resume_from_checkpoint", "overwrite_output_dir", "allow_changed_settings"})
 # Arguments that select a data source; with none of them the embedded Fashion-MNIST subset is used.
 DATA_SOURCE_FIELDS = ("dataset_name", "train_dir", "validation_dir")
 MODEL_SOURCE_FIELDS = ("model", "model_name_or_path", "config_name")
@@ -389,6 +389,17 @@ class TrainingArguments:
     checkpointing_steps: int | None = _arg("Also save a checkpoint every N optimizer steps (always at epoch ends).")
     checkpoints_total_limit: int = _arg("Keep the last N checkpoints.", default=3)
     resume_from_checkpoint: str | None = _arg("`latest` (of output_dir/checkpoints) or a checkpoint directory.")
+    overwrite_output_dir: bool = _arg(
+        "Start a new run in an output_dir that holds a previous run: its checkpoints/, model/, logs/ and "
+        "all_results.json are removed first (other files are left alone). Without it such a run is refused.",
+        default=False,
+    )
+    allow_changed_settings: bool = _arg(
+        "Resume with settings that change the computation (batch size, data, schedule, seed, ...) from those the "
+        "checkpoint was trained with: the log and the model card record the changes. Without it such a resume is "
+        "refused.",
+        default=False,
+    )
     mixed_precision: Literal["no", "fp16", "bf16"] | None = _arg(
         "Autocast precision (default: accelerate's configuration, else fp32)."
     )

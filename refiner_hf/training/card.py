@@ -8,6 +8,7 @@ import yaml
 
 from ..configuration_refiner_vit import RefinerViTConfig
 from ..hub import build_model_card
+from .checkpointing import describe_changes
 
 
 def training_model_card(
@@ -18,6 +19,7 @@ def training_model_card(
     metrics: dict[str, Any],
     num_parameters: int,
     hub_dataset: str | None = None,
+    settings_changes: list[dict[str, Any]] | None = None,
 ) -> str:
     """
     The README.md of a model directory written by the trainer.
@@ -31,6 +33,8 @@ def training_model_card(
             `weights`, `epochs`).
         num_parameters: the model's parameter count.
         hub_dataset: the Hub id of the training data, for the card's metadata.
+        settings_changes: the settings resumes changed (`TrainingProgress.settings_changes`): the recipe shown is the
+            last one, and the card says which values the training before each change used.
     """
     architecture = config.matching_preset() or "custom architecture"
     weights = "exponential moving average (EMA)" if metrics["weights"] == "ema" else "trained weights (no EMA)"
@@ -57,6 +61,14 @@ def training_model_card(
         "Training recipe": "Trained with `examples/run_imagenet.py` of refiner-hf and these arguments:\n\n"
         f"```yaml\n{recipe_text}\n```",
     }
+    if settings_changes:
+        lines = [
+            f"- resumed at step {change['step']}: {describe_changes(change['changes'])}" for change in settings_changes
+        ]
+        sections["Settings changed on resume"] = (
+            "The run was resumed with other settings (`--allow_changed_settings`); the recipe above gives the last "
+            "ones, the steps before each change were trained with the earlier values:\n\n" + "\n".join(lines)
+        )
     return build_model_card(
         config,
         name,

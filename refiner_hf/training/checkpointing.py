@@ -3,8 +3,9 @@ Resumable checkpoints: accelerate's `save_state` / `load_state` for the model, t
 random states, and this module's own files for the rest of the run's state, so that resuming never unpickles
 anything that could run code:
 
-- `training_state.json`: [`TrainingProgress`] (epoch, batch, step, best weights, history) and the learning-rate
-  schedule's state;
+- `training_state.json`: [`TrainingProgress`] (epoch, batch, step, best weights, history, the run's id), the
+  learning-rate schedule's state and the run's settings (those that change what is computed, see the trainer's
+  `run_settings`), which a resumed run compares with its own;
 - `ema.safetensors`: the model EMA's weights;
 - `manifest.json`, written last: the size and SHA-256 of every file of the checkpoint.
 
@@ -12,6 +13,12 @@ accelerate loads its own pickles (`optimizer.bin`, `random_states_*.pkl`) with `
 random-state file it cannot read would be skipped with a log line at INFO, silently changing the run's randomness,
 so this module reads them first and refuses them by name. A checkpoint is verified against its manifest before it is
 resumed from; with `latest`, a damaged newest checkpoint is passed over for the newest intact one, with a message.
+Its `training_state.json` is checked before anything is loaded: values that cannot be (a negative step, an epoch past
+the end, more batches than an epoch has, a wrong type) are refused naming the file and the field.
+
+Checkpoints of the older layout (before `training_state.json`: the schedule, the progress and the EMA pickled by
+accelerate as `custom_checkpoint_<i>.pkl`, no manifest) resume too: their pickles are read weights-only, and the rest
+of the checkpoint is loaded through accelerate without them.
 
 Saving is atomic: the state is written to `.tmp-<name>` and renamed to `<name>` once every process has finished and
 the manifest is written, so a crash or a kill during a save leaves the previous checkpoints intact and never a
@@ -24,9 +31,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import os
 import pickle
 import re
 import shutil
+import tempfile
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -51,6 +61,7 @@ MANIFEST_FILE = "manifest.json"
 RANDOM_STATES_PATTERN = "random_states_{}.pkl"
 # Checkpoints written before this layout kept these objects in accelerate's `custom_checkpoint_<i>.pkl`, in this order.
 LEGACY_CUSTOM_STATES = ("scheduler", "progress", "ema")
+LEGACY_CUSTOM_PATTERN = re.compile(r"^custom_checkpoint_\d+\.pkl$")
 
 
 class CheckpointError(DataError, ValueError):
@@ -86,6 +97,10 @@ class TrainingProgress:
             whole epoch.
         epoch_bad_images: the training images of `epoch` found undecodable up to the last checkpoint.
         history: the per-epoch summaries so far.
+        run_id: the run's identity, drawn when it starts and kept through its resumes: the checkpoints of one output
+            directory must all be of one run.
+        settings_changes: the settings a resume changed (with `--allow_changed_settings`): `{"step": ...,
+            "changes": {name: [old, new]}}` per resume, recorded in the model card.
     """
 
     epoch: int = 0
@@ -101,6 +116,8 @@ class TrainingProgress:
     epoch_totals: list[float] = field(default_factory=lambda: [0.0, 0, 0])
     epoch_bad_images: list[int | str] = field(default_factory=list)
     history: list[dict[str, Any]] = field(default_factory=list)
+    run_id: str | None = None
+    settings_changes: list[dict[str, Any]] = field(default_factory=list)
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -113,6 +130,156 @@ class TrainingProgress:
 def checkpoint_step(path: Path) -> int | None:
     match = CHECKPOINT_PATTERN.match(path.name)
     return int(match.group(1)) if match else None
+
+
+# The progress fields added after the first checkpoints of this layout: absent from those, they take their defaults.
+LATER_PROGRESS_FIELDS = ("run_id", "settings_changes")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_progress_state(
+    state: Any,
+    where: str,
+    step_in_name: int | None = None,
+    batches_per_epoch: int | None = None,
+    total_epochs: int | None = None,
+) -> dict[str, Any]:
+    """
+    The progress a checkpoint's training state holds, after refusing values that cannot be: a field missing or of the
+    wrong type, a negative count, an epoch past the end, more batches than an epoch has, a step other than the one the
+    checkpoint is named after. A state that could not be would otherwise train wrong or never end.
+
+    Args:
+        state: the `progress` mapping read from `where`.
+        where: the file, for the messages (`.../training_state.json`).
+        step_in_name: the optimizer step the checkpoint's name gives.
+        batches_per_epoch: the training batches of an epoch in this run.
+        total_epochs: the epochs this run trains.
+
+    Raises:
+        `CheckpointError`: one line naming the file and the field.
+    """
+
+    def refuse(name: str, problem: str) -> CheckpointError:
+        return CheckpointError(
+            f"{where}: progress.{name} {problem}; the file was changed after it was written (or by another version): "
+            "resume from another checkpoint."
+        )
+
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{where}: `progress` is not a mapping; resume from another checkpoint.")
+    defaults = TrainingProgress().state_dict()
+    for name in state:
+        if name not in defaults:
+            raise refuse(name, "is not a field of the training progress")
+    state = {**{name: defaults[name] for name in LATER_PROGRESS_FIELDS}, **state}
+    for name in defaults:
+        if name not in state:
+            raise refuse(name, "is missing")
+    for name in ("epoch", "batches_in_epoch", "global_step", "bad_validation_images"):
+        if not _is_int(state[name]) or state[name] < 0:
+            raise refuse(name, f"is {state[name]!r}, not a count (a whole number, 0 or more)")
+    for name in ("evaluated_step", "best_epoch", "best_step"):
+        if state[name] is not None and (not _is_int(state[name]) or state[name] < 0):
+            raise refuse(name, f"is {state[name]!r}, neither a count nor null")
+    metric = state["best_metric"]
+    is_number = isinstance(metric, (int, float)) and not isinstance(metric, bool)
+    if metric is not None and (not is_number or not 0 <= metric <= 1):
+        raise refuse("best_metric", f"is {metric!r}, not an accuracy between 0 and 1")
+    if state["best_weights"] not in (None, "ema", "model"):
+        raise refuse("best_weights", f"is {state['best_weights']!r}, not 'ema' or 'model'")
+    for name in ("bad_training_images", "epoch_bad_images"):
+        images = state[name]
+        if not isinstance(images, list) or not all(_is_int(i) or isinstance(i, str) for i in images):
+            raise refuse(name, "is not a list of image indices or names")
+    totals = state["epoch_totals"]
+    if (
+        not isinstance(totals, list)
+        or len(totals) != 3
+        or not all(isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) for t in totals)
+        or not all(_is_int(count) and count >= 0 for count in totals[1:])
+    ):
+        raise refuse("epoch_totals", f"is {totals!r}, not three sums (loss, batches, images)")
+    if not isinstance(state["history"], list) or not all(isinstance(h, dict) for h in state["history"]):
+        raise refuse("history", "is not a list of epoch summaries")
+    if state["run_id"] is not None and not isinstance(state["run_id"], str):
+        raise refuse("run_id", f"is {state['run_id']!r}, not a string")
+    if not isinstance(state["settings_changes"], list):
+        raise refuse("settings_changes", "is not a list")
+    step = state["global_step"]
+    if step_in_name is not None and step != step_in_name:
+        raise refuse("global_step", f"is {step}, but the checkpoint is named after step {step_in_name}")
+    for name in ("evaluated_step", "best_step"):
+        if state[name] is not None and state[name] > step:
+            raise refuse(name, f"is {state[name]}, after the checkpoint's step {step}")
+    if total_epochs is not None and state["epoch"] > total_epochs:
+        raise refuse("epoch", f"is {state['epoch']}, past the end of this run's {total_epochs} epochs")
+    if batches_per_epoch is not None and state["batches_in_epoch"] > batches_per_epoch:
+        raise refuse(
+            "batches_in_epoch",
+            f"is {state['batches_in_epoch']}, beyond the {batches_per_epoch} batches of an epoch of this run",
+        )
+    return state
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, (int, float)):
+        return "number"
+    return "list" if isinstance(value, (list, tuple)) else type(value).__name__
+
+
+def check_scheduler_state(state: Any, current: dict[str, Any], where: str) -> None:
+    """
+    Refuses a schedule state whose fields are not those of this run's schedule (`current`), or of another kind (a
+    number where a number belongs, ...; null may stand for anything, as the schedule's optional fields are).
+
+    Raises:
+        `CheckpointError`: naming the file and the field.
+    """
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{where}: `scheduler` is missing or not a mapping; resume from another checkpoint.")
+    for name in sorted(set(state) ^ set(current)):
+        problem = "is missing" if name in current else "is not a field of this run's schedule"
+        raise CheckpointError(f"{where}: scheduler.{name} {problem}; resume from another checkpoint.")
+    for name, value in state.items():
+        if value is not None and current[name] is not None and _kind(value) != _kind(current[name]):
+            raise CheckpointError(
+                f"{where}: scheduler.{name} is {value!r}, not a {_kind(current[name])}; resume from another checkpoint."
+            )
+
+
+def format_setting(value: Any) -> str:
+    """A setting's value as the command line gives it."""
+    if value is None:
+        return "unset"
+    if isinstance(value, list):
+        return " ".join(format_setting(item) for item in value)
+    if isinstance(value, dict):
+        return json.dumps(value, separators=(",", ":"))
+    return str(value)
+
+
+def setting_name(name: str) -> str:
+    return "the number of processes" if name == "num_processes" else f"--{name}"
+
+
+def changed_settings(recorded: dict[str, Any], current: dict[str, Any]) -> dict[str, list[Any]]:
+    """The settings both record whose values differ: `{name: [recorded, current]}` (in the current order)."""
+    return {
+        name: [recorded[name], value] for name, value in current.items() if name in recorded and recorded[name] != value
+    }
+
+
+def describe_changes(changes: dict[str, list[Any]]) -> str:
+    """`--lr 0.002 -> 0.001, the number of processes 1 -> 2`."""
+    return ", ".join(
+        f"{setting_name(name)} {format_setting(old)} -> {format_setting(new)}" for name, (old, new) in changes.items()
+    )
 
 
 def sha256_of(path: Path) -> str:
@@ -177,13 +344,49 @@ def verify_checkpoint(checkpoint: Path) -> None:
             raise CheckpointError(f"{checkpoint}: {name} is not what was written (its SHA-256 differs).")
 
 
-def _check_finite(modules: Iterable[nn.Module]) -> str | None:
-    """The name of the first parameter or buffer of `modules` holding NaN or infinite values, if any."""
+def _check_finite(modules: Iterable[nn.Module], optimizer: torch.optim.Optimizer | None = None) -> str | None:
+    """
+    The name of the first parameter or buffer of `modules` (or state of `optimizer`, e.g. Adam's moments, which turn
+    the next step's weights into NaN) holding NaN or infinite values, if any.
+    """
     for module in modules:
         for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
             if tensor.is_floating_point() and not torch.isfinite(tensor).all():
                 return name
+    if optimizer is not None:
+        for index, state in enumerate(optimizer.state.values()):
+            for key, tensor in state.items():
+                if torch.is_tensor(tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                    return f"the optimizer's {key} of parameter {index}"
     return None
+
+
+def upgrade_legacy_progress(progress: Any) -> Any:
+    """
+    The progress of an older-layout checkpoint with this layout's fields: its count of undecodable images (their
+    names were not kept) is dropped, its epoch totals lose that count, and the steps of its last evaluation and its
+    best weights, when absent, are read from its history.
+    """
+    if not isinstance(progress, dict):
+        return progress
+    progress = dict(progress)
+    progress.pop("bad_images", None)
+    progress.setdefault("bad_training_images", [])
+    progress.setdefault("bad_validation_images", 0)
+    progress.setdefault("epoch_bad_images", [])
+    totals = progress.get("epoch_totals")
+    if isinstance(totals, (list, tuple)):
+        progress["epoch_totals"] = list(totals[:3])
+    else:
+        progress.setdefault("epoch_totals", [0.0, 0, 0])
+    history = progress.get("history")
+    if isinstance(history, list) and all(isinstance(entry, dict) for entry in history):
+        if "evaluated_step" not in progress:
+            progress["evaluated_step"] = history[-1].get("step") if history else None
+        if "best_step" not in progress:
+            best = [h.get("step") for h in history if h.get("epoch") == progress.get("best_epoch")]
+            progress["best_step"] = best[-1] if best else None
+    return progress
 
 
 class CheckpointManager:
@@ -199,6 +402,10 @@ class CheckpointManager:
         scheduler: the learning-rate schedule (its state must be plain JSON).
         ema: the model EMA, saved as safetensors.
         guarded: modules whose weights must be finite for a checkpoint to be written.
+        optimizer: the optimizer whose state must be finite too.
+        settings: the run's settings, recorded in each checkpoint (see the trainer's `run_settings`).
+        batches_per_epoch: the training batches of an epoch, the bound of a resumed position.
+        total_epochs: the epochs of the run, the bound of a resumed epoch.
     """
 
     def __init__(
@@ -210,6 +417,10 @@ class CheckpointManager:
         scheduler: Any = None,
         ema: nn.Module | None = None,
         guarded: Iterable[nn.Module] = (),
+        optimizer: torch.optim.Optimizer | None = None,
+        settings: dict[str, Any] | None = None,
+        batches_per_epoch: int | None = None,
+        total_epochs: int | None = None,
     ) -> None:
         self.accelerator = accelerator
         self.directory = Path(directory)
@@ -218,7 +429,13 @@ class CheckpointManager:
         self.scheduler = scheduler
         self.ema = ema
         self.guarded = list(guarded)
+        self.optimizer = optimizer
+        self.settings = settings
+        self.batches_per_epoch = batches_per_epoch
+        self.total_epochs = total_epochs
         self._verified: Path | None = None
+        self.resumed_from: Path | None = None  # the checkpoint this process loaded
+        self.last_saved: Path | None = None  # the newest checkpoint this process saved
 
     def checkpoints(self) -> list[Path]:
         """Checkpoint folders, oldest first (temporary folders of interrupted saves are not listed)."""
@@ -241,12 +458,12 @@ class CheckpointManager:
                 checkpoints stay the latest.
         """
         accelerator = self.accelerator
-        bad = _check_finite(self.guarded)
+        bad = _check_finite(self.guarded, self.optimizer)
         if accelerator.reduce(torch.tensor(float(bad is not None), device=accelerator.device), reduction="sum") > 0:
             where = f" (e.g. {bad})" if bad else " on another process"
             raise NonFiniteWeightsError(
                 f"The weights hold NaN or infinite values at step {progress.global_step}{where}; they were not "
-                f"checkpointed, and the latest checkpoint in {self.directory} is the last good one."
+                f"checkpointed. {self.recovery_advice()}"
             )
         name = f"step_{progress.global_step:08d}"
         final = self.directory / name
@@ -278,12 +495,50 @@ class CheckpointManager:
                 if checkpoint_step(old) != progress.best_step:
                     shutil.rmtree(old, ignore_errors=True)
         accelerator.wait_for_everyone()
+        self.last_saved = final
         return final
+
+    def recovery_advice(self) -> str:
+        """
+        How to go on after the run diverged: from the newest checkpoint this run saved, or, when it saved none since it
+        was resumed, from an intact checkpoint before the one it resumed from (which led to the divergence), or else
+        by starting over.
+        """
+        remedy = "a lower --lr or --clip_grad, or mend the data first"
+        good = self.last_saved
+        if good is None and self.resumed_from is not None:
+            good = self.intact_before(self.resumed_from)
+            if good is None:
+                return (
+                    f"No intact checkpoint precedes {self.resumed_from.name}, which this run resumed from: start over "
+                    f"with --overwrite_output_dir and {remedy}."
+                )
+        if good is None:
+            return f"No checkpoint was written yet: start over with --overwrite_output_dir and {remedy}."
+        return (
+            f"The last good checkpoint is {good}: resume from it with --resume_from_checkpoint {good} "
+            f"--allow_changed_settings and {remedy}."
+        )
+
+    def intact_before(self, checkpoint: Path) -> Path | None:
+        """The newest intact checkpoint of an earlier step than `checkpoint`, if any."""
+        step = checkpoint_step(checkpoint)
+        for candidate in reversed(self.checkpoints()):
+            if step is not None and checkpoint_step(candidate) >= step:
+                continue
+            try:
+                verify_checkpoint(candidate)
+            except CheckpointError:
+                continue
+            return candidate
+        return None
 
     def _save_own_state(self, directory: Path, progress: TrainingProgress) -> None:
         state = {"progress": progress.state_dict()}
         if self.scheduler is not None:
             state["scheduler"] = self.scheduler.state_dict()
+        if self.settings is not None:
+            state["settings"] = self.settings
         (directory / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n")
         if self.ema is not None:
             tensors = {key: value.detach().cpu().clone().contiguous() for key, value in self.ema.state_dict().items()}
@@ -336,19 +591,79 @@ class CheckpointManager:
             raise CheckpointError(f"No intact checkpoint in {self.directory}: {' '.join(problems)}")
         return None
 
-    def load(self, checkpoint: Path) -> None:
+    def read_state(self, checkpoint: Path) -> dict[str, Any]:
         """
-        Resumes the run's state from `checkpoint` after verifying it: model, optimizer and random states through
-        accelerate, the progress, schedule and EMA from their files.
+        The training state of `checkpoint`, checked: `progress` (see [`check_progress_state`]), `scheduler`, and
+        `settings` (None for a checkpoint that records none); of the older layout, from its pickles (read weights-only)
+        with `legacy` True and the EMA's weights as `ema`.
 
         Raises:
-            `CheckpointError`: naming the file that is damaged or cannot be read safely.
+            `CheckpointError`: naming the file and the field that cannot be.
+        """
+        where = checkpoint / STATE_FILE
+        legacy = not where.is_file() and (checkpoint / "custom_checkpoint_0.pkl").is_file()
+        if legacy:
+            state = self._read_legacy_state(checkpoint)
+            where = checkpoint / "custom_checkpoint_1.pkl"
+        else:
+            try:
+                state = json.loads(where.read_text())
+            except (OSError, ValueError) as error:
+                raise CheckpointError(f"{where}: cannot be read ({error}).") from None
+            if not isinstance(state, dict):
+                raise CheckpointError(f"{where}: not a mapping; resume from another checkpoint.")
+        if "progress" not in state:
+            raise CheckpointError(f"{where}: `progress` is missing; resume from another checkpoint.")
+        state["progress"] = check_progress_state(state["progress"], str(where), checkpoint_step(checkpoint))
+        state["where"] = str(where)
+        if self.scheduler is not None:
+            check_scheduler_state(state.get("scheduler"), self.scheduler.state_dict(), str(where))
+        settings = state.get("settings")
+        if settings is not None and not isinstance(settings, dict):
+            raise CheckpointError(f"{where}: `settings` is not a mapping; resume from another checkpoint.")
+        state["legacy"] = legacy
+        return state
+
+    def check_position(self, state: dict[str, Any]) -> None:
+        """Refuses a position ([`read_state`]'s) past this run's epochs, or beyond the batches of its epochs."""
+        check_progress_state(state["progress"], state["where"], None, self.batches_per_epoch, self.total_epochs)
+
+    def run_ids(self) -> dict[Path, str]:
+        """The run id each checkpoint of the directory records (those recording none, or unreadable, left out)."""
+        found = {}
+        for checkpoint in self.checkpoints():
+            try:
+                run_id = json.loads((checkpoint / STATE_FILE).read_text())["progress"]["run_id"]
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+            if isinstance(run_id, str):
+                found[checkpoint] = run_id
+        return found
+
+    def load(self, checkpoint: Path, state: dict[str, Any] | None = None) -> None:
+        """
+        Resumes the run's state from `checkpoint` after verifying it: model, optimizer and random states through
+        accelerate, the progress, schedule and EMA from their files (`state`: as [`read_state`] read them).
+
+        Raises:
+            `CheckpointError`: naming the file that is damaged or cannot be read safely, or the values that are not
+                finite.
         """
         if problem := self._verify_everywhere(checkpoint):
             raise CheckpointError(problem)
+        state = state if state is not None else self.read_state(checkpoint)
         self._check_pickles(checkpoint)
         try:
-            self.accelerator.load_state(str(checkpoint))
+            with tempfile.TemporaryDirectory(prefix="refiner-hf-checkpoint-") as view:
+                source = checkpoint
+                if state["legacy"]:
+                    # accelerate refuses custom states it has no registered objects for: it loads the rest from a view
+                    # of the checkpoint without them (read above, weights-only).
+                    source = Path(view)
+                    for path in checkpoint.iterdir():
+                        if not LEGACY_CUSTOM_PATTERN.match(path.name):
+                            os.symlink(path.resolve(), source / path.name)
+                self.accelerator.load_state(str(source))
         except (
             OSError,
             RuntimeError,
@@ -359,7 +674,23 @@ class CheckpointManager:
             pickle.UnpicklingError,
         ) as error:
             raise CheckpointError(f"{checkpoint}: cannot be loaded ({type(error).__name__}: {error}).") from None
-        self._load_own_state(checkpoint)
+        self._load_own_state(checkpoint, state)
+        bad = _check_finite(self.guarded, self.optimizer)
+        bad_anywhere = self.accelerator.reduce(
+            torch.tensor(float(bad is not None), device=self.accelerator.device), reduction="sum"
+        )
+        if bad_anywhere > 0:
+            earlier = self.intact_before(checkpoint)
+            advice = (
+                f"resume from the intact checkpoint before it with --resume_from_checkpoint {earlier}"
+                if earlier is not None
+                else "no intact checkpoint precedes it: start over with --overwrite_output_dir"
+            )
+            raise CheckpointError(
+                f"{checkpoint} holds NaN or infinite values ({bad or 'on another process'}), from which training "
+                f"cannot go on: {advice}, with a lower --lr or --clip_grad."
+            )
+        self.resumed_from = checkpoint
 
     def _check_pickles(self, checkpoint: Path) -> None:
         """
@@ -396,32 +727,37 @@ class CheckpointManager:
         if problems:
             raise CheckpointError(problems[0])
 
-    def _load_own_state(self, checkpoint: Path) -> None:
-        if not (checkpoint / STATE_FILE).is_file():
-            self._load_legacy_state(checkpoint)
-            return
+    def _load_own_state(self, checkpoint: Path, state: dict[str, Any]) -> None:
         try:
-            state = json.loads((checkpoint / STATE_FILE).read_text())
             if self.progress is not None:
                 self.progress.load_state_dict(state["progress"])
             if self.scheduler is not None:
                 self.scheduler.load_state_dict(state["scheduler"])
             if self.ema is not None:
-                self.ema.load_state_dict(load_file(checkpoint / EMA_FILE))
+                ema = state["ema"] if state["legacy"] else load_file(checkpoint / EMA_FILE)
+                self.ema.load_state_dict(ema)
         except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as error:
             raise CheckpointError(f"{checkpoint}: the training state cannot be loaded ({error}).") from None
 
-    def _load_legacy_state(self, checkpoint: Path) -> None:
-        """Checkpoints written before this layout: their pickled states, read without executing anything."""
-        objects = {"scheduler": self.scheduler, "progress": self.progress, "ema": self.ema}
+    def _read_legacy_state(self, checkpoint: Path) -> dict[str, Any]:
+        """
+        The state of a checkpoint of the older layout, from its pickles read weights-only (without executing
+        anything), its progress brought to this layout's fields.
+        """
+        state: dict[str, Any] = {}
         for index, name in enumerate(LEGACY_CUSTOM_STATES):
             path = checkpoint / f"custom_checkpoint_{index}.pkl"
-            if objects[name] is None or not path.is_file():
+            if not path.is_file():
                 continue
             try:
-                objects[name].load_state_dict(accelerate_load(path, map_location="cpu"))
+                state[name] = accelerate_load(path, map_location="cpu")
             except Exception as error:  # a weights-only load refuses anything that could run code
                 raise CheckpointError(f"{path}: cannot be read safely ({type(error).__name__}: {error}).") from None
+        if self.ema is not None and "ema" not in state:
+            raise CheckpointError(f"{checkpoint}: no EMA weights (custom_checkpoint_2.pkl), which this run keeps.")
+        if "progress" in state:
+            state["progress"] = upgrade_legacy_progress(state["progress"])
+        return state
 
     def of_step(self, step: int) -> Path | None:
         """The checkpoint of optimizer step `step`, if there is one."""

@@ -7,6 +7,10 @@ Two trainers writing into one output directory corrupt each other's checkpoints 
 refused with the holder's name. A lock whose holder is gone is recognised as stale and taken over, with a message: on
 the same host when the process no longer exists, from any host when the lock has not been refreshed for
 `stale_after` seconds (a run killed on one node and restarted on another).
+
+Once it holds the lock, a run claims the directory ([`claim_run_directory`]): a directory that holds a previous run
+(its checkpoints, model, logs or results) is refused unless the run resumes it or is asked to replace it
+(`--overwrite_output_dir`), in which case only what a run writes there is removed.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import shutil
 import socket
 import threading
 import time
@@ -24,10 +29,17 @@ from ..cli import DataError
 
 
 LOCK_FILE = ".run.lock"
+# What a training run writes into its output directory besides the lock; a directory holding any of them (a folder
+# only when it is not empty) holds a previous run.
+RUN_OUTPUTS = ("checkpoints", "model", "logs", "all_results.json")
 
 
 class RunLockedError(DataError, RuntimeError):
     """Another live run holds the output directory."""
+
+
+class PreviousRunError(DataError):
+    """The output directory holds a previous run that the new one would replace without being asked to."""
 
 
 def _process_is_alive(pid: int) -> bool:
@@ -154,4 +166,68 @@ def lock_run_directory(state, directory: str | os.PathLike) -> RunLock | None:
     return lock
 
 
-__all__ = ["LOCK_FILE", "RunLock", "RunLockedError", "lock_run_directory"]
+def previous_run_outputs(directory: str | os.PathLike) -> list[str]:
+    """What a previous run left in `directory` (of [`RUN_OUTPUTS`]), folders with a trailing slash."""
+    found = []
+    for name in RUN_OUTPUTS:
+        path = Path(directory) / name
+        if path.is_dir() and not path.is_symlink():
+            if any(path.iterdir()):
+                found.append(f"{name}/")
+        elif path.exists() or path.is_symlink():
+            found.append(name)
+    return found
+
+
+def remove_run_outputs(directory: str | os.PathLike) -> list[str]:
+    """Removes what a run writes into `directory` ([`RUN_OUTPUTS`], and a results file left half-written), nothing
+    else; returns what was there."""
+    removed = previous_run_outputs(directory)
+    for name in (*RUN_OUTPUTS, "all_results.json.partial"):
+        path = Path(directory) / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+    return removed
+
+
+def claim_run_directory(state, directory: str | os.PathLike, resuming: bool, overwrite: bool) -> None:
+    """
+    Makes sure a new run replaces nothing it was not asked to, given accelerate's `PartialState` and a directory whose
+    lock this run holds: a directory that holds a previous run is refused unless the run resumes it (`resuming`); with
+    `overwrite`, the previous run's outputs are removed first. Decided on the main process, for every process.
+
+    Raises:
+        [`PreviousRunError`]: naming what is there and the two ways on.
+    """
+    from accelerate.utils import broadcast_object_list
+
+    problem, removed = None, []
+    if state.is_main_process and not resuming:
+        if overwrite:
+            removed = remove_run_outputs(directory)
+        elif found := previous_run_outputs(directory):
+            problem = (
+                f"--output_dir {directory} holds a previous run ({', '.join(found)}), which this run would replace: "
+                "pass --resume_from_checkpoint latest to continue it, or --overwrite_output_dir to start over (its "
+                "checkpoints/, model/, logs/ and all_results.json are removed; other files stay)."
+            )
+    (problem,) = broadcast_object_list([problem])
+    if problem is not None:
+        raise PreviousRunError(problem)
+    if removed:
+        state.print(f"--overwrite_output_dir: removed the previous run's {', '.join(removed)} from {directory}.")
+
+
+__all__ = [
+    "LOCK_FILE",
+    "RUN_OUTPUTS",
+    "PreviousRunError",
+    "RunLock",
+    "RunLockedError",
+    "claim_run_directory",
+    "lock_run_directory",
+    "previous_run_outputs",
+    "remove_run_outputs",
+]

@@ -22,8 +22,8 @@ class JSONLinesTracker(GeneralTracker):
 
     def __init__(self, directory: str | Path) -> None:
         super().__init__()
+        # The directory is made at the first record, so that a run refused before training leaves no logs/ behind.
         self.path = Path(directory) / "metrics.jsonl"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
 
     @property
     def tracker(self) -> Path:
@@ -36,6 +36,7 @@ class JSONLinesTracker(GeneralTracker):
         self._write({"step": step, **values})
 
     def _write(self, record: dict[str, Any]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a") as stream:
             stream.write(json.dumps(record, default=str) + "\n")
 

@@ -4,11 +4,16 @@ The training loop of Refiner-ViT with accelerate: [`train`] runs one training ru
 and returns its results.
 
 A run checks everything it can before training (arguments, data, model, relabel maps), holds its output directory
-([`lock_run_directory`]), trains and evaluates epoch by epoch, checkpoints atomically and keeps the best weights in
+([`lock_run_directory`]) and refuses one that holds a previous run unless it resumes it or is asked to replace it
+([`claim_run_directory`]), trains and evaluates epoch by epoch, checkpoints atomically and keeps the best weights in
 `OUTPUT_DIR/model`. Resumed (`--resume_from_checkpoint latest`) wherever it was stopped, it finishes what was left
 and ends with the model directory an uninterrupted run writes. The output directory holds model/ (the best weights
 so far, with the image processor and a model card: a directory `AutoModelForImageClassification.from_pretrained`
 loads), checkpoints/, logs/ (metrics.jsonl and the trackers' files) and all_results.json.
+
+Each checkpoint records the run's id and its settings ([`run_settings`]: the arguments that change what is computed):
+a resume refuses the checkpoints of another run, and settings that differ from the checkpoint's unless
+`--allow_changed_settings` is given (the log and the model card then say what changed).
 """
 
 from __future__ import annotations
@@ -16,7 +21,11 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
+import shlex
+import sys
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +33,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator, DistributedType, PartialState
 from accelerate.state import AcceleratorState
-from accelerate.utils import ProjectConfiguration, gather_object, send_to_device, set_seed
+from accelerate.utils import ProjectConfiguration, broadcast_object_list, gather_object, send_to_device, set_seed
 from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -41,6 +50,8 @@ from .checkpointing import (
     CheckpointManager,
     NonFiniteWeightsError,
     TrainingProgress,
+    changed_settings,
+    describe_changes,
     write_text_atomically,
 )
 from .data import EMBEDDED_DATASET_NAME, ImageData, check_labels, load_image_data
@@ -58,7 +69,14 @@ from .mixing import BatchMixing, mix_batch
 from .model_setup import build_model, convert_sync_batchnorm
 from .optim import build_optimizer, build_scheduler
 from .relabel_targets import DENSE_LABELS, build_dense_label_builder, configure_token_labeling
-from .run_lock import RunLock, RunLockedError, lock_run_directory
+from .run_lock import (
+    RUN_OUTPUTS,
+    PreviousRunError,
+    RunLock,
+    RunLockedError,
+    claim_run_directory,
+    lock_run_directory,
+)
 from .tracking import format_epoch_summary, tracker_config, trackers_for
 
 
@@ -100,9 +118,19 @@ def setup(args: Arguments) -> Run:
     output_dir = Path(
         args.training.output_dir or ("outputs/refiner-vit" + ("-fashion-mnist" if args.data.uses_embedded_data else ""))
     )
+    resuming, overwrite = args.training.resume_from_checkpoint, args.training.overwrite_output_dir
+    if resuming and overwrite:
+        raise UsageError(
+            f"--overwrite_output_dir removes the checkpoints that --resume_from_checkpoint {resuming} would resume: "
+            "give one of them."
+        )
+    if overwrite:
+        check_inputs_survive_overwrite(args, output_dir)
     cpu = processes_without_accelerators()
-    lock = lock_run_directory(PartialState(cpu=cpu), output_dir)  # before anything is written there
+    state = PartialState(cpu=cpu)
+    lock = lock_run_directory(state, output_dir)  # before anything is written there
     try:
+        claim_run_directory(state, output_dir, resuming=bool(resuming), overwrite=overwrite)
         accelerator = Accelerator(
             gradient_accumulation_steps=args.training.gradient_accumulation_steps,
             mixed_precision=args.training.mixed_precision,
@@ -115,6 +143,30 @@ def setup(args: Arguments) -> Run:
         if lock is not None:
             lock.release()
         raise
+
+
+# Arguments naming what a run reads, which --overwrite_output_dir must not remove before it is read.
+INPUT_PATH_ARGUMENTS = (
+    "model_name_or_path", "config_name", "dataset_name", "train_dir", "validation_dir", "relabel_root", "cache_dir",
+    "recipe",
+)  # fmt: skip
+
+
+def check_inputs_survive_overwrite(args: Arguments, output_dir: Path) -> None:
+    """Refuses `--overwrite_output_dir` when what it removes holds one of the run's inputs (e.g. fine-tuning
+    OUTPUT_DIR/model into the same OUTPUT_DIR)."""
+    removed = [(output_dir / name).resolve() for name in RUN_OUTPUTS]
+    for name in INPUT_PATH_ARGUMENTS:
+        value = args.flat().get(name)
+        if not value or not Path(value).exists():
+            continue
+        path = Path(value).resolve()
+        for target in removed:
+            if path == target or path.is_relative_to(target):
+                raise UsageError(
+                    f"--{name} {value} lies in {target}, which --overwrite_output_dir removes before the run reads it: "
+                    "choose another --output_dir."
+                )
 
 
 def build_run(args: Arguments, accelerator: Accelerator, output_dir: Path, lock: RunLock | None) -> Run:
@@ -188,6 +240,10 @@ def build_run(args: Arguments, accelerator: Accelerator, output_dir: Path, lock:
         scheduler=scheduler,
         ema=ema,
         guarded=[accelerator.unwrap_model(model), *([ema] if ema is not None else [])],
+        optimizer=optimizer,
+        settings=run_settings(args, accelerator),
+        batches_per_epoch=len(train_loader),
+        total_epochs=args.training.total_epochs,
     )
     run = Run(
         args, accelerator, output_dir, data, model, image_processor, optimizer, scheduler, ema, mixing, train_set,
@@ -195,17 +251,115 @@ def build_run(args: Arguments, accelerator: Accelerator, output_dir: Path, lock:
     )  # fmt: skip
     if args.training.resume_from_checkpoint:
         resume(run)
+    if progress.run_id is None:  # a new run (or one resumed from a checkpoint that records no id)
+        (progress.run_id,) = broadcast_object_list([uuid.uuid4().hex])
     accelerator.init_trackers("refiner-vit", config=tracker_config(args.recipe_values()))
     return run
+
+
+# Arguments that do not change what a run computes, which a resumed run may change freely: where it writes and how
+# often, what it logs and to which trackers, data loading workers, the evaluation batch, where it stops
+# (--max_train_steps: the schedule does not depend on it), recomputation that saves memory (the same gradients),
+# checks, and the Hub. Every other argument is a setting the checkpoints record and a resume compares.
+FREE_SETTINGS = frozenset(
+    {
+        "output_dir", "resume_from_checkpoint", "overwrite_output_dir", "allow_changed_settings", "logging_steps",
+        "report_to", "dataloader_num_workers", "checkpointing_steps", "checkpoints_total_limit", "cache_dir",
+        "per_device_eval_batch_size", "max_train_steps", "gradient_checkpointing", "memory_lean_training",
+        "allow_large_model", "relabel_full_check", "push_to_hub", "hub_model_id", "hub_private",
+    }
+)  # fmt: skip
+
+
+def run_settings(args: Arguments, accelerator: Accelerator) -> dict[str, Any]:
+    """
+    The run's settings: every argument that changes what it computes (not [`FREE_SETTINGS`]), the precision in force
+    and the number of processes, as JSON values.
+    """
+    settings = {name: value for name, value in args.recipe_values().items() if name not in FREE_SETTINGS}
+    settings["mixed_precision"] = accelerator.mixed_precision
+    settings["num_processes"] = accelerator.num_processes
+    return json.loads(json.dumps(settings))
+
+
+class ChangedSettingsError(UsageError):
+    """A resume with settings other than those its checkpoint was trained with, without `--allow_changed_settings`."""
+
+
+class MixedRunsError(DataError):
+    """A checkpoint resumed into a directory holding checkpoints of another run."""
+
+
+def check_same_run(run: Run, checkpoint: Path, run_id: str | None) -> None:
+    """Refuses to resume `checkpoint` (of run `run_id`) among checkpoints of another run in the output directory."""
+    if run_id is None:
+        return
+    others = sorted(path.name for path, other in run.checkpoints.run_ids().items() if other != run_id)
+    if others:
+        raise MixedRunsError(
+            f"{run.checkpoints.directory} holds checkpoints of another run ({', '.join(others)}) than {checkpoint} "
+            "(a run started there without --overwrite_output_dir): resuming would mix them. Move the ones not to "
+            "resume elsewhere, or start over with --overwrite_output_dir."
+        )
+
+
+def check_settings(run: Run, checkpoint: Path, recorded: dict[str, Any] | None) -> dict[str, list[Any]]:
+    """
+    Compares this run's settings with those `checkpoint` records: a change is refused, naming every changed
+    setting, unless `--allow_changed_settings` is given; then it is said, and returned for the model card.
+    """
+    accelerator = run.accelerator
+    if recorded is None:
+        accelerator.print(
+            f"Warning: {checkpoint} records no settings (written by an earlier version of the trainer): resuming "
+            "without checking that this run's are the ones it was trained with.",
+            flush=True,
+        )
+        return {}
+    changes = changed_settings(recorded, run.checkpoints.settings)
+    if not changes:
+        return {}
+    if not run.args.training.allow_changed_settings:
+        raise ChangedSettingsError(
+            f"{checkpoint} was trained with other settings: {describe_changes(changes)}. Resume with the checkpoint's "
+            "settings, pass --allow_changed_settings to go on with the new ones (the model card records them), or "
+            "start over with --overwrite_output_dir."
+        )
+    accelerator.print(
+        f"Resuming {checkpoint} with changed settings (--allow_changed_settings): {describe_changes(changes)}; the "
+        "model card records them.",
+        flush=True,
+    )
+    return changes
 
 
 def resume(run: Run) -> None:
     checkpoint = run.checkpoints.resolve(run.args.training.resume_from_checkpoint)
     if checkpoint is None:
+        written = [name for name in ("model", "all_results.json") if (run.output_dir / name).exists()]
+        if written:
+            raise PreviousRunError(
+                f"--resume_from_checkpoint latest: {run.checkpoints.directory} holds no checkpoint to resume, but "
+                f"{run.output_dir} holds a previous run's {' and '.join(written)}, which starting from scratch would "
+                "replace: pass --overwrite_output_dir instead to start over."
+            )
         run.accelerator.print(f"No checkpoint in {run.checkpoints.directory} yet: starting from scratch.", flush=True)
         return
-    run.checkpoints.load(checkpoint)
+    state = run.checkpoints.read_state(checkpoint)
+    check_same_run(run, checkpoint, state["progress"]["run_id"])
+    changes = check_settings(run, checkpoint, state.get("settings"))
+    run.checkpoints.check_position(state)
+    if changes:
+        # The checkpoint's schedule and optimizer hyperparameters (lr, weight decay, betas) are the old settings': the
+        # new ones are kept, else a changed --lr or --epochs would silently not apply.
+        state = {**state, "scheduler": run.scheduler.state_dict()}
+        groups = [{key: value for key, value in g.items() if key != "params"} for g in run.optimizer.param_groups]
+    run.checkpoints.load(checkpoint, state)
     progress = run.progress
+    if changes:
+        for group, hyperparameters in zip(run.optimizer.param_groups, groups):
+            group.update(hyperparameters)
+        progress.settings_changes.append({"step": progress.global_step, "changes": changes})
     if not training_finished(run):
         left = "training continues"
     elif evaluation_due(run):
@@ -347,67 +501,74 @@ def train_epoch(run: Run, epoch: int) -> dict[str, Any]:
         leave=False,
     )
     model.train()
-    for batch in batches:
-        if run.streaming:
-            batch = send_to_device(batch, accelerator.device)
-        # With --relabel_root the batch has `dense_labels`, mixed like the images; without them the model gives every
-        # token its image's target.
-        pixel_values, targets, dense_labels = mix_batch(
-            run.mixing,
-            batch,
-            epoch,
-            class_target=args.training.relabel_class_target,
-            cutmix_mode=args.training.dense_label_cutmix,
-        )
-        with accelerator.accumulate(model):
-            loss = model(
-                pixel_values=pixel_values, labels=targets, dense_labels=dense_labels, mix_token=args.model.mix_token
-            ).loss
-            check_finite_loss(run, loss, batch, epoch)  # before the loss reaches the weights
-            accelerator.backward(loss)
-            if accelerator.sync_gradients and args.training.clip_grad:
-                accelerator.clip_grad_norm_(model.parameters(), args.training.clip_grad)
-            run.optimizer.step()
-            run.optimizer.zero_grad()
-        progress.batches_in_epoch += 1
-        totals.add(loss.detach(), pixel_values.shape[0], batch["bad_images"])
-        window.append(loss.detach().float())
-        trained_images += pixel_values.shape[0]
-        window_images += pixel_values.shape[0]
-        bar.update(1)
-        if not accelerator.sync_gradients:
-            continue
+    # Closed however the epoch ends, so that a stop's one-line message does not follow the half-drawn bar.
+    try:
+        for batch in batches:
+            if run.streaming:
+                batch = send_to_device(batch, accelerator.device)
+            # With --relabel_root the batch has `dense_labels`, mixed like the images; without them the model gives
+            # every token its image's target.
+            pixel_values, targets, dense_labels = mix_batch(
+                run.mixing,
+                batch,
+                epoch,
+                class_target=args.training.relabel_class_target,
+                cutmix_mode=args.training.dense_label_cutmix,
+            )
+            with accelerator.accumulate(model):
+                loss = model(
+                    pixel_values=pixel_values, labels=targets, dense_labels=dense_labels, mix_token=args.model.mix_token
+                ).loss
+                check_finite_loss(run, loss, batch, epoch)  # before the loss reaches the weights
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.training.clip_grad:
+                    accelerator.clip_grad_norm_(model.parameters(), args.training.clip_grad)
+                run.optimizer.step()
+                run.optimizer.zero_grad()
+            progress.batches_in_epoch += 1
+            totals.add(loss.detach(), pixel_values.shape[0], batch["bad_images"])
+            window.append(loss.detach().float())
+            trained_images += pixel_values.shape[0]
+            window_images += pixel_values.shape[0]
+            bar.update(1)
+            if not accelerator.sync_gradients:
+                continue
 
-        progress.global_step += 1
-        if run.ema is not None:
-            run.ema.update(
-                accelerator.unwrap_model(model), step=progress.global_step if args.training.model_ema_warmup else None
-            )
-        run.scheduler.step_update(progress.global_step)
-        lr = run.optimizer.param_groups[0]["lr"]
-        if progress.global_step % args.training.logging_steps == 0:
-            mean_loss = accelerator.reduce(torch.stack(window).mean(), reduction="mean").item()
-            seen = accelerator.reduce(torch.tensor(window_images, device=accelerator.device), reduction="sum").item()
-            speed = seen / (time.perf_counter() - window_start)
-            accelerator.log(
-                {"train/loss": mean_loss, "train/lr": lr, "train/images_per_second": speed}, step=progress.global_step
-            )
-            bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{speed:.0f}")
-            window, window_start, window_images = [], time.perf_counter(), 0
-        end_of_epoch = progress.batches_in_epoch == run.batches_per_epoch
-        if (
-            args.training.checkpointing_steps
-            and progress.global_step % args.training.checkpointing_steps == 0
-            and not end_of_epoch
-        ):
-            totals.fold_into(progress)
-            path = run.checkpoints.save(progress)
-            accelerator.print(
-                f"Saved checkpoint {path} (epoch {epoch + 1}, batch {progress.batches_in_epoch})", flush=True
-            )
-        if args.training.max_train_steps and progress.global_step >= args.training.max_train_steps:
-            break
-    bar.close()
+            progress.global_step += 1
+            if run.ema is not None:
+                run.ema.update(
+                    accelerator.unwrap_model(model),
+                    step=progress.global_step if args.training.model_ema_warmup else None,
+                )
+            run.scheduler.step_update(progress.global_step)
+            lr = run.optimizer.param_groups[0]["lr"]
+            if progress.global_step % args.training.logging_steps == 0:
+                mean_loss = accelerator.reduce(torch.stack(window).mean(), reduction="mean").item()
+                seen = accelerator.reduce(
+                    torch.tensor(window_images, device=accelerator.device), reduction="sum"
+                ).item()
+                speed = seen / (time.perf_counter() - window_start)
+                accelerator.log(
+                    {"train/loss": mean_loss, "train/lr": lr, "train/images_per_second": speed},
+                    step=progress.global_step,
+                )
+                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{speed:.0f}")
+                window, window_start, window_images = [], time.perf_counter(), 0
+            end_of_epoch = progress.batches_in_epoch == run.batches_per_epoch
+            if (
+                args.training.checkpointing_steps
+                and progress.global_step % args.training.checkpointing_steps == 0
+                and not end_of_epoch
+            ):
+                totals.fold_into(progress)
+                path = run.checkpoints.save(progress)
+                accelerator.print(
+                    f"Saved checkpoint {path} (epoch {epoch + 1}, batch {progress.batches_in_epoch})", flush=True
+                )
+            if args.training.max_train_steps and progress.global_step >= args.training.max_train_steps:
+                break
+    finally:
+        bar.close()
     totals.fold_into(progress)
     seconds = time.perf_counter() - start
     images = accelerator.reduce(torch.tensor(trained_images, device=accelerator.device), reduction="sum").item()
@@ -436,12 +597,10 @@ def check_finite_loss(run: Run, loss: torch.Tensor, batch: dict[str, Any], epoch
         if culprits
         else f"the batch held training images {indices}" + ("" if not_finite.item() else " (on another process)")
     )
-    latest = run.checkpoints.latest()
     raise NonFiniteLossError(
         f"The training loss is {loss.item()} at step {progress.global_step + 1} (epoch {epoch + 1}, batch "
-        f"{progress.batches_in_epoch + 1}): {images}. The run stopped before the loss reached the weights; "
-        + (f"the last checkpoint, {latest}, is intact." if latest else "no checkpoint was written yet.")
-        + " Resume from it with a lower --lr or with --clip_grad, or mend the data."
+        f"{progress.batches_in_epoch + 1}): {images}. The run stopped before the loss reached the weights. "
+        + run.checkpoints.recovery_advice()
     )
 
 
@@ -510,6 +669,7 @@ def save_best_model(run: Run) -> None:
             recipe=args.model_card_recipe(),
             metrics={**metrics, "weights": progress.best_weights},
             num_parameters=sum(p.numel() for p in model.parameters()),
+            settings_changes=progress.settings_changes,
             hub_dataset=args.data.dataset_name
             if args.data.dataset_name and not Path(args.data.dataset_name).exists()
             else None,
@@ -538,7 +698,7 @@ def train_and_evaluate(run: Run) -> None:
     checkpointed, then the best weights are written to output_dir/model; the final state (training finished and
     evaluated) is a checkpoint too, so a run killed anywhere resumes to the same end.
     """
-    accelerator, progress = run.accelerator, run.progress
+    accelerator, progress, args = run.accelerator, run.progress, run.args.training
     while True:
         epoch = progress.epoch
         if not training_finished(run):
@@ -548,8 +708,11 @@ def train_and_evaluate(run: Run) -> None:
         else:
             return
         improved = evaluate_epoch(run, epoch, stats)
-        complete = progress.batches_in_epoch == run.batches_per_epoch
-        if complete:  # else the run stopped mid-epoch (--max_train_steps): a longer run resumes at the same batch
+        stopped_early = bool(args.max_train_steps and progress.global_step >= args.max_train_steps)
+        # The epoch is complete unless the run stopped mid-epoch (--max_train_steps): a longer run resumes at the same
+        # batch. (Deciding by the batch count alone re-trained an epoch for ever when a position was beyond it.)
+        complete = progress.batches_in_epoch >= run.batches_per_epoch or not stopped_early
+        if complete:
             progress.epoch, progress.batches_in_epoch = epoch + 1, 0
             progress.epoch_totals, progress.epoch_bad_images = [0.0, 0, 0], []
         path = run.checkpoints.save(progress)
@@ -639,8 +802,11 @@ def train(args: Arguments) -> dict[str, Any]:
         `UsageError` (and the errors in [`STOPPING_ERRORS`]): a problem with the arguments, the data, the relabel maps
             or a checkpoint, or a run stopped on a non-finite loss; the message names it and what to do.
     """
+    global _current_run
+    _current_run = None
     try:
         run = setup(args)
+        _current_run = run
         try:
             run.accelerator.print(describe(run), flush=True)
             start = time.perf_counter()
@@ -656,8 +822,64 @@ def train(args: Arguments) -> dict[str, Any]:
     return results
 
 
+# The run [`train`] works on (or last worked on) in this process, for [`resume_hint`].
+_current_run: Run | None = None
+
+
+def resume_command(argv: list[str], program: str) -> str:
+    """
+    The command that resumes a run started with `argv`: the same arguments without `--resume_from_checkpoint` and
+    `--overwrite_output_dir` (which would remove what is to be resumed), plus `--resume_from_checkpoint latest`.
+    """
+    kept, skip_value = [], False
+    for item in argv:
+        if skip_value:
+            skip_value = False
+            if not item.startswith("--"):
+                continue
+        name = item.split("=", 1)[0]
+        if name == "--resume_from_checkpoint":
+            skip_value = "=" not in item
+            continue
+        if name == "--overwrite_output_dir":
+            # a bool flag takes an optional value (`--overwrite_output_dir true`)
+            skip_value = "=" not in item
+            continue
+        kept.append(item)
+    launcher = "accelerate launch [the same launch options]" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "python"
+    return f"{launcher} {shlex.join([program, *kept, '--resume_from_checkpoint', 'latest'])}"
+
+
+def resume_hint(argv: list[str] | None = None, program: str | None = None) -> str:
+    """
+    What the command line says after a run was stopped (Ctrl-C, SIGTERM): the step reached, the checkpoint a resume
+    starts from, and the command that resumes.
+    """
+    argv = sys.argv[1:] if argv is None else argv
+    program = program or sys.argv[0]
+    run = _current_run
+    if run is None:
+        where = "It was stopped before training started"
+    else:
+        latest = run.checkpoints.latest()
+        saved = f"resuming starts from {latest}" if latest else "no checkpoint was written yet, so resuming starts over"
+        where = f"It was stopped at step {run.progress.global_step}; {saved}"
+    return f"{where}: {resume_command(argv, program)}"
+
+
 # Errors a run stops on that are about its inputs or its state, not bugs: the command line shows them as one line.
 STOPPING_ERRORS = (UsageError, RelabelError, CheckpointError, RunLockedError, NonFiniteLossError, NonFiniteWeightsError)
 
 
-__all__ = ["STOPPING_ERRORS", "NonFiniteLossError", "Run", "train"]
+__all__ = [
+    "FREE_SETTINGS",
+    "STOPPING_ERRORS",
+    "ChangedSettingsError",
+    "MixedRunsError",
+    "NonFiniteLossError",
+    "Run",
+    "resume_command",
+    "resume_hint",
+    "run_settings",
+    "train",
+]
