@@ -224,7 +224,7 @@ def test_data_that_cannot_be_loaded_is_a_usage_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match=r"--train_dir .*empty: no files in it; give one sub-directory of images"):
         run_in_process(tiny_run_args(tmp_path / "run", train_dir=tmp_path / "empty", cache_dir=tmp_path / "cache"))
-    with pytest.raises(UsageError, match=r"--dataset_name .*missing: no such directory \(give a local data set"):
+    with pytest.raises(UsageError, match=r"--dataset_name .*missing: no such directory. Give a local data set"):
         run_in_process(tiny_run_args(tmp_path / "run", dataset_name=tmp_path / "missing", cache_dir=tmp_path / "cache"))
 
 
