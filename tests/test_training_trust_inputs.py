@@ -13,11 +13,15 @@ import os
 import re
 from pathlib import Path
 
+import datasets
+import PIL.Image
 import pytest
-from training_utils import RECIPES, run_in_process, tiny_run_args
+from training_utils import RECIPES, run_in_process, tiny_run_args, write_image_folder
 
-from refiner_hf.cli import EXIT_DATA, EXIT_USAGE, command_status
+from refiner_hf.cli import EXIT_DATA, EXIT_USAGE, DataError, command_status
 from refiner_hf.training.arguments import ARGUMENT_RANGES, GROUPS, RecipeError, parse_args
+from refiner_hf.training.data import BadImageError, WorkerSafeDataError, check_image_folder, decode_image
+from refiner_hf.training.loaders import EvaluationSet
 
 
 PROG = "run_imagenet.py"
@@ -27,10 +31,11 @@ def refusal(argv: list[str], capsys, status: int = EXIT_USAGE) -> str:
     """The one line the trainer's command line prints for `argv` (run in this process), after checking its status."""
     capsys.readouterr()
     assert command_status(lambda: run_in_process(argv), PROG) == status
-    captured = capsys.readouterr()
-    lines = captured.err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"{PROG}: error: "), captured.err
-    return lines[0].removeprefix(f"{PROG}: error: ")
+    err = capsys.readouterr().err
+    # (Progress bars of the data loading and the epoch may stand before it on stderr.)
+    errors = re.findall(rf"{PROG}: error: (.*)", err)
+    assert len(errors) == 1 and "Traceback" not in err, err
+    return errors[0]
 
 
 # 1. Values that cannot be
@@ -188,3 +193,122 @@ def test_a_valid_short_run_starts(tmp_path):
     argv = tiny_run_args(tmp_path / "run", epochs=1, warmup_epochs=None, max_train_samples=16, max_eval_samples=8)
     results = run_in_process(argv)
     assert results["epochs_completed"] == 1 and results["global_step"] == 2
+
+
+# 2. Bad images, decompression bombs included
+
+
+def write_png(path: Path, side: int) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    PIL.Image.new("RGB", (side, side), (120, 30, 200)).save(path)
+    return path
+
+
+@pytest.mark.parametrize("side", [40, 64])  # over the limit (Pillow warns), over twice the limit (Pillow refuses)
+def test_a_decompression_bomb_is_a_bad_image_naming_the_file(side, tmp_path, monkeypatch):
+    monkeypatch.setattr(PIL.Image, "MAX_IMAGE_PIXELS", 1000)
+    path = write_png(tmp_path / "bomb.png", side)
+    with pytest.raises(BadImageError) as error:
+        decode_image({"path": str(path), "bytes": None}, 7)
+    assert str(error.value).startswith(f"Cannot decode image 7 ({path}): too large: ")
+    assert "decompression bomb" in str(error.value) and isinstance(error.value, DataError)
+    with pytest.raises(BadImageError, match=r"image 3: too large"):
+        decode_image({"path": None, "bytes": path.read_bytes()}, 3)
+    monkeypatch.setattr(PIL.Image, "MAX_IMAGE_PIXELS", side * side)
+    assert decode_image({"path": str(path), "bytes": None}, 7).size == (side, side)
+
+
+def test_the_evaluation_set_names_a_bad_image_or_skips_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(PIL.Image, "MAX_IMAGE_PIXELS", 1000)
+    paths = [write_png(tmp_path / f"{i}.png", 64 if i == 1 else 8) for i in range(3)]
+    source = datasets.Dataset.from_dict(
+        {"image": [{"path": str(p), "bytes": None} for p in paths], "label": [0, 1, 0]},
+        features=datasets.Features({"image": datasets.Image(decode=False), "label": datasets.Value("int64")}),
+    )
+    with pytest.raises(BadImageError) as error:
+        EvaluationSet(source, "image", "label")[1]
+    assert str(error.value).startswith(f"Cannot decode image 1 ({paths[1]}): too large: ")
+    assert str(error.value).endswith("; pass --skip_bad_images to skip (and count) the images that cannot be decoded.")
+    skipping = EvaluationSet(source, "image", "label", skip_bad_images=True)
+    assert [skipping[i]["image"] is None for i in range(3)] == [False, True, False]
+
+
+def test_worker_tracebacks_become_the_original_line():
+    worker = (
+        "Caught BadImageError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+        '  File "x.py", line 3, in f\n    raise BadImageError(m)\n'
+        "refiner_hf.training.data.BadImageError: Cannot decode image 2 (a: b.png): broken\n"
+    )
+    assert str(BadImageError(worker)) == "Cannot decode image 2 (a: b.png): broken"
+    assert str(WorkerSafeDataError("Training example 1 has label -1.")) == "Training example 1 has label -1."
+
+
+@pytest.fixture(scope="module")
+def folder_with_bad_images(tmp_path_factory):
+    """A 3-class image folder with a corrupt JPEG and a decompression bomb (under a limit of 5,000 pixels)."""
+    root = tmp_path_factory.mktemp("bad")
+    write_image_folder(root / "train", per_class=6, corrupt="broken.jpg")
+    write_png(root / "train" / "Trouser" / "bomb.png", 100)
+    write_image_folder(root / "val", per_class=2, offset=6)
+    return root
+
+
+def bad_folder_args(root: Path, output_dir: Path, **overrides) -> list[str]:
+    values = dict(
+        train_dir=root / "train", validation_dir=root / "val", max_train_samples=None, max_eval_samples=None,
+        cache_dir=root / "cache", epochs=1, per_device_train_batch_size=4,
+    )  # fmt: skip
+    return tiny_run_args(output_dir, **{**values, **overrides})
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_bad_image_in_training_is_one_line_naming_it(workers, folder_with_bad_images, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(PIL.Image, "MAX_IMAGE_PIXELS", 5000)
+    argv = bad_folder_args(folder_with_bad_images, tmp_path / "run", dataloader_num_workers=workers)
+    line = refusal(argv, capsys, status=EXIT_DATA)
+    assert re.fullmatch(
+        r"Cannot decode image \d+ \(.*(broken\.jpg|bomb\.png)\): .*; pass --skip_bad_images to skip \(and count\) "
+        r"the images that cannot be decoded\.",
+        line,
+    ), line
+    assert "Traceback" not in line
+
+
+def test_skip_bad_images_skips_and_counts_a_decompression_bomb(folder_with_bad_images, tmp_path, monkeypatch):
+    monkeypatch.setattr(PIL.Image, "MAX_IMAGE_PIXELS", 5000)
+    argv = bad_folder_args(folder_with_bad_images, tmp_path / "run") + ["--skip_bad_images"]
+    results = run_in_process(argv)
+    # 20 training images (18 good) in batches of 4: 5 steps; both bad ones are met once in the epoch.
+    assert results["global_step"] == 5 and results["bad_images_skipped"] == 2
+    assert results["history"][0]["bad_images"] == 2 and results["eval_samples"] == 6
+
+
+# 3. An image folder without class sub-folders
+
+
+def test_images_straight_in_the_train_dir_say_what_the_layout_must_be(tmp_path, capsys):
+    flat = tmp_path / "flat"
+    for i in range(3):
+        write_png(flat / f"img_{i}.png", 8)
+    (flat / "notes.txt").write_text("not an image")
+    line = refusal(["--train_dir", str(flat), "--output_dir", str(tmp_path / "run")], capsys, status=EXIT_DATA)
+    assert line == (
+        f"--train_dir {flat}: 3 images directly in it (e.g. img_0.png) and no class sub-folder; the layout must be "
+        f"one sub-folder per class, each holding that class's images ({flat}/<class>/<image>)."
+    )
+    # Images next to class sub-folders would leave every image unlabelled too.
+    write_png(flat / "cats" / "a.png", 8)
+    write_png(flat / "dogs" / "b.png", 8)
+    with pytest.raises(DataError) as error:
+        check_image_folder("--validation_dir", flat)
+    assert str(error.value).startswith(
+        f"--validation_dir {flat}: 3 images directly in it (e.g. img_0.png) next to the class sub-folders (cats, dogs)"
+    )
+    assert str(error.value).endswith("move them into their class's sub-folder.")
+    # Class sub-folders only (other files beside them are no images), or a metadata file naming the labels: fine.
+    for i in range(3):
+        (flat / f"img_{i}.png").unlink()
+    check_image_folder("--train_dir", flat)
+    write_png(flat / "c.png", 8)
+    (flat / "metadata.csv").write_text("file_name,label\nc.png,0\n")
+    check_image_folder("--train_dir", flat)
