@@ -16,7 +16,8 @@ from pathlib import Path
 import datasets
 import PIL.Image
 import pytest
-from training_utils import RECIPES, run_in_process, tiny_run_args, write_image_folder
+from helpers import load_script
+from training_utils import RECIPES, ROOT, run_in_process, tiny_run_args, write_image_folder
 
 from refiner_hf.cli import EXIT_DATA, EXIT_USAGE, DataError, command_status
 from refiner_hf.training.arguments import ARGUMENT_RANGES, GROUPS, RecipeError, parse_args
@@ -186,6 +187,21 @@ def test_only_the_main_process_prints_the_error_and_the_note(monkeypatch, capsys
     captured = capsys.readouterr()
     assert captured.err == "" and captured.out == ""
     assert EXIT_DATA == 1
+
+
+def test_under_a_launcher_only_the_main_process_prints_an_argument_error(monkeypatch, capsys):
+    # The other processes wait for the main one to print it and exit (the launcher then ends them), instead of
+    # exiting first and having the launcher end the main process before it prints.
+    script = load_script(ROOT / "examples" / "run_imagenet.py")
+    waits = []
+    monkeypatch.setattr(script.time, "sleep", waits.append)
+    for rank, lines, expected_waits in (("1", 0, [script.ARGUMENT_ERROR_WAIT_S]), ("0", 1, [])):
+        monkeypatch.setenv("RANK", rank)
+        waits.clear()
+        assert command_status(lambda: script.main(["--epochs", "0"]), PROG) == EXIT_USAGE
+        err = capsys.readouterr().err
+        assert err.splitlines() == [f"{PROG}: error: --epochs 0: must be an integer >= 1."][:lines]
+        assert waits == expected_waits
 
 
 def test_a_valid_short_run_starts(tmp_path):
