@@ -120,6 +120,24 @@ def test_recipe_values_go_through_the_same_ranges(line, message, tmp_path, capsy
     assert refused.startswith(f"{recipe}: {message}") and not output_dir.exists()
 
 
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--aa", "rand-foo-m9"], "--aa rand-foo-m9: unknown section 'foo' of the 'rand' policy; its sections are "),
+        (["--aa", "rand-m9-mstdx"], "--aa rand-m9-mstdx: unknown section 'mstdx' of the 'rand' policy"),
+        (["--aa", "none"], "--aa none: unknown policy 'none'; it starts with one of rand, augmix, original"),
+        (["--report_to", "tensorbored"], "--report_to tensorbored: unknown tracker 'tensorbored'; choose from all, "),
+        (["--report_to", "none,wandbb"], "(comma-separated for several). Did you mean wandb?"),
+    ],
+)
+def test_strings_that_would_train_something_else_or_fail_late_are_refused(argv, message, tmp_path, capsys):
+    line = refusal(argv + ["--output_dir", str(tmp_path / "run")], capsys)
+    assert line.startswith(message) or line.endswith(message), line
+    assert list(tmp_path.iterdir()) == []
+    for valid in (["--aa", "rand-m9-mstd0.5-inc1"], ["--aa", "augmix-m5-w3"], ["--aa", "v0-mstd0.5"], ["--aa", ""]):
+        parse_args(valid + ["--report_to", "none,tensorboard"], recipe_dirs=[RECIPES])
+
+
 def test_every_shipped_recipe_is_within_the_ranges():
     for recipe in sorted(RECIPES.glob("*.yaml")):
         parse_args(["--recipe", recipe.name, "--dataset_name", "x"], recipe_dirs=[RECIPES])

@@ -243,6 +243,19 @@ def check_ranges(group: Any) -> None:
             raise UsageError(f"--{f.name} {_shown(value)}: {problem}.")
 
 
+def check_report_to(report_to: str) -> None:
+    """Raises a [`UsageError`] for a `--report_to` name that is not an accelerate tracker (or `none`)."""
+    from accelerate.utils import LoggerType
+
+    known = [*LoggerType.list(), "none"]
+    for name in (name.strip() for name in report_to.split(",")):
+        if name not in known:
+            raise UsageError(
+                f"--report_to {report_to}: unknown tracker {name!r}; choose from {', '.join(known)} (comma-separated "
+                f"for several).{did_you_mean(name, known)}"
+            )
+
+
 def check_input_directory(flag: str, value: str | Path, what: str = "") -> Path:
     """
     The path of a directory the run reads, after refusing (as a [`UsageError`]) one that is missing, a file, a FIFO or
@@ -582,6 +595,12 @@ class TrainingArguments:
                 "Mixup/CutMix pair each image with another of its batch: --per_device_train_batch_size must be even, "
                 f"got {self.per_device_train_batch_size}."
             )
+        if self.aa:
+            from .augmentation import auto_augment_problem  # (timm and torch are imported by training only)
+
+            if problem := auto_augment_problem(self.aa):
+                raise UsageError(f"--aa {self.aa}: {problem}.")
+        check_report_to(self.report_to)
         if self.train_interpolation not in ("bilinear", "bicubic", "random"):
             raise UsageError(
                 f"--train_interpolation must be bilinear, bicubic or random, got {self.train_interpolation!r}."
