@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import sys
 from pathlib import Path
 
 import datasets
@@ -265,6 +266,23 @@ def test_the_evaluation_set_names_a_bad_image_or_skips_it(tmp_path, monkeypatch)
     assert str(error.value).endswith("; pass --skip_bad_images to skip (and count) the images that cannot be decoded.")
     skipping = EvaluationSet(source, "image", "label", skip_bad_images=True)
     assert [skipping[i]["image"] is None for i in range(3)] == [False, True, False]
+
+
+def test_a_process_other_than_the_main_one_names_the_bad_image_it_met(tmp_path, monkeypatch, capsys):
+    # Under `accelerate launch` only the main process prints errors; a bad image is met by one process only.
+    path = tmp_path / "broken.jpg"
+    path.write_bytes(b"not a jpeg")
+    source = datasets.Dataset.from_dict(
+        {"image": [{"path": str(path), "bytes": None}], "label": [0]},
+        features=datasets.Features({"image": datasets.Image(decode=False), "label": datasets.Value("int64")}),
+    )
+    monkeypatch.setattr(sys, "argv", ["run_imagenet.py"])
+    for rank, printed in (("1", 1), ("0", 0)):
+        monkeypatch.setenv("RANK", rank)
+        with pytest.raises(BadImageError) as error:
+            EvaluationSet(source, "image", "label")[0]
+        assert capsys.readouterr().err.splitlines() == [f"{PROG}: error: {error.value}"][:printed]
+        assert str(error.value).startswith(f"Cannot decode image 0 ({path}): ")
 
 
 def test_worker_tracebacks_become_the_original_line():

@@ -15,8 +15,11 @@ embedded Fashion-MNIST run (`embedded_fashion_mnist.yaml`), `--model_name_or_pat
 pretraining recipe. The recipe in force is recorded in `Arguments.recipe_source`, printed by the trainer and
 shown by `--help`, whose defaults are the ones the other arguments given select.
 
-Usage errors (an unknown argument, with a suggestion; a bad value; inconsistent arguments) are [`UsageError`]s with a
-one-line message; abbreviations of argument names are not accepted.
+Usage errors (an unknown argument, with a suggestion; a value outside its range, see [`ARGUMENT_RANGES`], on the
+command line or in a recipe; a path that is missing or not what it should be; inconsistent arguments) are
+[`UsageError`]s with a one-line message naming the argument, its value and what it may be, raised before anything
+is written; abbreviations of argument names are not accepted. A warmup that the recipe sets and a short `--epochs`
+leaves no shorter than the run is shortened with one line ([`fit_warmup`]).
 """
 
 from __future__ import annotations

@@ -32,8 +32,8 @@ EMBEDDED_ID_COLUMN = "image_id"
 # Data-set problems (a missing column, labels that do not fit the head, an image that cannot be decoded, ...) are
 # `refiner_hf.cli.DataError`s: one line, exit status 1. A bad flag stays a `UsageError` (exit status 2).
 
-# Decoding a larger image could take the memory of the machine: Pillow's decompression-bomb limits
-# (PIL.Image.MAX_IMAGE_PIXELS, twice that for the error) make such an image a bad image like any other.
+# Decoding a huge image can take all the machine's memory: one over Pillow's decompression-bomb limit
+# (PIL.Image.MAX_IMAGE_PIXELS, a warning; twice that, an error) is a bad image like any other.
 DECOMPRESSION_BOMBS = (PIL.Image.DecompressionBombError, PIL.Image.DecompressionBombWarning)
 SKIP_BAD_IMAGES_HINT = "pass --skip_bad_images to skip (and count) the images that cannot be decoded."
 

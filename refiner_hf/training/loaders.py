@@ -14,8 +14,10 @@ them into the batch under its name, next to `crop_boxes`, `flipped` and `indices
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import datasets
@@ -36,6 +38,7 @@ from .data import (
     decode_image,
     example_name,
 )
+from .errors import is_main_process
 
 
 TargetBuilder = Callable[[Mapping[str, Any], CropRecord], torch.Tensor | Mapping[str, torch.Tensor]]
@@ -102,7 +105,12 @@ class SampleRecipe:
 
 def with_skip_hint(error: BadImageError) -> BadImageError:
     """The error of an image that cannot be decoded, saying how to go on without it."""
-    return BadImageError(f"{str(error).rstrip('. ')}; {SKIP_BAD_IMAGES_HINT}")
+    bad = BadImageError(f"{str(error).rstrip('. ')}; {SKIP_BAD_IMAGES_HINT}")
+    if not is_main_process():
+        # The command line prints errors on the main process only, as every process meets the same argument errors;
+        # a bad image is met by the one process whose share holds it, which says so itself.
+        print(f"{Path(sys.argv[0]).name}: error: {bad}", file=sys.stderr, flush=True)
+    return bad
 
 
 # Training data
