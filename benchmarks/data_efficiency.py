@@ -46,6 +46,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import copy
+import dataclasses
 import json
 import math
 import multiprocessing
@@ -68,6 +69,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from refiner_hf import RefinerViTConfig, RefinerViTForImageClassification  # noqa: E402
+from refiner_hf.cli import did_you_mean  # noqa: E402
 from refiner_hf.interruption import Terminated, sigterm_unwinds, stopped_message  # noqa: E402
 from refiner_hf.training.checkpointing import write_text_atomically  # noqa: E402
 from refiner_hf.training.embedded_data import SUBSET_FILE  # noqa: E402
@@ -192,11 +194,38 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be at least {lowest}, got {getattr(args, name)}.")
     if not args.max_epochs > 0:
         parser.error(f"--max-epochs must be positive, got {args.max_epochs}.")
+    if problem := config_overrides_problem(args.config_overrides):
+        parser.error(f"--config-overrides: {problem}")
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.results is None:
         args.results = args.out.with_suffix(".json")
     return args
+
+
+# Configuration fields the benchmark sets itself: overriding them would compare other models than it says.
+NOT_OVERRIDABLE = {
+    "block_types": "the benchmark sets it (every block refined against every block plain)",
+    "num_labels": "Fashion-MNIST has 10 classes",
+    "id2label": "Fashion-MNIST has 10 classes",
+    "label2id": "Fashion-MNIST has 10 classes",
+}
+
+
+def config_overrides_problem(overrides: Any) -> str | None:
+    """
+    What is wrong with `--config-overrides`: not a JSON object, or a key that is not a `RefinerViTConfig` field (which
+    the configuration would keep as an unused attribute, training its default instead), with the closest fields.
+    """
+    if not isinstance(overrides, dict):
+        return f"must be a JSON object of RefinerViTConfig fields, got {json.dumps(overrides)}."
+    fields = {f.name for f in dataclasses.fields(RefinerViTConfig)} - set(NOT_OVERRIDABLE)
+    for key in overrides:
+        if key in NOT_OVERRIDABLE:
+            return f"`{key}` cannot be set: {NOT_OVERRIDABLE[key]}."
+        if key not in fields:
+            return f"{key!r} is not a RefinerViTConfig field.{did_you_mean(str(key), fields)}"
+    return None
 
 
 def load_data(directory: Path, held_out: int) -> Data:

@@ -34,6 +34,10 @@ the recipe in force and `--help` lists every argument with the defaults that app
 An interrupted run, wherever it was stopped, finishes what was left with `--resume_from_checkpoint latest`, ending
 with the model directory an uninterrupted run writes.
 
+A problem with the arguments or the data stops the run with one line, `run_imagenet.py: error: ...`, and exit status 2
+(a flag's value) or 1 (the data, a file); under `accelerate launch` the main process prints it, and
+`accelerate launch -q` leaves out the launcher's own traceback that follows it.
+
 The output directory holds model/ (the best weights so far, with the image processor and a model card: a directory
 `AutoModelForImageClassification.from_pretrained` loads), checkpoints/, logs/ (metrics.jsonl and the trackers' files)
 and all_results.json. The training itself is `refiner_hf.training.trainer.train`; this script is its command line.
@@ -41,21 +45,32 @@ and all_results.json. The training itself is `refiner_hf.training.trainer.train`
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from refiner_hf.training.arguments import parse_args
-from refiner_hf.training.errors import run_command
+from refiner_hf.training.errors import CommandError, is_main_process, run_command
 from refiner_hf.training.trainer import STOPPING_ERRORS, resume_hint, train
 
 
 RECIPES = Path(__file__).resolve().parent / "recipes"
+# Under `accelerate launch` every process parses the same arguments and meets the same error, which only the main
+# process prints. The launcher ends all processes as soon as one exits, so the others wait (at most this long) for
+# the main process to print it and exit first.
+ARGUMENT_ERROR_WAIT_S = 30.0
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Parses the command line (over the recipe it names or implies, from `examples/recipes`) and trains."""
-    return train(parse_args(argv, recipe_dirs=[RECIPES]))
+    try:
+        args = parse_args(argv, recipe_dirs=[RECIPES])
+    except CommandError:
+        if not is_main_process():
+            time.sleep(ARGUMENT_ERROR_WAIT_S)
+        raise
+    return train(args)
 
 
 if __name__ == "__main__":

@@ -204,6 +204,12 @@ def test_parameter_counts_match_within_five_percent(benchmark):
         (["--lr-drops", "-2"], "--lr-drops must be at least 0, got -2"),
         (["--min-eval-steps", "0"], "--min-eval-steps must be at least 1, got 0"),
         (["--max-epochs", "0"], "--max-epochs must be positive, got 0.0"),
+        (
+            ["--config-overrides", '{"hiden_size": 32}'],
+            r"--config-overrides: 'hiden_size' is not a RefinerViTConfig field\. Did you mean hidden_size\?",
+        ),
+        (["--config-overrides", '{"block_types": ["plain"]}'], r"--config-overrides: `block_types` cannot be set"),
+        (["--config-overrides", "[1]"], r"--config-overrides: must be a JSON object of RefinerViTConfig fields"),
     ],
 )
 def test_rejects_settings_that_cannot_run(benchmark, capsys, argv, message):

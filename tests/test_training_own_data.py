@@ -220,11 +220,13 @@ def test_the_refusal_names_the_sizes_and_the_largest_batch_that_fits(sizes, fix)
     check_one_step_fits(batch * processes * accumulation, batch, processes, accumulation)  # exactly one step: fine
 
 
-def test_data_that_cannot_be_loaded_is_a_usage_error(tmp_path):
+def test_data_that_cannot_be_loaded_is_named(tmp_path):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(DataError, match=r"--train_dir .*empty: no files in it; give one sub-directory of images"):
+    message = r"--train_dir .*empty: no files in it; the layout must be one sub-folder per class"
+    with pytest.raises(DataError, match=message) as error:
         run_in_process(tiny_run_args(tmp_path / "run", train_dir=tmp_path / "empty", cache_dir=tmp_path / "cache"))
-    with pytest.raises(UsageError, match=r"--dataset_name .*missing: no such directory \(give a local data set"):
+    assert not isinstance(error.value, UsageError) and error.value.exit_status == 1  # a data-set problem
+    with pytest.raises(UsageError, match=r"--dataset_name .*missing: no such directory. Give a local data set"):
         run_in_process(tiny_run_args(tmp_path / "run", dataset_name=tmp_path / "missing", cache_dir=tmp_path / "cache"))
 
 

@@ -170,7 +170,7 @@ def test_a_missing_recipe_names_where_it_was_looked_for():
         (["--per_device_train_batch_size", "7"], "must be even"),
         (["--dataset_name", "a", "--train_dir", "b"], "either --dataset_name or --train_dir"),
         (["--model", "refiner-vit-s", "--model_name_or_path", "x"], "at most one of"),
-        (["--warmup_epochs", "400"], "--warmup_epochs must be in"),
+        (["--warmup_epochs", "400"], "--warmup_epochs 400: must be below --epochs 300"),
         (["--scale", "1", "0.5"], "two numbers, low then high"),
         (["--config_overrides", "[1]"], "must be a JSON object"),
     ],
@@ -266,7 +266,10 @@ def test_help_shows_the_defaults_that_apply(capsys):
         (["--lr_schedule_unit", "hour"], "invalid choice: 'hour' (choose from 'epoch', 'step')"),
         (["--dataset_name", "x", "3"], "unexpected value '3': every value follows its --argument."),
         (["--train_dir", "/no/such/dir"], "--train_dir /no/such/dir: no such directory."),
-        (["--resume_from_checkpoint", "/no/such/step"], "--resume_from_checkpoint /no/such/step: no such checkpoint"),
+        (
+            ["--resume_from_checkpoint", "/no/such/step"],
+            "--resume_from_checkpoint /no/such/step: no such directory. Give a",
+        ),
     ],
 )
 def test_usage_errors_name_the_problem_and_the_fix(argv, message):

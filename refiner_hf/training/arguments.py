@@ -15,8 +15,11 @@ embedded Fashion-MNIST run (`embedded_fashion_mnist.yaml`), `--model_name_or_pat
 pretraining recipe. The recipe in force is recorded in `Arguments.recipe_source`, printed by the trainer and
 shown by `--help`, whose defaults are the ones the other arguments given select.
 
-Usage errors (an unknown argument, with a suggestion; a bad value; inconsistent arguments) are [`UsageError`]s with a
-one-line message; abbreviations of argument names are not accepted.
+Usage errors (an unknown argument, with a suggestion; a value outside its range, see [`ARGUMENT_RANGES`], on the
+command line or in a recipe; a path that is missing or not what it should be; inconsistent arguments) are
+[`UsageError`]s with a one-line message naming the argument, its value and what it may be, raised before anything
+is written; abbreviations of argument names are not accepted. A warmup that the recipe sets and a short `--epochs`
+leaves no shorter than the run is shortened with one line ([`fit_warmup`]).
 """
 
 from __future__ import annotations
@@ -24,6 +27,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
+import os
+import stat
+import sys
 import textwrap
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -35,7 +42,15 @@ from transformers import HfArgumentParser
 from transformers.hf_argparser import string_to_bool
 
 from ..configuration_refiner_vit import RefinerViTConfig
-from .errors import OneLineErrors, UsageError, did_you_mean, looks_like_a_path
+from .errors import (
+    OneLineErrors,
+    UsageError,
+    check_input_file,
+    check_output_path,
+    did_you_mean,
+    is_main_process,
+    looks_like_a_path,
+)
 
 
 # Fields a recipe may not set: the recipe itself, where it came from, and the Hub token (a secret that does not belong
@@ -111,12 +126,165 @@ def _arg(help: str, **kwargs: Any) -> Any:
     return field(default=default, metadata={"help": help, **kwargs})
 
 
-def _check_at_least_one(group: Any, names: Iterable[str], optional: bool = False) -> None:
-    """Raises a [`UsageError`] for the first of `names` below 1 (`optional`: None is allowed)."""
-    for name in names:
-        value = getattr(group, name)
-        if (value is not None or not optional) and value < 1:
-            raise UsageError(f"--{name} must be at least 1, got {value}.")
+@dataclass(frozen=True)
+class Range:
+    """
+    The values a numeric argument may take: finite numbers from `low` to `high` (None: unbounded), each bound
+    included unless `low_open` / `high_open`; `hint` ends the refusal (e.g. the unit the value is in).
+    """
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    integer: bool = False
+    hint: str = ""
+
+    def __contains__(self, value: Any) -> bool:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return False
+        if self.integer and not float(value).is_integer():
+            return False
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+    def describe(self) -> str:
+        kind = "an integer" if self.integer else "a finite number"
+        if self.low is not None and self.high is not None:
+            opening, closing = "(" if self.low_open else "[", ")" if self.high_open else "]"
+            return f"{kind} in {opening}{_shown(self.low)}, {_shown(self.high)}{closing}"
+        if self.low is not None:
+            return f"{kind} {'>' if self.low_open else '>='} {_shown(self.low)}"
+        return kind
+
+
+POSITIVE = Range(0, low_open=True)
+NON_NEGATIVE = Range(0)
+PROBABILITY = Range(0, 1)
+FRACTION_BELOW_1 = Range(0, 1, high_open=True)
+COUNT = Range(1, integer=True)
+COUNT_OR_ZERO = Range(0, integer=True)
+
+# The range of every numeric argument (of a list argument, of each of its numbers), checked on the command line and in
+# recipes before anything is built or written; tests/test_training_trust_inputs.py checks that none is missing.
+ARGUMENT_RANGES: dict[str, Range] = {
+    # Model
+    "image_size": COUNT,
+    "crop_pct": Range(0, 2, low_open=True, hint=" (a fraction of the resized image: 0.9, not 90)"),
+    "drop_path": FRACTION_BELOW_1,
+    "attention_similarity_pairs": COUNT_OR_ZERO,
+    "attention_similarity_weight": NON_NEGATIVE,
+    "dense_weight": NON_NEGATIVE,
+    # Data
+    "train_val_split": Range(0, 1, high_open=True, hint=" (the fraction of the training split held out)"),
+    "max_train_samples": COUNT,
+    "max_eval_samples": COUNT,
+    "dataloader_num_workers": COUNT_OR_ZERO,
+    "shuffle_buffer_size": COUNT,
+    "train_samples_per_epoch": COUNT,
+    "relabel_size": COUNT,
+    # Training
+    "epochs": COUNT,
+    "cooldown_epochs": COUNT_OR_ZERO,
+    "warmup_epochs": NON_NEGATIVE,
+    "warmup_lr": NON_NEGATIVE,
+    "lr": POSITIVE,
+    "min_lr": NON_NEGATIVE,
+    "weight_decay": NON_NEGATIVE,
+    "opt_betas": FRACTION_BELOW_1,
+    "opt_eps": POSITIVE,
+    "clip_grad": POSITIVE,
+    "per_device_train_batch_size": COUNT,
+    "per_device_eval_batch_size": COUNT,
+    "gradient_accumulation_steps": COUNT,
+    "max_train_steps": COUNT,
+    "seed": Range(0, 2**32 - 1, integer=True, hint=" (NumPy's seeds)"),
+    "scale": Range(0, 1, low_open=True, hint=" (fractions of the image area)"),
+    "ratio": POSITIVE,
+    "hflip": PROBABILITY,
+    "color_jitter": NON_NEGATIVE,
+    "reprob": PROBABILITY,
+    "recount": COUNT,
+    "mixup": NON_NEGATIVE,
+    "cutmix": NON_NEGATIVE,
+    "cutmix_minmax": Range(0, 1, low_open=True, hint=" (fractions of the image side)"),
+    "mixup_prob": PROBABILITY,
+    "mixup_switch_prob": PROBABILITY,
+    "mixup_off_epoch": COUNT_OR_ZERO,
+    "smoothing": FRACTION_BELOW_1,
+    "model_ema_decay": PROBABILITY,
+    "checkpointing_steps": COUNT,
+    "checkpoints_total_limit": COUNT,
+    "logging_steps": COUNT,
+}
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return " ".join(_shown(item) for item in value)
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def range_error(name: str, value: Any) -> str | None:
+    """Why `value` is not a valid value of argument `name` (see [`ARGUMENT_RANGES`]), or None when it is."""
+    allowed = ARGUMENT_RANGES.get(name)
+    if allowed is None or value is None:
+        return None
+    if isinstance(value, (list, tuple)):
+        if any(item not in allowed for item in value):
+            return f"each must be {allowed.describe()}{allowed.hint}"
+        return None
+    return None if value in allowed else f"must be {allowed.describe()}{allowed.hint}"
+
+
+def check_ranges(group: Any) -> None:
+    """Raises a [`UsageError`] naming the first argument of `group` outside its range, its value and the range."""
+    for f in dataclasses.fields(group):
+        value = getattr(group, f.name)
+        if (problem := range_error(f.name, value)) is not None:
+            raise UsageError(f"--{f.name} {_shown(value)}: {problem}.")
+
+
+def check_report_to(report_to: str) -> None:
+    """Raises a [`UsageError`] for a `--report_to` name that is not an accelerate tracker (or `none`)."""
+    from accelerate.utils import LoggerType
+
+    known = [*LoggerType.list(), "none"]
+    for name in (name.strip() for name in report_to.split(",")):
+        if name not in known:
+            raise UsageError(
+                f"--report_to {report_to}: unknown tracker {name!r}; choose from {', '.join(known)} (comma-separated "
+                f"for several).{did_you_mean(name, known)}"
+            )
+
+
+def check_input_directory(flag: str, value: str | Path, what: str = "") -> Path:
+    """
+    The path of a directory the run reads, after refusing (as a [`UsageError`]) one that is missing, a file, a FIFO or
+    a device, or not readable; `what` ends the refusal (what the directory should hold).
+    """
+    path = Path(value).expanduser()
+    try:
+        mode = path.stat().st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        raise UsageError(f"{flag} {value}: no such directory.{what}") from None
+    except OSError as error:
+        raise UsageError(f"{flag} {value}: cannot be read ({error.strerror}).") from None
+    if not stat.S_ISDIR(mode):
+        kind = (
+            "a file"
+            if stat.S_ISREG(mode)
+            else "a FIFO"
+            if stat.S_ISFIFO(mode)
+            else "a device"
+            if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+            else "not a regular directory"
+        )
+        raise UsageError(f"{flag} {value}: {kind}, not a directory.{what}")
+    if not os.access(path, os.R_OK | os.X_OK):
+        raise UsageError(f"{flag} {value}: not readable (permission denied).")
+    return path
 
 
 @dataclass
@@ -189,14 +357,11 @@ class ModelArguments:
             self.config_overrides = json.dumps(self.config_overrides)
 
     def validate(self) -> None:
-        """Raises a [`UsageError`] naming the first inconsistent model argument."""
+        """Raises a [`UsageError`] naming the first inconsistent model argument or value out of range."""
+        check_ranges(self)
         sources = [name for name in MODEL_SOURCE_FIELDS if getattr(self, name)]
         if len(sources) > 1:
             raise UsageError(f"Give at most one of --model, --model_name_or_path, --config_name (got {sources}).")
-        if self.dense_weight is not None and self.dense_weight < 0:
-            raise UsageError(f"--dense_weight cannot be negative, got {self.dense_weight}.")
-        if self.drop_path is not None and not 0.0 <= self.drop_path < 1.0:
-            raise UsageError(f"--drop_path must be in [0, 1), got {self.drop_path}.")
         self.config_overrides_dict()
 
     def config_overrides_dict(self) -> dict[str, Any]:
@@ -272,26 +437,27 @@ class DataArguments:
     )
 
     def validate(self) -> None:
-        """Raises a [`UsageError`] naming the first inconsistent data argument (or a missing directory)."""
+        """
+        Raises a [`UsageError`] naming the first inconsistent data argument, value out of range, or directory that is
+        missing or not a directory.
+        """
+        check_ranges(self)
         if self.dataset_name and (self.train_dir or self.validation_dir):
             raise UsageError("Give either --dataset_name or --train_dir/--validation_dir, not both.")
         if self.validation_dir and not self.train_dir:
             raise UsageError("--validation_dir needs --train_dir.")
-        for name in ("train_dir", "validation_dir", "relabel_root"):
-            value = getattr(self, name)
-            if value is not None and not Path(value).is_dir():
-                raise UsageError(f"--{name} {value}: no such directory.")
-        if self.dataset_name and looks_like_a_path(self.dataset_name) and not Path(self.dataset_name).exists():
-            raise UsageError(
-                f"--dataset_name {self.dataset_name}: no such directory (give a local data set directory or a Hub id "
-                "such as ILSVRC/imagenet-1k)."
+        image_tree = " Give a folder with one sub-folder of images per class."
+        for name, what in (("train_dir", image_tree), ("validation_dir", image_tree), ("relabel_root", "")):
+            if getattr(self, name) is not None:
+                check_input_directory(f"--{name}", getattr(self, name), what)
+        if self.dataset_name and (looks_like_a_path(self.dataset_name) or Path(self.dataset_name).exists()):
+            check_input_directory(
+                "--dataset_name",
+                self.dataset_name,
+                " Give a local data set directory or a Hub id such as ILSVRC/imagenet-1k.",
             )
-        _check_at_least_one(self, ("shuffle_buffer_size",))
-        _check_at_least_one(self, ("max_train_samples", "max_eval_samples", "relabel_size"), optional=True)
-        if self.dataloader_num_workers < 0:
-            raise UsageError(f"--dataloader_num_workers cannot be negative, got {self.dataloader_num_workers}.")
-        if not 0.0 <= self.train_val_split <= 1.0:
-            raise UsageError(f"--train_val_split must be in [0, 1], got {self.train_val_split}.")
+        if self.cache_dir is not None:
+            check_output_path("--cache_dir", self.cache_dir)
         if self.streaming and self.max_train_samples is not None:
             raise UsageError(
                 "--max_train_samples needs a map-style data set; use --train_samples_per_epoch when streaming."
@@ -413,35 +579,42 @@ class TrainingArguments:
     hub_private: bool | None = _arg("Create the Hub repository as private.")
 
     def validate(self) -> None:
-        """Raises a [`UsageError`] naming the first inconsistent training argument (or a missing checkpoint)."""
+        """
+        Raises a [`UsageError`] naming the first inconsistent training argument, value out of range, missing
+        checkpoint, or output directory that cannot be created.
+        """
+        check_ranges(self)
         resume = self.resume_from_checkpoint
-        if resume not in (None, "latest") and not Path(resume).is_dir():
-            raise UsageError(
-                f"--resume_from_checkpoint {resume}: no such checkpoint directory (`latest` takes the newest of "
-                "OUTPUT_DIR/checkpoints)."
+        if resume not in (None, "latest"):
+            check_input_directory(
+                "--resume_from_checkpoint",
+                resume,
+                " Give a checkpoint directory (`latest` takes the newest of OUTPUT_DIR/checkpoints).",
             )
+        if self.output_dir is not None:
+            check_output_path("--output_dir", self.output_dir)
         for name in ("scale", "ratio") + (("cutmix_minmax",) if self.cutmix_minmax is not None else ()):
             low_high = getattr(self, name)
             if len(low_high) != 2 or low_high[0] > low_high[1]:
-                raise UsageError(f"--{name} must be two numbers, low then high; got {low_high}.")
-        positive = (
-            "epochs", "per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
-            "checkpoints_total_limit", "logging_steps",
-        )  # fmt: skip
-        _check_at_least_one(self, positive)
-        _check_at_least_one(self, ("checkpointing_steps", "max_train_steps"), optional=True)
-        if self.cooldown_epochs < 0:
-            raise UsageError(f"--cooldown_epochs cannot be negative, got {self.cooldown_epochs}.")
-        if not 0 <= self.warmup_epochs < self.epochs:
-            raise UsageError(f"--warmup_epochs must be in [0, epochs); got {self.warmup_epochs} of {self.epochs}.")
-        for name in ("hflip", "reprob", "mixup_prob", "mixup_switch_prob", "smoothing"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise UsageError(f"--{name} must be in [0, 1], got {getattr(self, name)}.")
+                raise UsageError(f"--{name} must be two numbers, low then high; got {_shown(low_high)}.")
+        if len(self.opt_betas) != 2:
+            raise UsageError(f"--opt_betas must be two numbers, beta1 then beta2; got {_shown(self.opt_betas)}.")
+        if self.warmup_epochs >= self.epochs:
+            raise UsageError(
+                f"--warmup_epochs {_shown(self.warmup_epochs)}: must be below --epochs {self.epochs} (the warmup is "
+                "part of the cosine schedule's epochs); give a shorter warmup or more epochs."
+            )
         if self.mixing_enabled and self.per_device_train_batch_size % 2:
             raise UsageError(
                 "Mixup/CutMix pair each image with another of its batch: --per_device_train_batch_size must be even, "
                 f"got {self.per_device_train_batch_size}."
             )
+        if self.aa:
+            from .augmentation import auto_augment_problem  # (timm and torch are imported by training only)
+
+            if problem := auto_augment_problem(self.aa):
+                raise UsageError(f"--aa {self.aa}: {problem}.")
+        check_report_to(self.report_to)
         if self.train_interpolation not in ("bilinear", "bicubic", "random"):
             raise UsageError(
                 f"--train_interpolation must be bilinear, bicubic or random, got {self.train_interpolation!r}."
@@ -549,13 +722,14 @@ def check_config_overrides(overrides: dict[str, Any], source: str) -> None:
 
 def resolve_recipe_path(name: str | Path, recipe_dirs: Iterable[str | Path] = ()) -> Path:
     """A recipe path as given, or the file of that name in one of `recipe_dirs`."""
-    path = Path(name)
-    if path.is_file():
-        return path
-    for directory in recipe_dirs:
-        candidate = Path(directory) / name
-        if candidate.is_file():
-            return candidate
+    path = Path(name).expanduser()
+    candidates = [path] + ([] if path.is_absolute() else [Path(directory) / name for directory in recipe_dirs])
+    for candidate in candidates:
+        if candidate.exists() or candidate.is_symlink():
+            try:  # a directory, a FIFO or a device is named as such, not taken for a missing file
+                return check_input_file("--recipe", candidate)
+            except UsageError as error:
+                raise RecipeError(str(error)) from None
     searched = ", ".join(str(d) for d in recipe_dirs) or "nowhere else"
     raise RecipeError(f"Recipe {str(name)!r} not found (looked for it as a path, then in {searched}).")
 
@@ -638,6 +812,8 @@ def load_recipe(path: str | Path, parser: ArgumentParser | None = None) -> dict[
                 + (hint if hint else f"is not an argument of the trainer.{did_you_mean(str(key), allowed)}")
             )
         values[key] = _coerce(actions[key], key, value, path)
+        if (problem := range_error(key, values[key])) is not None:
+            raise RecipeError(f"{path}: `{key}: {_shown(values[key])}` {problem}.")
     return values
 
 
@@ -734,22 +910,54 @@ def parse_args(argv: Sequence[str] | None = None, recipe_dirs: Iterable[str | Pa
     model, data, training = parser.parse_dataclasses(argv)
     if recipe_path is not None:
         training.recipe = str(recipe_path)
+    given = sys.argv[1:] if argv is None else argv
+    note = fit_warmup(training, explicit=any(item.split("=", 1)[0] == "--warmup_epochs" for item in given))
+    if note and is_main_process():
+        print(note, flush=True)
     args = Arguments(model=model, data=data, training=training, recipe_source=source)
     args.validate()
     return args
 
 
+def fit_warmup(training: TrainingArguments, explicit: bool) -> str | None:
+    """
+    Shortens a warmup that the recipe or the defaults set (not `--warmup_epochs`) to half of `--epochs` when it is
+    not shorter than the run (e.g. `--epochs 1` with a recipe's 1-epoch warmup), and returns the line that says so;
+    an explicit warmup that long stays a [`UsageError`] (see [`TrainingArguments.validate`]).
+    """
+    epochs, warmup = training.epochs, training.warmup_epochs
+    if explicit or epochs not in ARGUMENT_RANGES["epochs"] or warmup not in ARGUMENT_RANGES["warmup_epochs"]:
+        return None
+    if warmup < epochs:
+        return None
+    training.warmup_epochs = epochs / 2
+    origin = f"the recipe's ({Path(training.recipe).name})" if training.recipe else "the default"
+
+    def epochs_text(value: float) -> str:
+        return f"{_shown(float(value))} epoch{'' if value == 1 else 's'}"
+
+    return (
+        f"Note: {origin} warmup of {epochs_text(warmup)} is not shorter than --epochs {epochs}: it is shortened to "
+        f"{epochs_text(training.warmup_epochs)} (--warmup_epochs sets it)."
+    )
+
+
 __all__ = [
+    "ARGUMENT_RANGES",
     "Arguments",
     "ArgumentParser",
     "DataArguments",
     "ModelArguments",
+    "Range",
     "RecipeError",
     "UsageError",
     "TrainingArguments",
     "build_parser",
     "check_config_overrides",
+    "check_input_directory",
+    "check_ranges",
     "default_recipe",
+    "fit_warmup",
     "load_recipe",
     "parse_args",
     "recipe_keys",

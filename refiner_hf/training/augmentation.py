@@ -146,6 +146,40 @@ class _GeometryRecorder:
         return apply
 
 
+# timm's auto-augment policy strings: `rand-m9-mstd0.5-inc1` (RandAugment), `augmix-m5-w3` (AugMix), `v0-mstd0.5`
+# (AutoAugment: original, originalr, v0, v0r, 3a): the policy, then `-` sections of a key and a number. timm skips a
+# section without a number (`rand-m9-foo` is `rand-m9`), so a typo would silently train another augmentation.
+AUTO_AUGMENT_SECTIONS = {
+    "rand": ("mstd", "mmax", "inc", "m", "n", "p"),
+    "augmix": ("mstd", "m", "w", "d", "a", "b"),
+    **{policy: ("mstd",) for policy in ("original", "originalr", "v0", "v0r", "3a")},
+}
+
+
+def auto_augment_problem(policy: str) -> str | None:
+    """What is wrong with a timm auto-augment policy string (see [`AUTO_AUGMENT_SECTIONS`]), or None."""
+    name, *sections = policy.split("-")
+    if name not in AUTO_AUGMENT_SECTIONS:
+        return (
+            f"unknown policy {name!r}; it starts with one of {', '.join(AUTO_AUGMENT_SECTIONS)} (e.g. "
+            "rand-m9-mstd0.5-inc1, timm's RandAugment), or give an empty value for none"
+        )
+    keys = AUTO_AUGMENT_SECTIONS[name]
+    for section in sections:
+        if name == "rand" and section.startswith("t") and len(section) > 1:
+            continue  # a named choice of transforms (timm's `t` section)
+        key = next((key for key in keys if section.startswith(key)), None)
+        value = section[len(key) :] if key else ""
+        try:
+            float(value)
+        except ValueError:
+            key = None
+        if key is None:
+            expected = ", ".join(f"{key}<number>" for key in keys) + (", t<transforms>" if name == "rand" else "")
+            return f"unknown section {section!r} of the {name!r} policy; its sections are {expected}"
+    return None
+
+
 class TrainTransform:
     """
     timm's ImageNet training transform that also reports the crop geometry.
@@ -232,4 +266,11 @@ class TrainTransform:
         return f"{type(self).__name__}(crop={self.crop}, hflip={self.hflip}, colour={self.colour}, final={self.final})"
 
 
-__all__ = ["GEOMETRIC_OPS", "CropRecord", "TrainTransform", "seeded_rng"]
+__all__ = [
+    "AUTO_AUGMENT_SECTIONS",
+    "auto_augment_problem",
+    "GEOMETRIC_OPS",
+    "CropRecord",
+    "TrainTransform",
+    "seeded_rng",
+]

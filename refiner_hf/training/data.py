@@ -7,6 +7,7 @@ decoding that names the bad image. The torch datasets, sampler and collators bui
 from __future__ import annotations
 
 import io
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ import PIL.ImageOps
 from ..image_processing_refiner_vit_common import integer_pixels_to_uint8, pil_image_to_8_bits
 from .arguments import DataArguments
 from .embedded_data import SUBSET_FILE
-from .errors import UsageError
+from .errors import DataError
 
 
 EMBEDDED_DATA = SUBSET_FILE
@@ -28,11 +29,34 @@ EMBEDDED_DATASET_NAME = "fashion-mnist (embedded subset)"
 EMBEDDED_ID_COLUMN = "image_id"
 
 
-class DataError(UsageError):
-    """A data set that cannot be trained on as configured (missing column, labels that do not fit the head, ...)."""
+# Data-set problems (a missing column, labels that do not fit the head, an image that cannot be decoded, ...) are
+# `refiner_hf.cli.DataError`s: one line, exit status 1. A bad flag stays a `UsageError` (exit status 2).
+
+# Decoding a huge image can take all the machine's memory: one over Pillow's decompression-bomb limit
+# (PIL.Image.MAX_IMAGE_PIXELS, a warning; twice that, an error) is a bad image like any other.
+DECOMPRESSION_BOMBS = (PIL.Image.DecompressionBombError, PIL.Image.DecompressionBombWarning)
+SKIP_BAD_IMAGES_HINT = "pass --skip_bad_images to skip (and count) the images that cannot be decoded."
 
 
-class BadImageError(ValueError):
+def original_message(message: str) -> str:
+    """
+    The message an error had in a DataLoader worker: torch re-raises it in the main process with the worker's
+    traceback, whose last line is `module.ErrorClass: message`.
+    """
+    if "Original Traceback" not in message:
+        return message
+    last = message.rstrip().splitlines()[-1]
+    return last.split(": ", 1)[1] if ": " in last else last
+
+
+class WorkerSafeDataError(DataError):
+    """A [`DataError`] that keeps its one-line message when a DataLoader worker raised it (see [`original_message`])."""
+
+    def __init__(self, message: str = "") -> None:
+        super().__init__(original_message(str(message)))
+
+
+class BadImageError(WorkerSafeDataError, ValueError):
     """An image that cannot be decoded; the message names the data set index and, when known, the file."""
 
 
@@ -99,13 +123,43 @@ def _load_splits(args: DataArguments) -> tuple[datasets.DatasetDict | datasets.I
     if args.validation_dir is not None:
         folders[args.validation_split] = args.validation_dir
     for flag, folder in zip(("--train_dir", "--validation_dir"), folders.values()):
-        if not any(path.is_file() for path in Path(folder).rglob("*")):
-            raise DataError(f"{flag} {folder}: no files in it; give one sub-directory of images per class.")
+        check_image_folder(flag, folder)
     data_files = {split: str(Path(folder) / "**") for split, folder in folders.items()}
     loaded = datasets.load_dataset(
         "imagefolder", data_files=data_files, cache_dir=args.cache_dir, streaming=args.streaming
     )
     return loaded, f"imagefolder {args.train_dir}"
+
+
+def check_image_folder(flag: str, folder: str | Path) -> None:
+    """
+    Raises a [`DataError`] for an image folder that `imagefolder` would load without labels, saying what the layout
+    must be (one sub-folder per class) and what was found: no files, or images directly in the folder (with no class
+    sub-folder, or next to them). A folder with an `imagefolder` metadata file (which may hold the labels) is left to
+    the column checks.
+    """
+    from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
+
+    root = Path(folder)
+    layout = f"the layout must be one sub-folder per class, each holding that class's images ({folder}/<class>/<image>)"
+    if not any(path.is_file() for path in root.rglob("*")):
+        raise DataError(f"{flag} {folder}: no files in it; {layout}.")
+    entries = sorted(root.iterdir())
+    if any(entry.name in ImageFolder.METADATA_FILENAMES for entry in entries):
+        return
+    extensions = {extension.lower() for extension in ImageFolder.EXTENSIONS}
+    loose = [entry.name for entry in entries if entry.is_file() and entry.suffix.lower() in extensions]
+    if not loose:
+        return
+    classes = [entry.name for entry in entries if entry.is_dir() and not entry.name.startswith(".")]
+    example = f"{len(loose)} image{'s' if len(loose) > 1 else ''} directly in it (e.g. {loose[0]})"
+    if not classes:
+        raise DataError(f"{flag} {folder}: {example} and no class sub-folder; {layout}.")
+    shown = ", ".join(classes[:5]) + (f", ... ({len(classes)} in all)" if len(classes) > 5 else "")
+    raise DataError(
+        f"{flag} {folder}: {example} next to the class sub-folders ({shown}), which would leave every image "
+        f"unlabelled; {layout}: move them into their class's sub-folder."
+    )
 
 
 def _first_line(error: BaseException) -> str:
@@ -295,37 +349,46 @@ def example_name(value: Any, index: int) -> str:
 def decode_image(value: Any, index: int) -> PIL.Image.Image:
     """
     Decodes an image column value (`datasets` image dict, path, PIL image or array) completely, so that a corrupt or
-    truncated file fails here with a [`BadImageError`] naming it rather than later inside a transform.
+    truncated file, or a decompression bomb (an image over Pillow's `MAX_IMAGE_PIXELS`), fails here with a
+    [`BadImageError`] naming it rather than later inside a transform (or by taking the machine's memory).
     """
     try:
-        if isinstance(value, PIL.Image.Image):
-            image = value
-        elif isinstance(value, np.ndarray):
-            if value.dtype.kind in "biu":  # `datasets`' NumPy format widens integer arrays to int64
-                value = integer_pixels_to_uint8(value)
-            image = PIL.Image.fromarray(value)
-        elif isinstance(value, dict) and value.get("bytes") is not None:
-            image = PIL.Image.open(io.BytesIO(value["bytes"]))
-        else:
-            image = datasets.Image().decode_example(
-                value if isinstance(value, dict) else {"path": value, "bytes": None}
-            )
-        image.load()
-        if image.getexif().get(PIL.Image.ExifTags.Base.Orientation) is not None:
-            image = PIL.ImageOps.exif_transpose(image)
-        image = pil_image_to_8_bits(image)  # 16-bit and float images keep their brightness, as in the processors
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", PIL.Image.DecompressionBombWarning)
+            return _decode(value)
+    except DECOMPRESSION_BOMBS as error:
+        raise BadImageError(f"Cannot decode {example_name(value, index)}: too large: {error}") from None
     except (OSError, SyntaxError, ValueError, TypeError, KeyError) as error:
         raise BadImageError(f"Cannot decode {example_name(value, index)}: {error}") from error
+
+
+def _decode(value: Any) -> PIL.Image.Image:
+    if isinstance(value, PIL.Image.Image):
+        image = value
+    elif isinstance(value, np.ndarray):
+        if value.dtype.kind in "biu":  # `datasets`' NumPy format widens integer arrays to int64
+            value = integer_pixels_to_uint8(value)
+        image = PIL.Image.fromarray(value)
+    elif isinstance(value, dict) and value.get("bytes") is not None:
+        image = PIL.Image.open(io.BytesIO(value["bytes"]))
+    else:
+        image = datasets.Image().decode_example(value if isinstance(value, dict) else {"path": value, "bytes": None})
+    image.load()
+    if image.getexif().get(PIL.Image.ExifTags.Base.Orientation) is not None:
+        image = PIL.ImageOps.exif_transpose(image)
+    image = pil_image_to_8_bits(image)  # 16-bit and float images keep their brightness, as in the processors
     return image
 
 
 __all__ = [
     "BadImageError",
-    "DataError",
+    "DECOMPRESSION_BOMBS",
+    "WorkerSafeDataError",
     "EMBEDDED_DATASET_NAME",
     "EMBEDDED_ID_COLUMN",
     "ImageData",
     "check_columns",
+    "check_image_folder",
     "check_labels",
     "decode_image",
     "embedded_image_ids",

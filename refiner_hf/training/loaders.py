@@ -14,8 +14,10 @@ them into the batch under its name, next to `crop_boxes`, `flipped` and `indices
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import datasets
@@ -27,7 +29,16 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
 from .arguments import Arguments, DataArguments
 from .augmentation import CropRecord, TrainTransform, seeded_rng
-from .data import BadImageError, DataError, ImageData, decode_image, example_name
+from .data import (
+    SKIP_BAD_IMAGES_HINT,
+    BadImageError,
+    DataError,
+    ImageData,
+    WorkerSafeDataError,
+    decode_image,
+    example_name,
+)
+from .errors import is_main_process
 
 
 TargetBuilder = Callable[[Mapping[str, Any], CropRecord], torch.Tensor | Mapping[str, torch.Tensor]]
@@ -69,9 +80,9 @@ class SampleRecipe:
         """The augmented sample of `example` (decoded as `image`), under the random state of `seed_words`."""
         label = example[self.label_column]
         if label is None or isinstance(label, bool) or not isinstance(label, (int, np.integer)):
-            raise DataError(f"Training example {index} has label {label!r}, not a class index.")
+            raise WorkerSafeDataError(f"Training example {index} has label {label!r}, not a class index.")
         if label < 0 or (self.num_labels is not None and label >= self.num_labels):
-            raise DataError(
+            raise WorkerSafeDataError(
                 f"Training example {index} has label {label}, outside the model's {self.num_labels} classes."
             )
         with seeded_rng(*seed_words):
@@ -90,6 +101,16 @@ class SampleRecipe:
             else:
                 sample[name] = built
         return sample
+
+
+def with_skip_hint(error: BadImageError) -> BadImageError:
+    """The error of an image that cannot be decoded, saying how to go on without it."""
+    bad = BadImageError(f"{str(error).rstrip('. ')}; {SKIP_BAD_IMAGES_HINT}")
+    if not is_main_process():
+        # The command line prints errors on the main process only, as every process meets the same argument errors;
+        # a bad image is met by the one process whose share holds it, which says so itself.
+        print(f"{Path(sys.argv[0]).name}: error: {bad}", file=sys.stderr, flush=True)
+    return bad
 
 
 # Training data
@@ -150,9 +171,9 @@ class TrainingSet(Dataset):
             example = self.source[position]
             try:
                 image = decode_image(example[self.recipe.image_column], position)
-            except BadImageError:
+            except BadImageError as error:
                 if not self.recipe.skip_bad_images:
-                    raise
+                    raise with_skip_hint(error) from None
                 bad_images.append(position)
                 draws = draws or np.random.default_rng([self.recipe.seed, epoch, index])
                 position = int(draws.integers(len(self.source)))
@@ -221,9 +242,9 @@ class StreamingTrainingSet(IterableDataset):
                     continue
                 try:
                     image = decode_image(example[self.recipe.image_column], position - 1)
-                except BadImageError:
+                except BadImageError as error:
                     if not self.recipe.skip_bad_images:
-                        raise
+                        raise with_skip_hint(error) from None
                     # The next example takes its place. (Skipped batches are not decoded, so a resumed streamed epoch
                     # that had bad images before the checkpoint is shifted by that many examples.)
                     bad_images.append(example_name(example[self.recipe.image_column], position - 1))
@@ -233,7 +254,7 @@ class StreamingTrainingSet(IterableDataset):
                 yield self.recipe.make_sample(example, image, key, index=position - 1, bad_images=bad_images)
                 bad_images = []
             if not produced_this_pass:
-                raise DataError("The streamed training set is empty for this process.")
+                raise WorkerSafeDataError("The streamed training set is empty for this process.")
 
 
 def collate_training_batch(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -274,9 +295,9 @@ class EvaluationSet(Dataset):
         example = self.source[index]
         try:
             image = decode_image(example[self.image_column], index)
-        except BadImageError:
+        except BadImageError as error:
             if not self.skip_bad_images:
-                raise
+                raise with_skip_hint(error) from None
             image = None
         return {"image": image, "label": int(example[self.label_column])}
 
