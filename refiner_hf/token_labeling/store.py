@@ -154,7 +154,9 @@ def read_relabel_file(path: str | os.PathLike, num_classes: int | None = None, r
     if path.exists() and not path.is_file():
         raise RelabelError(f"{path}: {_file_kind(path)}, not a regular file.")
     try:
-        tensor = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # e.g. on a sparse tensor, which is refused below anyway
+            warnings.simplefilter("ignore")
+            tensor = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise RelabelError(f"{path}: relabel file not found.") from None
     except Exception as error:  # any unreadable, truncated or code-carrying pickle
