@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from refiner_hf.cli import run_command
 from refiner_hf.interruption import Terminated
 from refiner_hf.token_labeling import (
     PackedRelabelStore,
@@ -376,3 +377,96 @@ def test_the_example_script_follows_the_policy(tmp_path):
         "files) or a packed store."
     ]
     assert only_these(tmp_path) == ["fifo"]
+
+
+# The teacher relabeling's output: continued only with the same settings, never mixed with another store or files.
+
+
+def generate_status(argv: list[str], capsys) -> tuple[int, list[str]]:
+    """examples/generate_relabel.py's command line in this process: its exit status and its stderr lines."""
+    from helpers import load_script
+
+    script = load_script(ROOT / "examples" / "generate_relabel.py")
+    try:
+        run_command(lambda: script.main(argv), stopped_hint=script.stopped_hint)
+        status = 0
+    except SystemExit as exit_info:
+        status = exit_info.code
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return status, [line for line in err.splitlines() if ": error: " in line]
+
+
+def generate_argv(teacher: Path, output: Path, **overrides) -> list[str]:
+    values = {"teacher": teacher, "output": output, "max_train_samples": 8, "teacher_image_size": 28,
+              "batch_size": 2, "shard_size": 2, "dataloader_num_workers": 0, **overrides}  # fmt: skip
+    return [item for key, value in values.items() for item in (f"--{key}", str(value))]
+
+
+def store_bytes(directory: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in directory.iterdir()}
+
+
+def test_generate_relabel_continues_only_its_own_store(tmp_path, capsys):
+    from training_utils import save_tiny_teacher
+
+    teacher = save_tiny_teacher(tmp_path / "teacher")
+    output = tmp_path / "store"
+    output.mkdir()
+    (output / "notes.txt").write_text("mine")
+    status, errors = generate_status(generate_argv(teacher, output), capsys)
+    assert status == 1 and len(errors) == 1
+    assert f"--output {output}: holds files that are not part of a relabel store (e.g. notes.txt)" in errors[0]
+    assert only_these(output) == ["notes.txt"]
+    (output / "notes.txt").unlink()
+
+    assert generate_status(generate_argv(teacher, output), capsys) == (0, [])
+    run = json.loads((output / "relabel_run.json").read_text())
+    assert run["top_k"] == 5 and run["teacher_image_size"] == 28 and run["teacher"] == str(teacher.resolve())
+    written = store_bytes(output)
+    assert generate_status(generate_argv(teacher, output), capsys) == (0, [])  # the same settings: continued
+    assert len(PackedRelabelStore(output)) == 8
+
+    status, errors = generate_status(generate_argv(teacher, output, top_k=3), capsys)
+    assert status == 1 and len(errors) == 1 and "holds the maps of another relabeling (top_k 5)" in errors[0]
+    assert store_bytes(output) == written
+    status, errors = generate_status(generate_argv(teacher, output, top_k=11), capsys)
+    assert status == 2 and len(errors) == 1, errors
+    assert errors[0].endswith(": error: --top_k 11 is more than the teacher's 10 classes."), errors
+    assert generate_status(generate_argv(teacher, output, top_k=3, overwrite_output_dir="true"), capsys) == (0, [])
+    assert PackedRelabelStore(output).map_shape[0] == 3
+
+    packed_store, _ = packed(tmp_path)  # a store this command did not write
+    status, errors = generate_status(generate_argv(teacher, packed_store), capsys)
+    assert (
+        status == 1 and "holds a relabel store this command did not write (no readable relabel_run.json)" in (errors[0])
+    )
+
+
+def test_an_interrupted_relabeling_leaves_complete_shards_and_continues(tmp_path, capsys, monkeypatch):
+    from training_utils import save_tiny_teacher
+
+    from refiner_hf.training import teacher_relabeling
+
+    teacher = save_tiny_teacher(tmp_path / "teacher")
+    output = tmp_path / "store"
+    top_k_maps_of = teacher_relabeling.top_k_maps
+    batches = []
+
+    def stopping(*args):
+        batches.append(args)
+        if len(batches) == 3:
+            raise KeyboardInterrupt
+        return top_k_maps_of(*args)
+
+    monkeypatch.setattr(teacher_relabeling, "top_k_maps", stopping)
+    status, errors = generate_status(generate_argv(teacher, output), capsys)
+    assert status == 130 and len(errors) == 1
+    assert errors[0].endswith("run the same command again to continue."), errors
+    assert only_these(output) == [
+        *(f"rank0-0000{i}.{part}" for i in range(2) for part in ("indices.npy", "keys.txt", "scores.npy")),
+        "relabel_run.json",
+    ]
+    monkeypatch.setattr(teacher_relabeling, "top_k_maps", top_k_maps_of)
+    assert generate_status(generate_argv(teacher, output), capsys) == (0, [])
+    assert len(PackedRelabelStore(output, full_check=True)) == 8
