@@ -470,3 +470,10 @@ def test_an_interrupted_relabeling_leaves_complete_shards_and_continues(tmp_path
     monkeypatch.setattr(teacher_relabeling, "top_k_maps", top_k_maps_of)
     assert generate_status(generate_argv(teacher, output), capsys) == (0, [])
     assert len(PackedRelabelStore(output, full_check=True)) == 8
+
+
+def test_an_unfinished_teacher_store_is_named_as_such(tmp_path):
+    writer = PackedRelabelWriter(tmp_path / "store", shard_size=1, shard_prefix="rank0")
+    writer.add("n0/a", torch.randn(*SHAPE), torch.zeros(SHAPE, dtype=torch.long))
+    with pytest.raises(RelabelError, match=r"no relabel files .* found\. It holds shards of a packed store but no "):
+        open_relabel_store(tmp_path / "store", num_classes=10).map_shape

@@ -241,7 +241,7 @@ class PerFileRelabelStore:
     def _common_shape(self) -> tuple[int, int, int]:
         keys = list(self.keys())
         if not keys:
-            raise RelabelError(f"{self.root}: no relabel files (<wnid>/<stem>.pt) found.")
+            raise RelabelError(f"{self.root}: no relabel files (<wnid>/<stem>.pt) found.{_unfinished_hint(self.root)}")
         count = min(self.shape_sample, len(keys))
         sample = sorted({keys[round(i * (len(keys) - 1) / max(count - 1, 1))] for i in range(count)})
         shapes: Counter[tuple[int, ...]] = Counter()
@@ -743,6 +743,19 @@ def _publish(staging: Path, output: Path, overwrite: bool) -> None:
         ) from None
 
 
+_FILES_PER_TASK = 256
+
+
+def _unfinished_hint(root: str | os.PathLike) -> str:
+    """For a directory that holds shards but no description: what it is (an unfinished packed store)."""
+    if any(Path(root).glob("*.keys.txt")):
+        return (
+            f" It holds shards of a packed store but no {META_FILE}: an unfinished teacher relabeling, which "
+            "examples/generate_relabel.py completes when run again with the same --output."
+        )
+    return ""
+
+
 def _ignore_interruptions() -> None:
     # Ctrl-C reaches every process of the terminal: the main process alone unwinds, and stops the pool.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -789,13 +802,18 @@ def pack_relabel_store(
     check_store_output(output, overwrite)
     paths = [source.path(key) for key in source.keys()]
     if not paths:
-        raise RelabelError(f"{source.root}: no relabel files (<wnid>/<stem>.pt) found; nothing was written.")
+        raise RelabelError(
+            f"{source.root}: no relabel files (<wnid>/<stem>.pt) found; nothing was written.{_unfinished_hint(root)}"
+        )
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.", suffix=".partial"))
+    num_workers = min(num_workers, os.cpu_count() or 1, -(-len(paths) // _FILES_PER_TASK))
     pool = ProcessPoolExecutor(num_workers, initializer=_ignore_interruptions) if num_workers > 0 else None
     try:
         if pool is not None:
-            reads = pool.map(_read_for_packing, paths, repeat(num_classes), repeat(source.root), chunksize=256)
+            reads = pool.map(
+                _read_for_packing, paths, repeat(num_classes), repeat(source.root), chunksize=_FILES_PER_TASK
+            )
         else:
             reads = (_read_for_packing(path, num_classes, source.root) for path in paths)
         results: Iterable[tuple[Path, tuple[np.ndarray, np.ndarray] | str]] = zip(paths, reads)
