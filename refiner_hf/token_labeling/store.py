@@ -69,7 +69,7 @@ def _file_kind(path: Path) -> str:
     try:
         mode = path.stat().st_mode
     except OSError:
-        return "unreadable"
+        return "a broken link" if path.is_symlink() else "an unreadable entry"
     if stat.S_ISDIR(mode):
         return "a directory"
     if stat.S_ISFIFO(mode):

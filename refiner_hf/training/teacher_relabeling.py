@@ -42,6 +42,8 @@ from .relabel_targets import iter_relabel_keys
 
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+# A side past this is a typo: a batch of such images alone would take tens of gigabytes.
+MAX_TEACHER_IMAGE_SIZE = 4096
 
 
 def _arg(help: str, **kwargs: Any) -> Any:
@@ -75,6 +77,9 @@ class RelabelArguments:
         for name in ("top_k", "batch_size", "shard_size"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name} must be at least 1, got {getattr(self, name)}.")
+        size = self.teacher_image_size
+        if size is not None and not 1 <= size <= MAX_TEACHER_IMAGE_SIZE:
+            raise UsageError(f"--teacher_image_size must be between 1 and {MAX_TEACHER_IMAGE_SIZE} pixels, got {size}.")
         check_model_path("--teacher", self.teacher)
         check_output_path("--output", self.output)
 
