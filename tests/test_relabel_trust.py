@@ -477,3 +477,18 @@ def test_an_unfinished_teacher_store_is_named_as_such(tmp_path):
     writer.add("n0/a", torch.randn(*SHAPE), torch.zeros(SHAPE, dtype=torch.long))
     with pytest.raises(RelabelError, match=r"no relabel files .* found\. It holds shards of a packed store but no "):
         open_relabel_store(tmp_path / "store", num_classes=10).map_shape
+
+
+def test_the_trainers_label_builder_stops_on_a_swapped_key_naming_it(tmp_path):
+    from refiner_hf.training.augmentation import CropRecord
+    from refiner_hf.training.relabel_targets import DENSE_LABELS, DenseLabelBuilder
+
+    store, _ = packed(tmp_path)
+    lines = shard_lines(store, "shard-00000")
+    (store / "shard-00000.keys.txt").write_text("\n".join([lines[1], lines[0], *lines[2:]]) + "\n")
+    builder = DenseLabelBuilder(store, "image", output_size=4, num_classes=10, normalization="softmax")
+    crop = CropRecord(top=0, left=0, height=16, width=16, image_height=16, image_width=16, flipped=False)
+    swapped, kept = lines[0].split("\t")[0], lines[2].split("\t")[0]
+    assert builder({"image": {"path": f"{kept}.JPEG"}}, crop)[DENSE_LABELS].shape == (10, 4, 4)
+    with pytest.raises(RelabelError, match=rf"{store}: map '{swapped}' fails its checksum"):
+        builder({"image": {"path": f"{swapped}.JPEG"}}, crop)
