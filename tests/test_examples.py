@@ -18,7 +18,6 @@ from training_utils import save_tiny_teacher
 from refiner_hf import convert_original_checkpoint
 from refiner_hf.assets import sample_image_path
 from refiner_hf.image_processing_refiner_vit import image_processor_for_config
-from refiner_hf.token_labeling import RelabelError
 from refiner_hf.training.errors import run_command
 from refiner_hf.training.teacher_relabeling import parse_relabel_args, relabel_training_set
 
@@ -89,11 +88,14 @@ def test_generate_relabel_usage_errors(tmp_path, capsys):
         (base + ["--train_dir", "/no/such/dir"], "--train_dir /no/such/dir: no such directory."),
         (base + ["--topk", "3"], "unknown argument --topk. Did you mean --top_k?"),
         (base + ["--batch_size", "0"], "--batch_size must be at least 1, got 0."),
+        (base + ["--teacher_image_size", "-5"], "--teacher_image_size must be between 1 and 4096 pixels, got -5."),
+        (base + ["--teacher_image_size", "100000"], "--teacher_image_size must be between 1 and 4096 pixels"),
+        (base + ["--output", str(teacher / "config.json")], f"--output {teacher / 'config.json'}: a file is there"),
         (base + ["--streaming"], "Relabeling needs a map-style training set: leave out --streaming."),
         (base + ["--relabel_root", str(tmp_path)], "--relabel_root is where the trainer reads the maps"),
     ]
     for argv, message in cases:
-        assert one_line_error(lambda: relabel(argv), capsys, (RelabelError,)).startswith(message), argv
+        assert one_line_error(lambda: relabel(argv), capsys).startswith(message), argv
     assert not (tmp_path / "store").exists()
 
 

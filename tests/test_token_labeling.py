@@ -172,7 +172,7 @@ def test_bad_relabel_files_are_reported_by_name_and_never_executed(tmp_path):
     root = tmp_path / "relabel"
     write_relabel_dir(root)
     expected = add_bad_files(root)
-    report = pack_relabel_store(root, tmp_path / "packed", num_classes=10)
+    report = pack_relabel_store(root, tmp_path / "packed", num_classes=10, allow_bad=True)
     assert report.packed == 12 and len(report.bad) == len(expected)
     for name, message in expected.items():
         [problem] = [p for p in report.bad if name in p]
@@ -188,7 +188,9 @@ def test_pack_command_exit_codes(tmp_path, capsys):
     add_bad_files(root)
     assert pack_main([str(root), str(tmp_path / "strict"), "--num-classes", "10"]) == 1  # a data error
     err = capsys.readouterr().err
-    assert "5 bad relabel file(s) were left out" in err and "n00000003_range.pt" in err
+    assert "5 bad relabel file(s):" in err and "n00000003_range.pt" in err
+    assert "refiner-vit-pack-relabel: error: 5 of 17 relabel files" in err and "give --allow-bad" in err
+    assert not (tmp_path / "strict").exists() and sorted(os.listdir(tmp_path)) == ["relabel"]  # nothing written
     assert pack_main([str(root), str(tmp_path / "lenient"), "--num-classes", "10", "--allow-bad"]) == 0
     assert len(PackedRelabelStore(tmp_path / "lenient")) == 12
     assert pack_main([str(tmp_path / "absent"), str(tmp_path / "x")]) == 1
@@ -248,6 +250,11 @@ def edit_meta(store: Path, **fields) -> None:
     (store / "relabel_meta.json").write_text(json.dumps(meta))
 
 
+def shard_keys(store: Path, name: str) -> list[str]:
+    """The keys of a shard, in row order (each line of its key file is the key, a tab and its checksum)."""
+    return [line.split("\t")[0] for line in (store / f"{name}.keys.txt").read_text().splitlines()]
+
+
 def rewrite_shard(store: Path, name: str, part: str, edit) -> None:
     path = store / f"{name}.{part}.npy"
     array = np.load(path)
@@ -278,7 +285,7 @@ STORE_DAMAGE = {
         r"shard-00000.scores.npy: shape \(5, 5, 6, 6\), but the store describes maps of \(k, h, w\) = \(5, 7, 7\)",
     ),
     "fewer keys": (
-        lambda store: (store / "shard-00000.keys.txt").write_text("n00000001/a\n"),
+        lambda store: (store / "shard-00000.keys.txt").write_text("n00000001/a\t0123456789abcdef\n"),
         r"the shard lists 1 keys",
     ),
     "bad metadata": (lambda store: edit_meta(store, num_classes="ten"), r"`num_classes` must be a positive integer"),
@@ -296,13 +303,14 @@ def test_a_damaged_packed_store_is_refused_when_opened(tmp_path, damage):
 
 def test_bad_values_are_named_by_key_when_read_and_by_the_full_check(tmp_path):
     store = packed_store(tmp_path)
-    keys = (store / "shard-00001.keys.txt").read_text().splitlines()
+    keys = shard_keys(store, "shard-00001")
 
     def poison(array):
-        array = array.astype(np.float32)
+        array = array.copy()
         array[2, 0, 1, 1] = np.nan
         return array
 
+    original = np.load(store / "shard-00001.scores.npy")
     rewrite_shard(store, "shard-00001", "scores", poison)
     opened = PackedRelabelStore(store)  # the cheap checks pass: no value is read
     with pytest.raises(RelabelError, match=rf"map '{keys[2]}': scores contain NaN"):
@@ -311,9 +319,9 @@ def test_bad_values_are_named_by_key_when_read_and_by_the_full_check(tmp_path):
     with pytest.raises(RelabelError, match=rf"map '{keys[2]}': scores contain NaN"):
         PackedRelabelStore(store, full_check=True)
 
-    rewrite_shard(store, "shard-00001", "scores", lambda a: np.nan_to_num(a))
+    rewrite_shard(store, "shard-00001", "scores", lambda a: original)
     rewrite_shard(store, "shard-00002", "indices", lambda a: np.where(a == a.max(), 10, a))
-    last = (store / "shard-00002.keys.txt").read_text().splitlines()
+    last = shard_keys(store, "shard-00002")
     with pytest.raises(RelabelError, match=rf"map '{last[0]}': class indices range over \[0, 10\], expected \[0, 10\)"):
         PackedRelabelStore(store, full_check=True)
 
@@ -342,9 +350,9 @@ def test_the_packer_reads_only_regular_files_inside_the_tree(tmp_path):
     outside = tmp_path / "elsewhere.pt"
     torch.save(torch.zeros(2, 5, 6, 6), outside)
     (root / "n00000002" / "n00000002_link.pt").symlink_to(outside)
-    report = pack_relabel_store(root, tmp_path / "packed", num_classes=10)
+    report = pack_relabel_store(root, tmp_path / "packed", num_classes=10, allow_bad=True)
     assert report.packed == 12 and len(report.bad) == 2
-    assert any("n00000001_fifo.pt: not a regular file" in problem for problem in report.bad)
+    assert any("n00000001_fifo.pt: a FIFO, not a regular file" in problem for problem in report.bad)
     assert any(re.search(r"n00000002_link.pt: a symbolic link to .*elsewhere.pt, outside", p) for p in report.bad)
     store = PerFileRelabelStore(root)
     assert "n00000001/n00000001_fifo" not in store

@@ -191,7 +191,7 @@ def test_a_packed_relabel_store_with_nan_scores_stops_training_naming_the_map(tm
     finalize_packed_store(tmp_path / "store", num_classes=10)
     for shard in (tmp_path / "store").glob("*.scores.npy"):  # damaged after it was written
         np.save(shard, np.full_like(np.load(shard), np.nan))
-    first = (tmp_path / "store" / "shard-00000.keys.txt").read_text().splitlines()[0]
+    first = (tmp_path / "store" / "shard-00000.keys.txt").read_text().splitlines()[0].split("\t")[0]
     argv = tiny_run_args(tmp_path / "run", relabel_root=tmp_path / "store", epochs=1, **SMALL)
     with pytest.raises(RelabelError, match=rf"map '{first}': scores contain NaN"):
         run_in_process(argv + ["--relabel_full_check"])

@@ -20,13 +20,19 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from ..cli import DataError, UsageError
+
+
+class UnsupportedTeacherError(DataError, ValueError):
+    """A teacher model that cannot classify every position (what it lacks or does differently is named)."""
+
 
 def _final_linear(module: nn.Module, name: str) -> nn.Linear:
     linears = (
         [m for m in module.modules() if isinstance(m, nn.Linear)] if not isinstance(module, nn.Linear) else [module]
     )
     if not linears:
-        raise ValueError(f"The teacher's `{name}` has no linear layer to apply at every position.")
+        raise UnsupportedTeacherError(f"The teacher's `{name}` has no linear layer to apply at every position.")
     return linears[-1]
 
 
@@ -35,7 +41,7 @@ def _tokens_to_grid(tokens: torch.Tensor) -> torch.Tensor:
     batch, length, channels = tokens.shape
     side = math.isqrt(length)
     if length - side * side > 2:
-        raise ValueError(f"Cannot read {length} tokens as a square grid after at most two prefix tokens.")
+        raise UnsupportedTeacherError(f"Cannot read {length} tokens as a square grid after at most two prefix tokens.")
     patches = tokens[:, length - side * side :]
     return patches.transpose(1, 2).reshape(batch, channels, side, side)
 
@@ -78,16 +84,16 @@ def dense_teacher_logits(model: nn.Module, pixel_values: torch.Tensor) -> torch.
         pixel_values: the whole images, prepared for the teacher.
 
     Raises:
-        `ValueError`: a teacher this cannot apply at every position: no classifier, a ViT-like family not known here,
-            or a CNN whose dense logits do not average to its image logits (its head does something per image that is
-            not known here).
+        [`UnsupportedTeacherError`] (a `ValueError`): a teacher this cannot apply at every position: no classifier, a
+            ViT-like family not known here, or a CNN whose dense logits do not average to its image logits (its head
+            does something per image that is not known here).
     """
     if getattr(model, "aux_classifier", None) is not None:
         aux_logits = model(pixel_values, interpolate_pos_encoding=True).aux_logits
         return _tokens_to_grid(aux_logits)
     classifier = getattr(model, "classifier", None)
     if classifier is None:
-        raise ValueError(f"{type(model).__name__} has no `classifier` head to apply densely.")
+        raise UnsupportedTeacherError(f"{type(model).__name__} has no `classifier` head to apply densely.")
     family = getattr(model.config, "model_type", None)
     linear = _final_linear(classifier, "classifier")
     base = model.base_model
@@ -96,13 +102,13 @@ def dense_teacher_logits(model: nn.Module, pixel_values: torch.Tensor) -> torch.
     features = base(pixel_values, **kwargs).last_hidden_state
     if features.ndim == 3:  # tokens (B, L, D)
         if family not in TOKEN_FAMILIES:
-            raise ValueError(
+            raise UnsupportedTeacherError(
                 f"Cannot relabel with a {family!r} teacher: how its head reads its tokens is not known here (ViT-like "
                 f"families: {', '.join(sorted(TOKEN_FAMILIES))}; CNNs with an average-pooling head)."
             )
         features = _tokens_to_grid(features)
     elif features.ndim != 4:
-        raise ValueError(f"Unexpected teacher features of shape {tuple(features.shape)}.")
+        raise UnsupportedTeacherError(f"Unexpected teacher features of shape {tuple(features.shape)}.")
     norm = POSITION_NORMS[family](model) if family in POSITION_NORMS else None
     if norm is not None:
         features = norm(features)
@@ -118,7 +124,7 @@ def _check_average_pooling(model: nn.Module, pixel_values: torch.Tensor, dense: 
     image_logits = model(pixel_values).logits
     difference = (dense.mean(dim=(2, 3)) - image_logits).abs().max().item()
     if not difference <= 1e-4 * max(1.0, image_logits.abs().max().item()):
-        raise ValueError(
+        raise UnsupportedTeacherError(
             f"Cannot relabel with a {family!r} teacher: its dense logits do not average to its image logits (they "
             f"differ by {difference:.3g}), so its head does more than classify average-pooled features."
         )
@@ -127,9 +133,9 @@ def _check_average_pooling(model: nn.Module, pixel_values: torch.Tensor, dense: 
 def top_k_maps(dense_logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The top-k scores and class indices at every position: two `(B, k, h, w)` tensors."""
     if k > dense_logits.shape[1]:
-        raise ValueError(f"Cannot keep the top {k} of {dense_logits.shape[1]} classes.")
+        raise UsageError(f"--top_k {k}: cannot keep the top {k} of the teacher's {dense_logits.shape[1]} classes.")
     scores, indices = dense_logits.topk(k, dim=1)
     return scores, indices
 
 
-__all__ = ["dense_teacher_logits", "top_k_maps"]
+__all__ = ["UnsupportedTeacherError", "dense_teacher_logits", "top_k_maps"]

@@ -18,6 +18,7 @@ import datasets
 import torch
 
 from ..token_labeling import (
+    PerFileRelabelStore,
     RelabelError,
     check_relabel_coverage,
     crop_soft_labels,
@@ -124,17 +125,22 @@ class DenseLabelBuilder:
         self.smoothing = smoothing
         self.layout = layout
         self._store = store
+        self._reopened = False
 
     @property
     def store(self) -> RelabelStore:
         if self._store is None:
-            self._store = open_relabel_store(self.relabel_root, num_classes=self.num_classes)
+            self._store = open_relabel_store(
+                self.relabel_root, num_classes=self.num_classes, warn_unverified=not self._reopened
+            )
         return self._store
 
     def __getstate__(self) -> dict[str, Any]:
-        # DataLoader workers started by spawn / forkserver get the builder pickled: they reopen the store rather than
-        # receive copies of its memory-mapped shards.
-        return {**self.__dict__, "_store": None}
+        # DataLoader workers started by spawn / forkserver get the builder pickled: they reopen a packed store rather
+        # than receive copies of its memory-mapped shards (and do not repeat its warnings); a per-file store travels
+        # as it is, with the map shape found from its sample.
+        keep = isinstance(self._store, PerFileRelabelStore)
+        return {**self.__dict__, "_store": self._store if keep else None, "_reopened": True}
 
     def __call__(self, example: Mapping[str, Any], crop: CropRecord) -> dict[str, torch.Tensor]:
         key = example_relabel_key(example, self.image_column)

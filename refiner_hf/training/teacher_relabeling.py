@@ -7,11 +7,15 @@ the trainer's own [`DataArguments`] (which select the same training images the t
 
 Each image is resized whole, without cropping, to the teacher's resolution: a map must cover the whole image, because
 the trainer cuts each training crop out of it. Each process relabels every num_processes-th image; an interrupted run
-started again with the same output skips the images already in complete shards.
+started again with the same output skips the images already in complete shards. The output's `relabel_run.json`
+records the teacher and its preprocessing, so that a store is only continued with the same ones: another relabeling's
+store, or other files, in `--output` are refused (`--overwrite_output_dir` replaces a store).
 """
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,16 +32,18 @@ from tqdm.auto import tqdm
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
 from ..token_labeling import PackedRelabelWriter, RelabelError, finalize_packed_store
-from ..token_labeling.store import complete_shard_keys
+from ..token_labeling.store import RUN_FILE, complete_shard_keys, is_store_file
 from ..token_labeling.teacher import dense_teacher_logits, top_k_maps
 from .arguments import ArgumentParser, DataArguments
 from .data import decode_image, load_image_data
 from .distributed import processes_without_accelerators
-from .errors import UsageError, check_model_path, loading_error
+from .errors import UsageError, check_model_path, check_output_path, loading_error
 from .relabel_targets import iter_relabel_keys
 
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+# A side past this is a typo: a batch of such images alone would take tens of gigabytes.
+MAX_TEACHER_IMAGE_SIZE = 4096
 
 
 def _arg(help: str, **kwargs: Any) -> Any:
@@ -60,15 +66,22 @@ class RelabelArguments:
     batch_size: int = _arg("Images per teacher forward pass, per process.", default=32)
     shard_size: int = _arg("Maps per shard of the store (a shard is the unit of resuming).", default=4096)
     seed: int = _arg("The trainer's --seed (it selects --max_train_samples and the held-out split).", default=42)
+    overwrite_output_dir: bool = _arg(
+        "Replace a relabel store already in --output that another relabeling (another teacher or preprocessing) "
+        "wrote; without it such a store is refused, and one of the same settings is continued.",
+        default=False,
+    )
 
     def validate(self) -> None:
         """Raises a [`UsageError`] naming the first bad argument."""
         for name in ("top_k", "batch_size", "shard_size"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name} must be at least 1, got {getattr(self, name)}.")
+        size = self.teacher_image_size
+        if size is not None and not 1 <= size <= MAX_TEACHER_IMAGE_SIZE:
+            raise UsageError(f"--teacher_image_size must be between 1 and {MAX_TEACHER_IMAGE_SIZE} pixels, got {size}.")
         check_model_path("--teacher", self.teacher)
-        if Path(self.output).exists() and not Path(self.output).is_dir():
-            raise UsageError(f"--output {self.output} is a file; give a directory for the relabel store.")
+        check_output_path("--output", self.output)
 
 
 def parse_relabel_args(
@@ -156,7 +169,15 @@ def _relabel(args: RelabelArguments, data_args: DataArguments) -> dict[str, Any]
             f"The teacher has {num_classes} classes but the data set {data.num_labels}: the maps must use the "
             "student's label space."
         )
+    if args.top_k > num_classes:
+        raise UsageError(f"--top_k {args.top_k} is more than the teacher's {num_classes} classes.")
     size, mean, std = teacher_preprocessing(args.teacher, model, args.teacher_image_size)
+    settings = relabel_settings(args, size, mean, std, num_classes)
+    replace = check_relabel_output(output, settings, args.overwrite_output_dir)  # every process: the same answer
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        prepare_relabel_output(output, settings, replace)
+    accelerator.wait_for_everyone()
 
     # Each process takes every num_processes-th image: disjoint slices covering the data set.
     keys = list(iter_relabel_keys(data.train, data_args.image_column_name))
@@ -188,6 +209,63 @@ def _relabel(args: RelabelArguments, data_args: DataArguments) -> dict[str, Any]
         )
     accelerator.wait_for_everyone()
     return {"written": len(pending), "skipped": len(done), "stored": stored, "num_classes": num_classes}
+
+
+def relabel_settings(
+    args: RelabelArguments, size: int, mean: Sequence[float], std: Sequence[float], num_classes: int
+) -> dict[str, Any]:
+    """What makes one image's map: the teacher, its input and the classes kept (not which images are relabeled)."""
+    teacher = os.path.abspath(os.path.expanduser(args.teacher)) if os.path.isdir(args.teacher) else args.teacher
+    return {"teacher": teacher, "top_k": args.top_k, "teacher_image_size": size, "mean": [float(v) for v in mean],
+            "std": [float(v) for v in std], "num_classes": num_classes}  # fmt: skip
+
+
+def check_relabel_output(output: Path, settings: dict[str, Any], overwrite: bool) -> bool:
+    """
+    Refuses an `--output` that holds anything but a relabel store of these `settings` (which is continued), or, unless
+    `overwrite`, a store of other settings or of unknown origin. Returns whether the store there is to be replaced.
+    """
+    if not output.is_dir():
+        return False
+    entries = sorted(path.name for path in output.iterdir())
+    if not entries:
+        return False
+    foreign = [name for name in entries if not is_store_file(name)]
+    if foreign:
+        raise RelabelError(
+            f"--output {output}: holds files that are not part of a relabel store (e.g. {foreign[0]}); give a new or "
+            "empty directory."
+        )
+    try:
+        recorded = json.loads((output / RUN_FILE).read_text())
+    except (OSError, ValueError):
+        recorded = None
+    if recorded == settings:
+        return False
+    if overwrite:
+        return True
+    if not isinstance(recorded, dict):
+        raise RelabelError(
+            f"--output {output}: holds a relabel store this command did not write (no readable {RUN_FILE}), so its "
+            "maps cannot be told to be this teacher's; give another directory, or --overwrite_output_dir to replace it."
+        )
+    changed = ", ".join(f"{name} {recorded.get(name)!r}" for name in settings if recorded.get(name) != settings[name])
+    raise RelabelError(
+        f"--output {output}: holds the maps of another relabeling ({changed}); give the same settings to continue it, "
+        "another directory, or --overwrite_output_dir to replace it."
+    )
+
+
+def prepare_relabel_output(output: Path, settings: dict[str, Any], replace: bool) -> None:
+    """Removes the replaced store's files (only a store's own files) and records the settings of this relabeling."""
+    output.mkdir(parents=True, exist_ok=True)
+    if replace:
+        for path in output.iterdir():
+            if is_store_file(path.name):
+                path.unlink()
+    run_file = output / RUN_FILE
+    if not run_file.exists():
+        run_file.write_text(json.dumps(settings, indent=2) + "\n")
 
 
 __all__ = ["RelabelArguments", "parse_relabel_args", "relabel_training_set"]
