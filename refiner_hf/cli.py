@@ -189,13 +189,22 @@ def check_input_file(flag: str, path: str | os.PathLike) -> Path:
     if stat.S_ISDIR(mode):
         raise UsageError(f"{flag} {path}: a directory, not a file.")
     if not stat.S_ISREG(mode):
-        kind = (
-            "a FIFO" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "special"
-        )
-        raise UsageError(f"{flag} {path}: {kind}, not a regular file; give a file on disk.")
+        raise UsageError(f"{flag} {path}: {special_file_kind(path)}, not a regular file; give a file on disk.")
     if not os.access(path, os.R_OK):
         raise UsageError(f"{flag} {path}: not readable (permission denied).")
     return path
+
+
+def special_file_kind(path: str | os.PathLike) -> str:
+    """What a path that is not a regular file is, for messages: a FIFO, a device, a socket, a directory."""
+    mode = os.stat(path).st_mode
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "a directory" if stat.S_ISDIR(mode) else "not a regular file"
 
 
 def check_output_path(flag: str, path: str | os.PathLike) -> Path:
@@ -267,4 +276,5 @@ __all__ = [
     "looks_like_a_path",
     "one_line",
     "run_command",
+    "special_file_kind",
 ]

@@ -26,7 +26,7 @@ import torch
 from huggingface_hub.errors import StrictDataclassError
 from safetensors import SafetensorError
 
-from .cli import DataError
+from .cli import DataError, special_file_kind
 from .configuration_refiner_vit import RefinerViTConfig
 from .loading import check_safetensors_file
 from .modeling_refiner_vit import RefinerViTForImageClassification, count_parameters
@@ -90,8 +90,12 @@ def load_checkpoint_file(path: str | os.PathLike) -> object:
         candidates = sorted(p.name for p in path.iterdir() if p.suffix in suffixes)
         hint = f" (it holds {', '.join(candidates[:5])})" if candidates else ""
         raise CheckpointError(f"{path} is a directory: pass the checkpoint file itself{hint}.")
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(errno.ENOENT, "Checkpoint file not found", str(path))
+    if not path.is_file():  # a FIFO would block and a device such as /dev/zero never end
+        raise CheckpointError(
+            f"{path}: {special_file_kind(path)}, not a regular file; pass the checkpoint file itself."
+        )
     check_declared_sizes(path)
     try:
         with torch.serialization.safe_globals(SAFE_CHECKPOINT_GLOBALS):

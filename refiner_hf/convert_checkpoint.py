@@ -24,7 +24,7 @@ from PIL import Image
 from transformers.utils import logging
 
 from .assets import sample_image_path
-from .cli import ArgumentParser, DataError, UsageError, check_output_path, command_status
+from .cli import ArgumentParser, DataError, UsageError, check_input_file, check_output_path, command_status
 from .configuration_refiner_vit import PRESETS
 from .conversion import MAX_TOKENS, load_original_weights, model_from_original_state_dict
 from .hub import build_model_card, imagenet_1k_id2label, push_to_hub
@@ -264,11 +264,13 @@ class UploadError(DataError, OSError):
 
 
 def load_photo(path: Path) -> Image.Image:
+    """The check's photo in RGB; a path that is not a regular file, or not an image, is a one-line error."""
+    check_input_file("--image", path)
     try:
         with Image.open(path) as image:
             return image.convert("RGB")
-    except OSError as error:  # missing, unreadable or not an image (PIL's UnidentifiedImageError is an OSError)
-        raise OSError(f"Cannot read the check photo {path} ({error}); pass a readable image with --image.") from None
+    except (OSError, Image.DecompressionBombError) as error:  # unreadable or not an image
+        raise DataError(f"Cannot read the check photo {path} ({error}); pass a readable image with --image.") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

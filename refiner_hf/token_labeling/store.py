@@ -689,6 +689,21 @@ def is_store_file(name: str) -> bool:
     return _STORE_FILE.fullmatch(name) is not None
 
 
+def store_directory_entries(output: Path, named: str) -> list[str]:
+    """
+    The sorted file names in an existing output directory for a store, after refusing (a [`RelabelError`] starting
+    with `named`) one that holds files no store holds: nothing a user wrote there is mixed with a store.
+    """
+    entries = sorted(path.name for path in output.iterdir())
+    foreign = [name for name in entries if not is_store_file(name)]
+    if foreign:
+        raise RelabelError(
+            f"{named}: holds files that are not part of a relabel store (e.g. {foreign[0]}); give a new or empty "
+            "directory."
+        )
+    return entries
+
+
 def check_store_output(output: str | os.PathLike, overwrite: bool = False) -> bool:
     """
     Refuses (a [`RelabelError`]) an output directory for a packed store that holds anything but a finished packed
@@ -700,15 +715,9 @@ def check_store_output(output: str | os.PathLike, overwrite: bool = False) -> bo
         return False
     if not output.is_dir():
         raise RelabelError(f"{output}: {_file_kind(output)} is there; give a directory path for the packed store.")
-    entries = sorted(path.name for path in output.iterdir())
+    entries = store_directory_entries(output, str(output))
     if not entries:
         return False
-    foreign = [name for name in entries if not is_store_file(name)]
-    if foreign:
-        raise RelabelError(
-            f"{output}: holds files that are not part of a relabel store (e.g. {foreign[0]}); give a new or empty "
-            "directory."
-        )
     if META_FILE not in entries:
         raise RelabelError(
             f"{output}: holds an unfinished relabel store (shards without {META_FILE}; a relabeling run may still be "

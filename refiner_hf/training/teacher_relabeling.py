@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
 from ..token_labeling import PackedRelabelWriter, RelabelError, finalize_packed_store
-from ..token_labeling.store import RUN_FILE, complete_shard_keys, is_store_file
+from ..token_labeling.store import RUN_FILE, complete_shard_keys, is_store_file, store_directory_entries
 from ..token_labeling.teacher import dense_teacher_logits, top_k_maps
 from .arguments import ArgumentParser, DataArguments
 from .data import decode_image, load_image_data
@@ -227,15 +227,8 @@ def check_relabel_output(output: Path, settings: dict[str, Any], overwrite: bool
     """
     if not output.is_dir():
         return False
-    entries = sorted(path.name for path in output.iterdir())
-    if not entries:
+    if not store_directory_entries(output, f"--output {output}"):
         return False
-    foreign = [name for name in entries if not is_store_file(name)]
-    if foreign:
-        raise RelabelError(
-            f"--output {output}: holds files that are not part of a relabel store (e.g. {foreign[0]}); give a new or "
-            "empty directory."
-        )
     try:
         recorded = json.loads((output / RUN_FILE).read_text())
     except (OSError, ValueError):
