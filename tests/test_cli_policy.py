@@ -166,4 +166,4 @@ def test_every_command_answers_bad_input_with_one_line_and_its_exit_status(input
     assert result.returncode == status, result.stderr
     assert len(lines) == 1 and lines[0].startswith(f"{PROGS[command]}: error: "), result.stderr
     assert part in lines[0], lines[0]
-    assert list(work.iterdir()) == [], "a refused command wrote something"
+    assert [path for path in work.rglob("*") if not path.is_dir()] == [], "a refused command wrote something"
