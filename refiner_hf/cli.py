@@ -189,22 +189,45 @@ def check_input_file(flag: str, path: str | os.PathLike) -> Path:
     if stat.S_ISDIR(mode):
         raise UsageError(f"{flag} {path}: a directory, not a file.")
     if not stat.S_ISREG(mode):
-        raise UsageError(f"{flag} {path}: {special_file_kind(path)}, not a regular file; give a file on disk.")
+        raise UsageError(f"{flag} {path}: {file_kind(path)}, not a regular file; give a file on disk.")
     if not os.access(path, os.R_OK):
         raise UsageError(f"{flag} {path}: not readable (permission denied).")
     return path
 
 
-def special_file_kind(path: str | os.PathLike) -> str:
-    """What a path that is not a regular file is, for messages: a FIFO, a device, a socket, a directory."""
-    mode = os.stat(path).st_mode
+def file_kind(path: str | os.PathLike) -> str:
+    """What is at `path`, for messages: "a directory", "a FIFO", "a device", "a socket", "a file" or a broken link."""
+    path = Path(path)
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return "a broken link" if path.is_symlink() else "an unreadable entry"
+    if stat.S_ISDIR(mode):
+        return "a directory"
     if stat.S_ISFIFO(mode):
         return "a FIFO"
     if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
         return "a device"
-    if stat.S_ISSOCK(mode):
-        return "a socket"
-    return "a directory" if stat.S_ISDIR(mode) else "not a regular file"
+    return "a socket" if stat.S_ISSOCK(mode) else "a file"
+
+
+def check_input_directory(flag: str, value: str | os.PathLike, what: str = "") -> Path:
+    """
+    The path of a directory the command reads, after refusing (as a [`UsageError`]) one that is missing, a file, a
+    FIFO or a device, or not readable; `what` ends the refusal (what the directory should hold).
+    """
+    path = Path(value).expanduser()
+    try:
+        mode = path.stat().st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        raise UsageError(f"{flag} {value}: no such directory.{what}") from None
+    except OSError as error:
+        raise UsageError(f"{flag} {value}: cannot be read ({error.strerror}).") from None
+    if not stat.S_ISDIR(mode):
+        raise UsageError(f"{flag} {value}: {file_kind(path)}, not a directory.{what}")
+    if not os.access(path, os.R_OK | os.X_OK):
+        raise UsageError(f"{flag} {value}: not readable (permission denied).")
+    return path
 
 
 def check_output_path(flag: str, path: str | os.PathLike) -> Path:
@@ -265,16 +288,17 @@ __all__ = [
     "DataError",
     "OneLineErrors",
     "UsageError",
+    "check_input_directory",
     "check_input_file",
     "check_model_path",
     "check_output_path",
     "command_status",
     "did_you_mean",
+    "file_kind",
     "is_main_process",
     "is_user_os_error",
     "loading_error",
     "looks_like_a_path",
     "one_line",
     "run_command",
-    "special_file_kind",
 ]

@@ -26,7 +26,7 @@ import torch
 from huggingface_hub.errors import StrictDataclassError
 from safetensors import SafetensorError
 
-from .cli import DataError, special_file_kind
+from .cli import DataError, file_kind
 from .configuration_refiner_vit import RefinerViTConfig
 from .loading import check_safetensors_file
 from .modeling_refiner_vit import RefinerViTForImageClassification, count_parameters
@@ -93,9 +93,7 @@ def load_checkpoint_file(path: str | os.PathLike) -> object:
     if not path.exists():
         raise FileNotFoundError(errno.ENOENT, "Checkpoint file not found", str(path))
     if not path.is_file():  # a FIFO would block and a device such as /dev/zero never end
-        raise CheckpointError(
-            f"{path}: {special_file_kind(path)}, not a regular file; pass the checkpoint file itself."
-        )
+        raise CheckpointError(f"{path}: {file_kind(path)}, not a regular file; pass the checkpoint file itself.")
     check_declared_sizes(path)
     try:
         with torch.serialization.safe_globals(SAFE_CHECKPOINT_GLOBALS):

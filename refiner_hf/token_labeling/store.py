@@ -23,7 +23,6 @@ import os
 import re
 import shutil
 import signal
-import stat
 import tempfile
 import warnings
 from collections import Counter
@@ -37,7 +36,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from ..cli import DataError, UsageError, one_line
+from ..cli import DataError, UsageError, file_kind, one_line
 
 
 PACKED_FORMAT = "refiner-relabel-packed"
@@ -62,23 +61,6 @@ class BadRelabelFilesError(RelabelError):
     def __init__(self, message: str, bad: list[str]) -> None:
         super().__init__(message)
         self.bad = bad
-
-
-def _file_kind(path: Path) -> str:
-    """What is at `path`, for messages: "a directory", "a FIFO", "a device", "a socket" or "a file"."""
-    try:
-        mode = path.stat().st_mode
-    except OSError:
-        return "a broken link" if path.is_symlink() else "an unreadable entry"
-    if stat.S_ISDIR(mode):
-        return "a directory"
-    if stat.S_ISFIFO(mode):
-        return "a FIFO"
-    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        return "a device"
-    if stat.S_ISSOCK(mode):
-        return "a socket"
-    return "a file"
 
 
 @dataclass(frozen=True)
@@ -152,7 +134,7 @@ def read_relabel_file(path: str | os.PathLike, num_classes: int | None = None, r
             "point --relabel_root at the tree it belongs to."
         )
     if path.exists() and not path.is_file():
-        raise RelabelError(f"{path}: {_file_kind(path)}, not a regular file.")
+        raise RelabelError(f"{path}: {file_kind(path)}, not a regular file.")
     try:
         with warnings.catch_warnings():  # e.g. on a sparse tensor, which is refused below anyway
             warnings.simplefilter("ignore")
@@ -205,7 +187,7 @@ class PerFileRelabelStore:
             raise RelabelError(f"Relabel directory not found: {self.root}")
         if not self.root.is_dir():
             raise RelabelError(
-                f"{self.root}: {_file_kind(self.root)}, not a directory; give the relabel directory "
+                f"{self.root}: {file_kind(self.root)}, not a directory; give the relabel directory "
                 "(<wnid>/<stem>.pt files) or a packed store."
             )
         self.num_classes = num_classes
@@ -334,7 +316,7 @@ class PackedRelabelStore:
         self.directory = Path(directory)
         meta_path = self.directory / META_FILE
         if not self.directory.is_dir():
-            kind = _file_kind(self.directory) if self.directory.exists() else "no such directory"
+            kind = file_kind(self.directory) if self.directory.exists() else "no such directory"
             raise RelabelError(f"{self.directory}: {kind}; give the directory of a packed relabel store.")
         if not meta_path.is_file():
             raise RelabelError(f"{self.directory}: not a packed relabel store (no {META_FILE}).")
@@ -714,7 +696,7 @@ def check_store_output(output: str | os.PathLike, overwrite: bool = False) -> bo
     if not output.exists() and not output.is_symlink():
         return False
     if not output.is_dir():
-        raise RelabelError(f"{output}: {_file_kind(output)} is there; give a directory path for the packed store.")
+        raise RelabelError(f"{output}: {file_kind(output)} is there; give a directory path for the packed store.")
     entries = store_directory_entries(output, str(output))
     if not entries:
         return False

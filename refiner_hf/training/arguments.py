@@ -28,8 +28,6 @@ import argparse
 import dataclasses
 import json
 import math
-import os
-import stat
 import sys
 import textwrap
 from collections.abc import Iterable, Sequence
@@ -45,6 +43,7 @@ from ..configuration_refiner_vit import RefinerViTConfig
 from .errors import (
     OneLineErrors,
     UsageError,
+    check_input_directory,
     check_input_file,
     check_output_path,
     did_you_mean,
@@ -257,34 +256,6 @@ def check_report_to(report_to: str) -> None:
                 f"--report_to {report_to}: unknown tracker {name!r}; choose from {', '.join(known)} (comma-separated "
                 f"for several).{did_you_mean(name, known)}"
             )
-
-
-def check_input_directory(flag: str, value: str | Path, what: str = "") -> Path:
-    """
-    The path of a directory the run reads, after refusing (as a [`UsageError`]) one that is missing, a file, a FIFO or
-    a device, or not readable; `what` ends the refusal (what the directory should hold).
-    """
-    path = Path(value).expanduser()
-    try:
-        mode = path.stat().st_mode
-    except (FileNotFoundError, NotADirectoryError):
-        raise UsageError(f"{flag} {value}: no such directory.{what}") from None
-    except OSError as error:
-        raise UsageError(f"{flag} {value}: cannot be read ({error.strerror}).") from None
-    if not stat.S_ISDIR(mode):
-        kind = (
-            "a file"
-            if stat.S_ISREG(mode)
-            else "a FIFO"
-            if stat.S_ISFIFO(mode)
-            else "a device"
-            if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
-            else "not a regular directory"
-        )
-        raise UsageError(f"{flag} {value}: {kind}, not a directory.{what}")
-    if not os.access(path, os.R_OK | os.X_OK):
-        raise UsageError(f"{flag} {value}: not readable (permission denied).")
-    return path
 
 
 @dataclass
