@@ -28,7 +28,7 @@ from safetensors import SafetensorError
 
 from .cli import DataError, file_kind
 from .configuration_refiner_vit import RefinerViTConfig
-from .loading import check_safetensors_file
+from .loading import check_safetensors_file, non_finite_tensors
 from .modeling_refiner_vit import RefinerViTForImageClassification, count_parameters
 
 
@@ -488,12 +488,7 @@ def check_finite(state_dict: Mapping[str, torch.Tensor], source: str = "checkpoi
     Raises:
         `CheckpointError`: listing the tensors and how many values of each are not finite.
     """
-    bad = {}
-    for key, tensor in state_dict.items():
-        if tensor.is_floating_point() or tensor.is_complex():
-            count = tensor.numel() - int(torch.isfinite(tensor).sum())
-            if count:
-                bad[key] = count
+    bad = non_finite_tensors(state_dict)
     if bad:
         listed = ", ".join(f"{key!r} ({count:,} of {state_dict[key].numel():,})" for key, count in sorted(bad.items()))
         raise CheckpointError(

@@ -44,7 +44,6 @@ from .onnx_export import (
     OnnxExport,
     OutputComparison,
     check_export_memory,
-    check_finite_weights,
     check_opset,
     check_outputs,
     onnx_opset,
@@ -209,7 +208,6 @@ def export_or_check(args) -> int:
     image = load_photo(args.image)
     model, processor, note = load_model(args.model, args.image_size)
     check_export_memory(model.config)
-    check_finite_weights(model, f"--model {args.model}")
     outputs = check_outputs(model, args.extra_outputs)
     config = model.config
     print(

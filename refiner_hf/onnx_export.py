@@ -34,8 +34,9 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoImageProcessor
 
-from .cli import DataError, UsageError
+from .cli import UsageError
 from .configuration_refiner_vit import RefinerViTConfig
+from .loading import check_finite_weights
 from .model_directory import DirectoryLayout, ModelDirectoryError, write_directory
 from .modeling_refiner_vit import RefinerViTForImageClassification, count_parameters
 
@@ -88,10 +89,6 @@ class ExportError(UsageError):
     """An export that cannot be made as asked (an output the model does not have, an opset too old, ...)."""
 
 
-class NonFiniteWeightsError(DataError, ValueError):
-    """A model whose weights hold NaN or infinity: its export would output them."""
-
-
 class ExportTooLargeError(UsageError):
     """An export whose estimated memory exceeds the machine's."""
 
@@ -105,29 +102,6 @@ def check_opset(opset: int) -> None:
         raise ExportError(
             f"--opset {opset}: the exporter writes opsets {MIN_OPSET} to {MAX_OPSET}; choose one of them (default "
             f"{DEFAULT_OPSET})."
-        )
-
-
-def check_finite_weights(model: nn.Module, source: str = "The model") -> None:
-    """
-    Refuses a model whose parameters or buffers hold NaN or infinity (a diverged run, a damaged file), naming every
-    such tensor: its export would compute NaN, and a check against the PyTorch model would compare NaN with NaN.
-
-    Raises:
-        `NonFiniteWeightsError`: listing the tensors and how many values of each are not finite.
-    """
-    bad = {}
-    for name, tensor in model.state_dict().items():
-        if tensor.is_floating_point():
-            count = tensor.numel() - int(torch.isfinite(tensor).sum())
-            if count:
-                bad[name] = (count, tensor.numel())
-    if bad:
-        listed = ", ".join(f"{name!r} ({count:,} of {total:,})" for name, (count, total) in sorted(bad.items())[:8])
-        more = f", ... ({len(bad)} in all)" if len(bad) > 8 else ""
-        raise NonFiniteWeightsError(
-            f"{source}: non-finite values (NaN or infinity) in {len(bad)} tensors: {listed}{more}. Its outputs would "
-            "be NaN or infinite: export a model whose weights are finite (an earlier checkpoint of the run)."
         )
 
 
@@ -658,7 +632,7 @@ def save_onnx_directory(
 
     Raises:
         `ExportError`: the export cannot be made as asked.
-        `NonFiniteWeightsError`: the model's weights hold NaN or infinity.
+        `ModelWeightsError`: the model's weights hold NaN or infinity.
         `ModelDirectoryError`: the output directory is refused, writing failed, or the check failed.
     """
     require_onnx_packages()
@@ -666,7 +640,7 @@ def save_onnx_directory(
     if quantize not in (None, "int8"):
         raise ExportError(f"Unknown quantization {quantize!r}: the only one is int8.")
     check_opset(opset)
-    check_finite_weights(model)
+    check_finite_weights(model, "The model")
     result = OnnxExport(directory=Path(output_dir), outputs=outputs, opset=opset, seconds=0.0)
 
     def write(staging: Path) -> None:
@@ -750,7 +724,6 @@ __all__ = [
     "ExportError",
     "ExportTooLargeError",
     "MAX_OPSET",
-    "NonFiniteWeightsError",
     "check_export_memory",
     "check_finite_weights",
     "check_opset",
