@@ -262,7 +262,7 @@ def test_an_export_directory_that_appears_during_the_export_is_left_untouched(tm
 
 def test_a_model_with_nan_weights_is_not_exported(tmp_path, capsys):
     model = tiny_model_directory(tmp_path / "model", nan_at="classifier.weight")
-    capsys.readouterr()  # what saving the model printed (a progress bar, when this test runs alone) is not the command's
+    capsys.readouterr()  # what saving the model printed (a progress bar when run alone) is not the command's
     out = tmp_path / "onnx"
     code, _, err = export("--model", model, "--output", out, capsys=capsys)
     assert code == 1
