@@ -8,13 +8,16 @@ import json
 import math
 import os
 import sys
+from collections.abc import Callable
 from types import SimpleNamespace
 
 import numpy as np
 import PIL.Image
 import pytest
 import torch
+import yaml
 from training_utils import (
+    ROOT,
     TINY_MODEL,
     TINY_MODEL_WITHOUT_BATCHNORM,
     checkpoint_tensors,
@@ -29,6 +32,7 @@ from training_utils import (
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
 import refiner_hf  # noqa: F401  (registers the model type with the Auto classes)
+from refiner_hf import RefinerViTConfig, RefinerViTForImageClassification
 from refiner_hf.modeling_refiner_vit import RefinerViTPreTrainedModel
 from refiner_hf.training import trainer
 from refiner_hf.training.data import BadImageError, DataError, load_embedded_dataset
@@ -226,22 +230,25 @@ def test_resume_after_sigkill_mid_epoch_gives_the_same_weights(tmp_path):
         assert (a["eval_top1"], a["ema_top1"]) == (b["eval_top1"], b["ema_top1"])
 
 
-def one_and_two_process_runs(tmp_path, model) -> tuple[dict, dict, dict, dict]:
+def one_and_two_process_runs(
+    tmp_path, argv: Callable[..., list[str]], per_device_batch: int
+) -> tuple[dict, dict, dict, dict]:
     """
-    The same training on 1 process with 2 accumulation steps of 8 and on 2 processes of 8 (a global batch of 16
-    either way), without mixing and stochastic depth (each process draws its own). Returns both results and final
-    checkpoints.
+    The same training (`argv(output_dir, **overrides)`) on 1 process with 2 accumulation steps and on 2 processes, a
+    global batch of twice `per_device_batch` either way. Both run with one CPU thread per process (torchrun's default
+    for each of the two; `subprocess_env` sets it for the one): on CPU the thread count sets the order of float sums,
+    and AdamW's first steps magnify those last-bit differences. Returns both results and final checkpoints.
     """
-    common = dict(model=model, epochs=2, per_device_train_batch_size=8)
-    run_script(tiny_run_args(tmp_path / "one", gradient_accumulation_steps=2, **common))
+    run_script(argv(tmp_path / "one", gradient_accumulation_steps=2))
     # `accelerate launch --cpu --num_processes 2` starts one process unless MPI is installed (a known accelerate
     # limitation, huggingface/accelerate#2741); `--multi_gpu` starts both through torchrun, and the trainer runs them
     # on CPU over gloo.
     accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
     launch = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517"]  # fmt: skip
-    output = run_script(tiny_run_args(tmp_path / "two", **common), launcher=launch).stdout
-    assert "8 per process x 2 processes x 1 accumulation steps = global batch 16" in output, output
+    output = run_script(argv(tmp_path / "two"), launcher=launch).stdout
+    batch = f"{per_device_batch} per process x 2 processes x 1 accumulation steps = global batch {2 * per_device_batch}"
+    assert batch in output and "cpu:0, 1 thread," in output, output
     return (
         read_results(tmp_path / "one"),
         read_results(tmp_path / "two"),
@@ -250,9 +257,18 @@ def one_and_two_process_runs(tmp_path, model) -> tuple[dict, dict, dict, dict]:
     )
 
 
+def tiny_runs_without_mixing(model: dict) -> Callable[..., list[str]]:
+    """Tiny runs of 2 epochs in batches of 8, without mixing and stochastic depth (each process draws its own)."""
+    return lambda output_dir, **overrides: tiny_run_args(
+        output_dir, model=model, epochs=2, per_device_train_batch_size=8, **overrides
+    )
+
+
 def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     # A model without BatchNorm: see the next test for what BatchNorm changes.
-    one_results, two_results, expected, actual = one_and_two_process_runs(tmp_path, TINY_MODEL_WITHOUT_BATCHNORM)
+    one_results, two_results, expected, actual = one_and_two_process_runs(
+        tmp_path, tiny_runs_without_mixing(TINY_MODEL_WITHOUT_BATCHNORM), per_device_batch=8
+    )
     # Each of the 37 validation images is counted exactly once (accelerate pads the last batches of 2 x 8).
     assert one_results["eval_samples"] == two_results["eval_samples"] == 37
     assert one_results["global_step"] == two_results["global_step"] == 8
@@ -269,15 +285,26 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-6)
 
 
-def test_two_processes_with_batchnorm_train_the_same_parameters(tmp_path):
-    # Training normalises each micro-batch with its own statistics either way, so every parameter (and its EMA) is
-    # bitwise equal. The running statistics are not: one process updates them with both micro-batches of a step,
-    # while with two processes each sees one and process 0's are kept (DDP, then broadcast before evaluation).
-    one_results, two_results, expected, actual = one_and_two_process_runs(tmp_path, TINY_MODEL)
-    assert one_results["eval_samples"] == two_results["eval_samples"] == 37
+def test_two_processes_train_the_embedded_recipe_as_one_process_with_accumulation(tmp_path):
+    # The default run's recipe and model (BatchNorm in the stem and the refinements, EMA, a loader worker), 12 steps
+    # of a global batch of 8. Training normalises each micro-batch with its own statistics either way, so every
+    # parameter (and its EMA) is equal. The running statistics are not: one process updates them with both
+    # micro-batches of a step, while with two processes each sees one and process 0's are kept (DDP, then broadcast
+    # before evaluation).
+    def embedded_run(output_dir, **overrides):
+        values = dict(output_dir=output_dir, epochs=2, warmup_epochs=0, max_train_steps=12, seed=7,
+                      per_device_train_batch_size=4, max_eval_samples=37, report_to="none", **overrides)  # fmt: skip
+        return [item for key, value in values.items() for item in (f"--{key}", str(value))]
+
+    one_results, two_results, expected, actual = one_and_two_process_runs(tmp_path, embedded_run, per_device_batch=4)
+    assert one_results["global_step"] == two_results["global_step"] == 12
     statistics = [name for name in expected if ".running_" in name or name.endswith("num_batches_tracked")]
-    assert len(statistics) == 2 * 45  # model and EMA: 15 BatchNorms (stem, refinements) x 3 buffers
-    for name in expected.keys() - set(statistics):
-        assert torch.equal(actual[name], expected[name]), name
+    assert len(statistics) == 2 * 19 * 3  # model and EMA: 19 BatchNorms (3 in the stem, 4 per refinement) x 3 buffers
+    parameters = expected.keys() - set(statistics)
+    recipe = yaml.safe_load((ROOT / "examples" / "recipes" / "embedded_fashion_mnist.yaml").read_text())
+    model = RefinerViTForImageClassification(RefinerViTConfig(**recipe["config_overrides"], num_labels=10))
+    assert parameters == {f"{kind}.{name}" for kind in ("model", "ema.module") for name, _ in model.named_parameters()}
+    for name in parameters:
+        torch.testing.assert_close(actual[name], expected[name], rtol=0, atol=1e-6, msg=name)
     num_batches = [name for name in statistics if name.endswith("num_batches_tracked")]
-    assert {int(expected[name]) for name in num_batches} == {16} and {int(actual[name]) for name in num_batches} == {8}
+    assert {int(expected[name]) for name in num_batches} == {24} and {int(actual[name]) for name in num_batches} == {12}

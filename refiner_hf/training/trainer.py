@@ -386,6 +386,10 @@ def describe(run: Run) -> str:
     )
     updates = math.ceil(run.batches_per_epoch / args.training.gradient_accumulation_steps)
     precision = "fp32" if accelerator.mixed_precision == "no" else accelerator.mixed_precision
+    # On CPU the thread count sets the order of floating-point sums, so runs compare bitwise only at equal counts
+    # (torchrun starts each process with one thread); the line makes the difference visible.
+    num_threads = torch.get_num_threads()
+    threads = f", {num_threads} thread{'s' * (num_threads != 1)}" if accelerator.device.type == "cpu" else ""
     return (
         f"Recipe: {args.recipe_source}\n"
         f"Data: {run.data.description}: {num_train:,}{' per process' if run.streaming else ''} training / "
@@ -396,7 +400,7 @@ def describe(run: Run) -> str:
         + "".join(f"  {note}\n" for note in run.notes)
         + f"Batch: {args.training.per_device_train_batch_size} per process x {accelerator.num_processes} processes x "
         f"{args.training.gradient_accumulation_steps} accumulation steps = global batch {global_batch} "
-        f"({accelerator.device}, {precision})\n"
+        f"({accelerator.device}{threads}, {precision})\n"
         f"Schedule: {updates} steps per epoch, {args.training.total_epochs} epochs ({args.training.epochs} cosine + "
         f"{args.training.cooldown_epochs} cooldown), warmup {args.training.warmup_epochs:g} epochs from "
         f"{args.training.warmup_lr:g}, lr {args.training.lr:g} updated per {args.training.lr_schedule_unit}, "
