@@ -9,6 +9,10 @@ every tensor in the weights file equals the converted one bit for bit, the confi
 backends load back equal, the remote code is there, and the model loaded back from disk reproduces the converted
 model's logits on a real photo within float rounding. Only then is the directory moved into place, so a failure (or an
 interruption) leaves nothing behind.
+
+With `--push-to-hub REPO_ID` the Hub is checked before the conversion (not offline, a valid id, a token it accepts, the
+repository there or created); an upload that fails afterwards is one line with the `hf upload` command that uploads
+the written directory, and exit status 1.
 """
 
 from __future__ import annotations

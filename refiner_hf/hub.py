@@ -134,8 +134,8 @@ def check_hub_access(
     Args:
         repo_id (`str`): the repository to upload to.
         flag (`str`): the flag that asked for the upload, named by the messages (`--push_to_hub`).
-        repo_source (`str`): where `repo_id` came from, for the message refusing an invalid one
-            (`--hub_model_id my/repo`, or "the name of --output_dir, the default repository id").
+        repo_source (`str`): where `repo_id` came from, the start of the message refusing an invalid one
+            (`"--hub_model_id"`, or `"--push_to_hub without --hub_model_id uses the name of --output_dir"`).
         token (`str`, *optional*): the token to use (default: `HF_TOKEN`, else the one `hf auth login` stored).
         private (`bool`, *optional*): whether a repository created now is private.
         timeout (`float`): seconds the Hub has to answer.

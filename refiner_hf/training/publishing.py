@@ -2,6 +2,11 @@
 The Hub side of a training run with `--push_to_hub`: the check, before any training, that the upload can work
 ([`check_push_to_hub`]), and the upload of the model directory at the end ([`upload_trained_model`]). Under
 `accelerate launch` the main process talks to the Hub and every process gets its answer, so that all stop together.
+
+An upload that fails after training leaves a finished run (the model directory, all_results.json, closed trackers,
+the output directory released) and ends with one line giving the `hf upload` command that uploads the directory, and
+exit status 1, as the converter's: the run did not do all it was asked, which a script that goes on to use the Hub
+repository must see.
 """
 
 from __future__ import annotations
