@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from huggingface_hub.dataclasses import strict
 from transformers.configuration_utils import PreTrainedConfig
 
+from .cli import UsageError
+
 
 BLOCK_TYPES = ("plain", "refined", "shared")
 STEM_TYPES = ("conv", "patch")
@@ -66,6 +68,28 @@ PRESETS: dict[str, Preset] = {
         Preset("refiner-vit-l", 448, crop_pct=1.13, top1=86.0),
     )
 }
+
+
+class PresetNameError(UsageError, OSError):
+    """A preset name given to `from_pretrained`, which loads a model directory or a Hub repository, not a preset."""
+
+
+def refuse_preset_name(name_or_path: object) -> None:
+    """
+    Raises [`PresetNameError`] at once, without asking the Hub (which has no repository of that name and answers
+    only after transformers' retries), when `from_pretrained` is given a preset name such as `"refiner-vit-l"` and no
+    file or directory of that name is here (the converter writes one: `./refiner-vit-l-448`, which then loads).
+    """
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        return
+    name = os.fspath(name_or_path)
+    if name in PRESETS and not os.path.exists(name):
+        raise PresetNameError(
+            f"{name!r} is a Refiner-ViT preset name, not a model directory or a Hub repository: "
+            f"`RefinerViTForImageClassification(RefinerViTConfig.from_preset({name!r}))` builds an untrained model "
+            f"of that shape, and `refiner-vit-convert --checkpoint CHECKPOINT.pth` converts the released weights of "
+            f"that preset into ./{name}, which `from_pretrained({name!r})` then loads."
+        )
 
 
 @strict
@@ -298,6 +322,12 @@ class RefinerViTConfig(PreTrainedConfig):
             del preset["num_labels"]  # the head is sized from the labels given, not the preset's ImageNet classes
         return cls(**{**preset, **kwargs})
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs) -> "RefinerViTConfig":
+        """`PreTrainedConfig.from_pretrained`, answering a preset name at once ([`refuse_preset_name`])."""
+        refuse_preset_name(pretrained_model_name_or_path)
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
     def matching_architecture(self) -> str | None:
         """
         The released architecture this configuration has (`"refiner-vit-s"`, `-m` or `-l`, keys of `ARCHITECTURES`),
@@ -477,9 +507,11 @@ __all__ = [
     "PRESETS",
     "MemoryEstimate",
     "Preset",
+    "PresetNameError",
     "RefinerViTConfig",
     "count_parameters",
     "estimate_memory",
     "format_bytes",
     "machine_memory",
+    "refuse_preset_name",
 ]

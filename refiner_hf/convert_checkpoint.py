@@ -9,6 +9,10 @@ every tensor in the weights file equals the converted one bit for bit, the confi
 backends load back equal, the remote code is there, and the model loaded back from disk reproduces the converted
 model's logits on a real photo within float rounding. Only then is the directory moved into place, so a failure (or an
 interruption) leaves nothing behind.
+
+With `--push-to-hub REPO_ID` the Hub is checked before the conversion (not offline, a valid id, a token it accepts, the
+repository there or created); an upload that fails afterwards is one line with the `hf upload` command that uploads
+the written directory, and exit status 1.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from .assets import sample_image_path
 from .cli import ArgumentParser, DataError, UsageError, check_input_file, check_output_path, command_status
 from .configuration_refiner_vit import PRESETS
 from .conversion import MAX_TOKENS, load_original_weights, model_from_original_state_dict
-from .hub import build_model_card, imagenet_1k_id2label, push_to_hub
+from .hub import UploadError, build_model_card, check_hub_access, imagenet_1k_id2label, upload_model_directory
 from .image_processing_refiner_vit import image_processor_for_config
 from .model_directory import (
     OutputLock,
@@ -169,6 +173,12 @@ def resize(model: RefinerViTForImageClassification, image_size: int, max_tokens:
 def convert(args: argparse.Namespace) -> Path:
     """The command: refusals of what cannot work first, then the conversion under the output directory's lock."""
     check_arguments(args)
+    if args.push_to_hub:
+        # Before minutes of conversion: the Hub answers, the token is accepted and the repository is there (created
+        # now if needed); the card and the upload then use its full id.
+        args.push_to_hub = check_hub_access(
+            args.push_to_hub, "--push-to-hub", "--push-to-hub", private=args.private or None
+        )
     if args.output_dir is None:
         return convert_checked(args)
     # Refused before minutes of work, not after; one writer at a time from the start (a second one is refused now).
@@ -243,24 +253,14 @@ def convert_checked(args: argparse.Namespace) -> Path:
             print(f"  {probability:.3f}  {model.config.id2label[index]}")
     print(f"Wrote {output_dir}")
     if args.push_to_hub:
-        try:
-            commit = push_to_hub(
-                output_dir,
-                args.push_to_hub,
-                private=args.private or None,
-                commit_message=f"Convert {args.checkpoint.name} ({original.weights} weights)",
-            )
-        except Exception as error:  # network, authentication, permissions: all reported the same way
-            raise UploadError(
-                f"Uploading {output_dir} to {args.push_to_hub} failed ({type(error).__name__}: {error}). The model "
-                f"directory is complete; upload it again with `hf upload {args.push_to_hub} {output_dir}`."
-            ) from None
+        commit = upload_model_directory(
+            output_dir,
+            args.push_to_hub,
+            commit_message=f"Convert {args.checkpoint.name} ({original.weights} weights)",
+            private=args.private or None,
+        )
         print(f"Uploaded to {args.push_to_hub}: {commit.commit_url}")
     return output_dir
-
-
-class UploadError(DataError, OSError):
-    """The model directory was written but its upload to the Hub failed."""
 
 
 def load_photo(path: Path) -> Image.Image:
@@ -277,6 +277,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Runs the command; returns its exit status (see `refiner_hf.cli` for the error policy)."""
     logging.disable_progress_bar()
     return command_status(lambda: convert(parse_args(argv)), PROG)
+
+
+__all__ = ["UploadError", "convert", "main", "parse_args"]
 
 
 if __name__ == "__main__":

@@ -34,6 +34,8 @@ from transformers.image_utils import (
 from transformers.processing_utils import ImagesKwargs, Unpack
 from transformers.utils import is_torch_available
 
+from .configuration_refiner_vit import refuse_preset_name
+
 
 if is_torch_available():
     import torch
@@ -261,6 +263,12 @@ class RefinerViTImageProcessingMixin:
     do_rescale = True
     do_normalize = True
     do_convert_rgb = True
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """`from_pretrained` of the backend, answering a preset name at once ([`refuse_preset_name`])."""
+        refuse_preset_name(pretrained_model_name_or_path)
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     def __init__(self, **kwargs: Unpack[RefinerViTImageProcessorKwargs]):
         super().__init__(**kwargs)

@@ -25,6 +25,7 @@ from .configuration_refiner_vit import (
     estimate_memory,
     format_bytes,
     machine_memory,
+    refuse_preset_name,
 )
 from .fast_inference import (
     FoldedRefinement,
@@ -645,6 +646,12 @@ class RefinerViTPreTrainedModel(PreTrainedModel):
         "attentions": RefinerViTAttention,
         "unrefined_attentions": RefinerViTUnrefinedMap,
     }
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, answering a preset name at once ([`refuse_preset_name`])."""
+        refuse_preset_name(pretrained_model_name_or_path)
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     def get_correct_attn_implementation(self, requested_attention: str | None, is_init_check: bool = False) -> str:
         """Refiner-ViT has one attention implementation, the explicit one; other requests get an error saying why."""

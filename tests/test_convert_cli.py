@@ -500,6 +500,10 @@ def test_push_to_hub_uploads_model_processor_card_and_code(tmp_path, monkeypatch
 
     monkeypatch.setattr(HfApi, "create_repo", create_repo)
     monkeypatch.setattr(HfApi, "create_commit", create_commit)
+    # The check before converting (tests/test_hub_newcomer.py tests its refusals): a token, the Hub answers.
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(HfApi, "whoami", lambda self, *args, **kwargs: {"name": "someone"})
     checkpoint = tmp_path / "imagenet_tiny.pth"
     write_imagenet_checkpoint(checkpoint)
     out = tmp_path / "refiner-vit-test"

@@ -84,9 +84,13 @@ def attempt(argv: list[str], monkeypatch, patch=None) -> bool:
 
 
 def model_directory(output_dir: Path) -> dict[str, bytes]:
-    """Every file of output_dir/model; the model card's mentions of the run's directory replaced by a placeholder."""
+    """Every file of output_dir/model; the model card's mentions of the run's directory name (its title and the name
+    its code examples load, see `card_model_name`) replaced by a placeholder."""
     files = {path.name: path.read_bytes() for path in sorted((output_dir / "model").iterdir())}
-    files["README.md"] = files["README.md"].replace(str(output_dir).encode(), b"OUTPUT_DIR")
+    card = files["README.md"].decode()
+    for mention in (f'"{output_dir.name}"', f"# {output_dir.name}\n"):
+        card = card.replace(mention, mention.replace(output_dir.name, "NAME"))
+    files["README.md"] = card.encode()
     return files
 
 

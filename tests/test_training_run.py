@@ -32,9 +32,9 @@ from training_utils import (
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
 import refiner_hf  # noqa: F401  (registers the model type with the Auto classes)
-from refiner_hf import RefinerViTConfig, RefinerViTForImageClassification
+from refiner_hf import RefinerViTConfig, RefinerViTForImageClassification, hub
 from refiner_hf.modeling_refiner_vit import RefinerViTPreTrainedModel
-from refiner_hf.training import trainer
+from refiner_hf.training import publishing
 from refiner_hf.training.data import BadImageError, DataError, load_embedded_dataset
 from refiner_hf.training.tracking import read_metrics
 
@@ -104,7 +104,11 @@ def test_finetuning_at_another_resolution_resizes_and_saves_the_new_size(trained
         uploads.append((args, kwargs))
         return SimpleNamespace(repo_url=f"https://hub.example/{args[1]}")
 
-    monkeypatch.setattr(trainer, "push_to_hub", fake_push_to_hub)
+    monkeypatch.setattr(hub, "push_to_hub", fake_push_to_hub)
+    checked = []  # the Hub check before training (tests/test_hub_newcomer.py tests it)
+    monkeypatch.setattr(
+        publishing, "check_hub_access", lambda repo_id, *args, **kwargs: checked.append(repo_id) or repo_id
+    )
     argv = tiny_run_args(
         tmp_path,
         model_name_or_path=pretrained / "model",
@@ -121,7 +125,7 @@ def test_finetuning_at_another_resolution_resizes_and_saves_the_new_size(trained
     assert processor["crop_pct"] == 0.875
     model = AutoModelForImageClassification.from_pretrained(tmp_path / "model")
     assert model.refiner_vit.embeddings.position_embeddings.shape == (1, 14 * 14 + 1, 32)
-    assert len(uploads) == 1
+    assert len(uploads) == 1 and checked == ["someone/refiner-vit-tiny-56"]
     (directory, repo_id), options = uploads[0]
     assert repo_id == "someone/refiner-vit-tiny-56" and directory == str(tmp_path / "model")
     assert "top-1" in options["commit_message"]

@@ -38,13 +38,12 @@ from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ..hub import push_to_hub
 from ..model_directory import save_model_directory
 from ..modeling_refiner_vit import ModelTooLargeError, RefinerViTForImageClassification, RefinerViTPreTrainedModel
 from ..token_labeling import RelabelError
 from .arguments import AUGMENTATION_KEYWORDS, MIXING_KEYWORDS, OPTIMIZER_KEYWORDS, SCHEDULE_KEYWORDS, Arguments
 from .augmentation import TrainTransform
-from .card import training_model_card
+from .card import base_model_id, card_data_description, card_hub_dataset, card_model_name, training_model_card
 from .checkpointing import (
     CheckpointError,
     CheckpointManager,
@@ -54,7 +53,7 @@ from .checkpointing import (
     describe_changes,
     write_text_atomically,
 )
-from .data import EMBEDDED_DATASET_NAME, ImageData, check_labels, load_image_data
+from .data import ImageData, check_labels, load_image_data
 from .distributed import (
     full_state_dict,
     processes_without_accelerators,
@@ -68,6 +67,7 @@ from .loaders import build_evaluation_loader, build_training_loader
 from .mixing import BatchMixing, mix_batch
 from .model_setup import build_model, convert_sync_batchnorm
 from .optim import build_optimizer, build_scheduler
+from .publishing import check_push_to_hub, upload_trained_model
 from .relabel_targets import DENSE_LABELS, build_dense_label_builder, configure_token_labeling
 from .run_lock import (
     RUN_OUTPUTS,
@@ -128,6 +128,7 @@ def setup(args: Arguments) -> Run:
         check_inputs_survive_overwrite(args, output_dir)
     cpu = processes_without_accelerators()
     state = PartialState(cpu=cpu)
+    check_push_to_hub(args, output_dir)  # before any work: the Hub answers and the repository is there
     lock = lock_run_directory(state, output_dir)  # before anything is written there
     try:
         claim_run_directory(state, output_dir, resuming=bool(resuming), overwrite=overwrite)
@@ -668,15 +669,14 @@ def save_best_model(run: Run) -> None:
         metrics = {**best_metrics(progress), "epoch": progress.best_epoch, "epochs": args.training.total_epochs}
         card = training_model_card(
             model.config,
-            args.training.hub_model_id or str(model_dir),
-            data_description=run.data.description,
+            card_model_name(args.training.hub_model_id, run.output_dir),
+            data_description=card_data_description(args.data, run.data),
             recipe=args.model_card_recipe(),
             metrics={**metrics, "weights": progress.best_weights},
             num_parameters=sum(p.numel() for p in model.parameters()),
             settings_changes=progress.settings_changes,
-            hub_dataset=args.data.dataset_name
-            if args.data.dataset_name and not Path(args.data.dataset_name).exists()
-            else None,
+            hub_dataset=card_hub_dataset(args.data),
+            base_model=base_model_id(args.model.model_name_or_path),
         )
         save_model_directory(model, run.image_processor, model_dir, model_card=card, overwrite=True)
     accelerator.wait_for_everyone()
@@ -783,16 +783,11 @@ def finish(run: Run, model_dir: Path | None, seconds: float) -> dict[str, Any]:
                 f"{results['model_dir']}",
                 flush=True,
             )
-        if args.training.push_to_hub and results["model_dir"] is not None:
-            data_name = args.data.dataset_name or args.data.train_dir or EMBEDDED_DATASET_NAME
-            commit = push_to_hub(
-                results["model_dir"],
-                args.training.hub_model_id or run.output_dir.name,
-                commit_message=f"Refiner-ViT, {100 * results['eval_top1']:.2f} % top-1 on {data_name}",
-                private=args.training.hub_private,
-                token=args.training.hub_token,
-            )
-            accelerator.print(f"Uploaded to {commit.repo_url}", flush=True)
+    # An upload that fails leaves a finished run (model directory, all_results.json, closed trackers): one line with
+    # the `hf upload` command, exit status 1 as the converter's.
+    if failure := upload_trained_model(run, results, card_data_description(args.data, run.data)):
+        accelerator.end_training()
+        raise failure
     return results
 
 
