@@ -383,3 +383,14 @@ def test_a_local_directory_named_like_a_preset_still_loads(tmp_path, monkeypatch
     assert RefinerViTModel.from_pretrained(name).config.hidden_size == 24
     assert RefinerViTImageProcessor.from_pretrained(name).crop_size == {"height": 32, "width": 32}
     assert RefinerViTImageProcessorPil.from_pretrained(name).crop_size == {"height": 32, "width": 32}
+
+
+def test_the_trainer_refuses_a_preset_name_as_a_pretrained_model_at_once(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(HfApi, "model_info", lambda *a, **k: pytest.fail("the Hub was asked"))
+    with pytest.raises(UsageError) as caught:
+        run_in_process(["--output_dir", str(tmp_path / "run"), "--model_name_or_path", "refiner-vit-s"])
+    message = str(caught.value)
+    assert message.startswith("--model_name_or_path refiner-vit-s: a preset name, not a trained model")
+    assert "--model refiner-vit-s" in message and "refiner-vit-convert" in message
+    assert not (tmp_path / "run").exists()

@@ -6,6 +6,7 @@ for the data set's classes, and the image processor it is evaluated and saved wi
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -13,7 +14,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedConfig
 
-from ..configuration_refiner_vit import RefinerViTConfig
+from ..configuration_refiner_vit import PRESETS, RefinerViTConfig
 from ..image_processing_refiner_vit import RefinerViTImageProcessor, image_processor_for_config
 from ..loading import (
     NO_IMAGE_PROCESSOR,
@@ -177,6 +178,12 @@ def load_pretrained_model(args: ModelArguments, overrides: dict, cache_dir: str 
     source = args.model_name_or_path
     _check_pretrained_overrides(args, overrides)
     check_model_path("--model_name_or_path", source)
+    if source in PRESETS and not os.path.exists(source):  # a preset name would wait on the Hub for a generic error
+        raise UsageError(
+            f"--model_name_or_path {source}: a preset name, not a trained model; train one from scratch with "
+            f"--model {source}, or convert the released weights with `refiner-vit-convert --checkpoint FILE` and "
+            f"give the directory it writes."
+        )
     try:
         model_type = PreTrainedConfig.get_config_dict(source, cache_dir=cache_dir)[0].get("model_type")
         if model_type != RefinerViTConfig.model_type:
