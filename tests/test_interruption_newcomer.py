@@ -198,3 +198,18 @@ def test_interruption_behind_finds_the_stop_in_the_chain():
     except RuntimeError as error:
         assert isinstance(interruption_behind(error), KeyboardInterrupt)
     assert interruption_behind(RuntimeError("a bug")) is None
+
+
+# A short run's notes under `accelerate launch`: said by the main process only
+
+
+@pytest.mark.parametrize("rank, said", [("0", 2), ("1", 0)])
+def test_the_notes_of_a_short_run_are_said_by_the_main_process_only(monkeypatch, capsys, rank, said):
+    monkeypatch.setenv("RANK", rank)
+    # The embedded recipe warms up for 1 epoch; 8 images leave classes out.
+    args = parse_args(["--epochs", "1", "--max_train_samples", "8"], recipe_dirs=[RECIPES])
+    load_image_data(args.data, args.training.seed)
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("Note: ")]
+    assert len(notes) == said and args.training.warmup_epochs == 0.5
+    if said:
+        assert "warmup of 1 epoch is not shorter than --epochs 1" in notes[0] and "leaves no training image" in notes[1]
