@@ -127,6 +127,31 @@ def test_a_run_whose_process_group_is_stopped_says_so_in_one_line_and_resumes(tm
         assert f"Resumed from {latest}" in resumed.stdout and read_results(output_dir)["global_step"] == 8
 
 
+def test_a_launched_run_whose_process_group_gets_ctrl_c_says_it_once(tmp_path):
+    # Ctrl-C in the terminal reaches the launcher, both processes and their workers; the launcher passes it on too.
+    output_dir = tmp_path / "run"
+    argv = tiny_run_args(output_dir, **SMALL, checkpointing_steps=2, dataloader_num_workers=1)
+    accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
+    launcher = [accelerate, "launch", "--config_file", str(ROOT / "examples" / "accelerate_configs" / "cpu_2proc.yaml"),
+                "--main_process_port", "29573"]  # fmt: skip
+    process = subprocess.Popen(
+        [*launcher, str(SCRIPT), *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=subprocess_env(), cwd=ROOT, start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip
+    for line in process.stdout:
+        if line.startswith("Saved checkpoint"):
+            os.killpg(process.pid, signal.SIGINT)
+            break
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and "DataLoader worker" not in err and "FAILED" not in err, err[-3000:]
+    said = stop_line(err)
+    assert len(said) == 1 and said[0].startswith(f"{PROG}: error: stopped by an interrupt;"), err[-3000:]
+    assert said[0].endswith(f"accelerate launch [the same launch options] {shlex.join([str(SCRIPT), *argv])} "
+                            "--resume_from_checkpoint latest")  # fmt: skip
+
+
 # Stopped while evaluating or writing a checkpoint (in this process: the stop raised where the signal would land)
 
 
