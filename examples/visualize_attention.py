@@ -6,7 +6,11 @@ For each chosen layer and head, the picture shows the class token's attention ov
 image the model saw (after the processor's resize and crop): for refined and shared blocks the map before refinement
 and the refined map side by side, for plain blocks the map they used. One row per layer, with one colour scale for the
 whole row (every head, before and after), shown by the colour bar at its end: colours compare within a row, not across
-rows. Above them: the image with the top-5 prediction, and how alike the heads are per layer, before and after
+rows. A map that spans less than a quarter of its row's range (e.g. a positive softmax map next to refined maps ten
+times wider) would look flat, as if it attended nowhere: it is drawn on its own scale instead, framed and marked with
+its range ("own scale 0.006 to 0.07"). Above them: the image, the top-5 prediction (with the true label and whether
+the top-1 is right, when the label is known: the embedded image's, or `--label`), and how alike the heads are per
+layer, before and after
 refinement (`refiner_hf.attention_analysis`: DeepViT's cosine similarity of the heads' attention columns, and its
 centred form, the Pearson correlation, which a refinement's BatchNorm scale and offset do not move; 1 means identical
 heads). It prints both per layer, with the same two measures between each layer's maps and the maps the layer before
@@ -21,7 +25,8 @@ other model the bundled cat photo:
 
     python examples/visualize_attention.py
     python examples/visualize_attention.py --model path/to/converted-dir --image photo.jpg --layers 0 4 8 --heads 0 1
-    python examples/visualize_attention.py --model outputs/refiner-vit-s/model --image https://example.com/cat.jpg
+    python examples/visualize_attention.py --model outputs/refiner-vit-s/model --image https://example.com/cat.jpg \
+        --label "tabby cat"
 
 The figure has `2 * len(heads)` columns (and a narrow one for the colour bars) and `len(layers) + 1` rows of about
 `--panel-size`-inch panels plus a half-panel title band, so the PNG is `2 * heads * panel * dpi` by
@@ -64,6 +69,7 @@ from refiner_hf.training import embedded_data  # noqa: E402
 from refiner_hf.training.errors import (  # noqa: E402
     ArgumentParser,
     UsageError,
+    did_you_mean,
     run_command,
 )
 
@@ -85,6 +91,30 @@ class AttentionViews:
     used: list[torch.Tensor]  # per layer, (heads, tokens, tokens): the map the block multiplied with its values
     unrefined: list[torch.Tensor]  # per layer, the map before refinement (the used one for plain blocks)
     top5: list[tuple[str, float]]
+    truth: TrueLabel | None = None  # when the image's class is known
+
+
+@dataclass(frozen=True)
+class TrueLabel:
+    """The image's class, and where the model ranks it."""
+
+    name: str
+    rank: int  # 1 when the top-1 prediction is right
+    probability: float
+
+    def verdict(self, top1: str) -> str:
+        """E.g. "True label: Ankle boot; the top-1, Sneaker, is wrong (Ankle boot is 2nd, 14%)"."""
+        if self.rank == 1:
+            return f"True label: {self.name}; the top-1 is right"
+        return (
+            f"True label: {self.name}; the top-1, {top1}, is wrong ({self.name} is {ordinal(self.rank)}, "
+            f"{self.probability:.0%})"
+        )
+
+
+def ordinal(n: int) -> str:
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -93,6 +123,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--image",
         help="Image file or URL (default: a Fashion-MNIST model's own validation image, else a cat photo; see above).",
+    )
+    parser.add_argument(
+        "--label",
+        metavar="NAME_OR_INDEX",
+        help="The image's true class, a class name of the model or its index: the title then says whether the top-1 "
+        "prediction is right (the embedded Fashion-MNIST image's own label is known without it).",
     )
     parser.add_argument(
         "--layers",
@@ -134,18 +170,45 @@ def trained_on_embedded_data(model: RefinerViTForImageClassification) -> bool:
     return [config.id2label[i] for i in range(config.num_labels)] == embedded_data.class_names()
 
 
-def default_image(model: RefinerViTForImageClassification) -> tuple[Image.Image, str]:
+def default_image(model: RefinerViTForImageClassification) -> tuple[Image.Image, str, int | None]:
     """
-    The image to draw without --image, and its description: a model trained on the embedded data gets one of its
-    validation images (the cat photo would only show what a clothing classifier makes of a cat), any other the photo.
+    The image to draw without --image, its description and its class index when known: a model trained on the
+    embedded data gets one of its validation images (the cat photo would only show what a clothing classifier makes
+    of a cat), any other the photo.
     """
     if trained_on_embedded_data(model):
         array, label = embedded_data.image("validation", EMBEDDED_IMAGE_INDEX)
         name = embedded_data.class_names()[label]
-        return Image.fromarray(array).convert(
-            "RGB"
-        ), f"embedded Fashion-MNIST validation image {EMBEDDED_IMAGE_INDEX} ({name})"
-    return load_image(str(sample_image_path())), str(sample_image_path())
+        description = f"embedded Fashion-MNIST validation image {EMBEDDED_IMAGE_INDEX} ({name})"
+        return Image.fromarray(array).convert("RGB"), description, int(label)
+    return load_image(str(sample_image_path())), str(sample_image_path()), None
+
+
+def label_index(value: str, id2label: dict[int, str]) -> int:
+    """
+    The class index `--label` names: an index of the model's classes, or one of their names in any case (for the
+    ImageNet names, which list synonyms, also one synonym: "tabby cat" for "tabby, tabby cat", when only one has it).
+    """
+    count = len(id2label)
+    if value.strip().lstrip("-").isdigit():
+        index = int(value)
+        if not 0 <= index < count:
+            raise UsageError(f"--label {value}: out of range; the model has {count} classes (0 to {count - 1}).")
+        return index
+    wanted = value.strip().lower()
+    exact = [i for i, name in id2label.items() if name.lower() == wanted]
+    synonyms = [i for i, name in id2label.items() if wanted in (part.strip().lower() for part in name.split(","))]
+    found = exact or synonyms
+    if len(found) == 1:
+        return found[0]
+    if found:
+        named = ", ".join(f"{i} ({id2label[i]!r})" for i in found)
+        raise UsageError(f"--label {value!r}: several classes have this name: {named}; give the index.")
+    shown = ", ".join(repr(id2label[i]) for i in sorted(id2label)[:10]) + (", ..." if count > 10 else "")
+    raise UsageError(
+        f"--label {value!r}: not a class of the model.{did_you_mean(value, id2label.values())} Give a class name or "
+        f"index ({shown})."
+    )
 
 
 def read_image(source: str) -> Image.Image:
@@ -168,8 +231,10 @@ def displayed_image(pixel_values: torch.Tensor, processor) -> np.ndarray:
 
 
 @torch.no_grad()
-def attention_views(model: RefinerViTForImageClassification, processor, image) -> AttentionViews:
-    """Runs one image through the processor and the model and keeps the maps and the top 5."""
+def attention_views(
+    model: RefinerViTForImageClassification, processor, image, label: int | None = None
+) -> AttentionViews:
+    """Runs one image through the processor and the model and keeps the maps, the top 5 and the rank of `label`."""
     pixel_values = processor(images=image, return_tensors="pt")["pixel_values"]
     outputs = model(pixel_values, output_attentions=True, output_unrefined_attentions=True)
     probabilities = outputs.logits[0].float().softmax(-1)
@@ -181,6 +246,13 @@ def attention_views(model: RefinerViTForImageClassification, processor, image) -
         used=[maps[0].float() for maps in outputs.attentions],
         unrefined=[maps[0].float() for maps in outputs.unrefined_attentions],
         top5=[(labels.get(int(i), str(int(i))), float(s)) for s, i in zip(scores, indices)],
+        truth=None
+        if label is None
+        else TrueLabel(
+            name=labels.get(label, str(label)),
+            rank=int((probabilities > probabilities[label]).sum()) + 1,
+            probability=float(probabilities[label]),
+        ),
     )
 
 
@@ -215,6 +287,28 @@ def overlay_attention(
     heat = upsample_to_image(grid_map, image.shape[:2], value_range).numpy()
     colours = matplotlib.colormaps[colormap](heat)[..., :3]
     return (1 - alpha) * image + alpha * colours
+
+
+# A map whose values span less than this fraction of its row's colour scale would look flat on it (in the trained
+# default model, the positive maps that layers 1 and 2 refine span 0.006 to 0.07 on rows of -0.7 to 0.7 and -4 to 5).
+FLAT_FRACTION = 0.25
+OWN_SCALE_COLOUR = "tab:cyan"
+
+
+def flat_on_row_scale(maps: Sequence[torch.Tensor], fraction: float = FLAT_FRACTION) -> list[bool]:
+    """
+    Which of a row's maps span less than `fraction` of the row's range (over all its maps), so that they would show as
+    flat on a scale shared with the others: those are drawn on their own scale and marked, and the row's colour bar
+    spans the others. None are when all would be (maps offset from each other: they share the scale).
+    """
+    low, high = row_value_range(maps)
+    flat = [float(m.max() - m.min()) < fraction * (high - low) for m in maps]
+    return [False] * len(maps) if all(flat) else flat
+
+
+def own_scale_note(grid_map: torch.Tensor) -> str:
+    """The mark of a map drawn on its own scale: the range it spans."""
+    return f"own scale {float(grid_map.min()):.2g} to {float(grid_map.max()):.2g}"
 
 
 def row_value_range(maps: Sequence[torch.Tensor]) -> tuple[float, float]:
@@ -266,7 +360,8 @@ def draw(
     """
     Writes the picture (see the module docstring for its layout and size) to `out`. The maps of one row (one layer:
     every head, before and after refinement) share a colour scale, shown by the row's colour bar, so that before and
-    after can be compared by colour; different rows have different scales.
+    after can be compared by colour; different rows have different scales. A map that would look flat on its row's
+    scale ([`flat_on_row_scale`]) is drawn on its own, framed and marked with its range, and the title says so.
     """
     columns, rows = 2 * len(heads), len(layers) + 1
     figure = plt.figure(figsize=(columns * panel_size, (rows + 0.5) * panel_size), dpi=dpi)
@@ -276,7 +371,16 @@ def draw(
         left=0.3 / columns, right=1 - 0.55 / columns, hspace=0.4, wspace=0.12,
     )  # fmt: skip
     prediction = ", ".join(f"{label} {score:.0%}" for label, score in views.top5)
-    figure.suptitle(f"Top 5: {prediction}", fontsize=8, wrap=True)
+    title = [f"Top 5: {prediction}"]
+    if views.truth is not None:
+        title.insert(0, views.truth.verdict(views.top5[0][0]))
+    row_maps = {layer: row_panels(views, layer, heads) for layer in layers}
+    if any(flat for panels in row_maps.values() for *_, flat in panels):
+        title.append(
+            'Each row\'s colours follow its colour bar, except panels marked "own scale": their maps span less than '
+            f"{FLAT_FRACTION:.0%} of the row's range and would look flat on it"
+        )
+    figure.suptitle("\n".join(title), fontsize=7 if len(title) > 2 else 8, wrap=True)
 
     image_axis = figure.add_subplot(grid[0, 0])
     image_axis.imshow(views.image)
@@ -289,22 +393,32 @@ def draw(
 
     for row, layer in enumerate(layers, start=1):
         kind = views.block_types[layer]
-        used = class_token_attention(views.used[layer])
-        unrefined = class_token_attention(views.unrefined[layer])
-        shown = [used[head] for head in heads] + ([] if kind == "plain" else [unrefined[head] for head in heads])
-        value_range = row_value_range(shown)
+        panels = row_maps[layer]
+        value_range = row_value_range([grid_map for *_, grid_map, flat in panels if not flat])
         for n, head in enumerate(heads):
             before_axis = figure.add_subplot(grid[row, 2 * n])
-            after_axis = figure.add_subplot(grid[row, 2 * n + 1])
             before_axis.axis("off")
             if kind == "plain":
                 before_axis.text(0.5, 0.5, "plain block:\nno refinement", ha="center", va="center", fontsize=6)
-            else:
-                before_axis.imshow(overlay_attention(views.image, unrefined[head], alpha, colormap, value_range))
-                before_axis.set_title(f"head {head} before", fontsize=6)
-            after_axis.imshow(overlay_attention(views.image, used[head], alpha, colormap, value_range))
-            after_axis.set_title(f"head {head} {'used' if kind == 'plain' else 'after'}", fontsize=6)
-            after_axis.axis("off")
+            for column, when, panel_head, grid_map, flat in panels:
+                if panel_head != head:
+                    continue
+                axis = figure.add_subplot(grid[row, column]) if column % 2 else before_axis
+                axis.imshow(overlay_attention(views.image, grid_map, alpha, colormap, None if flat else value_range))
+                axis.set_title(f"head {head} {when}", fontsize=6)
+                axis.axis("off")
+                if flat:  # drawn on its own scale, which the panel says, in a frame of its own colour
+                    axis.text(
+                        0.5, 0.03, own_scale_note(grid_map), transform=axis.transAxes, ha="center", va="bottom",
+                        fontsize=5, bbox=dict(boxstyle="round,pad=0.2", facecolor="white", alpha=0.85, linewidth=0.8,
+                                              edgecolor=OWN_SCALE_COLOUR),
+                    )  # fmt: skip
+                    axis.add_patch(
+                        matplotlib.patches.Rectangle(
+                            (0, 0), 1, 1, transform=axis.transAxes, fill=False, linewidth=1.5,
+                            edgecolor=OWN_SCALE_COLOUR, clip_on=False,
+                        )
+                    )  # fmt: skip
             if n == 0:
                 box = before_axis.get_position()
                 figure.text(
@@ -321,6 +435,26 @@ def draw(
     figure.savefig(out, dpi=dpi)
     plt.close(figure)
     return out
+
+
+def row_panels(
+    views: AttentionViews, layer: int, heads: Sequence[int]
+) -> list[tuple[int, str, int, torch.Tensor, bool]]:
+    """
+    The maps of one row, as (column, "before" / "after" / "used", head, class-token map over the grid, drawn on its
+    own scale): for refined and shared blocks, per head, the map before and after refinement; for plain blocks the map
+    used, in the "after" column.
+    """
+    used = class_token_attention(views.used[layer])
+    unrefined = class_token_attention(views.unrefined[layer])
+    panels = []
+    for n, head in enumerate(heads):
+        if views.block_types[layer] == "plain":
+            panels.append((2 * n + 1, "used", head, used[head]))
+        else:
+            panels += [(2 * n, "before", head, unrefined[head]), (2 * n + 1, "after", head, used[head])]
+    flat = flat_on_row_scale([grid_map for *_, grid_map in panels])
+    return [(*panel, f) for panel, f in zip(panels, flat)]
 
 
 def _draw_similarity(axis, rows: list[LayerSimilarity], legend_outside: bool = False) -> None:
@@ -351,8 +485,13 @@ def main(argv: Sequence[str] | None = None) -> Path:
     args = parse_args(argv)
     logging.disable_progress_bar()
     model, processor, description = load_model(args.model)
-    image, image_name = default_image(model) if args.image is None else (read_image(args.image), args.image)
-    views = attention_views(model, processor, image)
+    if args.image is None:
+        image, image_name, label = default_image(model)
+    else:
+        image, image_name, label = read_image(args.image), args.image, None
+    if args.label is not None:
+        label = label_index(args.label, {int(i): name for i, name in model.config.id2label.items()})
+    views = attention_views(model, processor, image, label)
     layers = check_indices("layers", args.layers, len(views.used)) if args.layers else default_layers(views.block_types)
     num_heads = views.used[0].shape[0]
     heads = (
@@ -360,7 +499,9 @@ def main(argv: Sequence[str] | None = None) -> Path:
     )
 
     print(f"Attention of {description} on {image_name}")
-    print("Top 5: " + ", ".join(f"{label} ({score:.3f})" for label, score in views.top5))
+    print("Top 5: " + ", ".join(f"{name} ({score:.3f})" for name, score in views.top5))
+    if views.truth is not None:
+        print(views.truth.verdict(views.top5[0][0]) + ".")
     print(
         "Similarity per layer, before and after refinement: between the heads, and with the map the layer before used "
         "(DeepViT's cosine of the attention columns, and centred: their Pearson correlation; 1 = identical):"

@@ -5,6 +5,7 @@ Command lines that write directories unwind on SIGTERM as they do on Ctrl-C, so 
 
 from __future__ import annotations
 
+import os
 import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -40,4 +41,41 @@ def stopped_message(stop: BaseException) -> tuple[str, int]:
     return message, 128 + (signal.SIGTERM if terminated else signal.SIGINT)
 
 
-__all__ = ["Terminated", "sigterm_unwinds", "stopped_message"]
+def _exit_quietly(signum, frame) -> None:
+    os._exit(0)
+
+
+def leave_stopping_to_the_main_process() -> None:
+    """
+    Signal handling of a helper process (a DataLoader worker) whose main process stops it: Ctrl-C and a SIGTERM sent
+    to the whole process group (a terminal, Slurm, `pkill -f`) reach it too. It ignores SIGINT, and ends at once and
+    quietly (status 0) on SIGTERM, which is also how its main process ends it: a helper killed by a signal, or one
+    that raised the main process's exception, would make the main process report a failed worker, with a traceback,
+    instead of the one line of a stopped command.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _exit_quietly)
+
+
+def interruption_behind(error: BaseException) -> BaseException | None:
+    """
+    The interruption ([`KeyboardInterrupt`] or [`Terminated`]) during whose handling `error` was raised, if any: e.g.
+    the error of a worker that the same signal stopped, met while the command unwound.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        if isinstance(current, (KeyboardInterrupt, Terminated)):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
+__all__ = [
+    "Terminated",
+    "interruption_behind",
+    "leave_stopping_to_the_main_process",
+    "sigterm_unwinds",
+    "stopped_message",
+]

@@ -141,9 +141,9 @@ def test_a_fashion_mnist_model_is_shown_its_own_data(visualizer, tmp_path, capsy
     assert f"Attention of model {directory} on embedded Fashion-MNIST validation image 0 (Ankle boot)" in (
         capsys.readouterr().out
     )
-    image, name = visualizer.default_image(AutoModelForImageClassification.from_pretrained(directory))
+    image, name, known = visualizer.default_image(AutoModelForImageClassification.from_pretrained(directory))
     array, label = embedded_data.image("validation", 0)
-    assert names[label] == "Ankle boot" and image.size == (28, 28)
+    assert names[label] == "Ankle boot" and image.size == (28, 28) and known == label
     assert np.array_equal(np.asarray(image), np.repeat(array[..., None], 3, axis=-1))
 
     # Any other model is shown the photo.
@@ -175,22 +175,41 @@ def test_each_row_has_one_colour_scale_a_colour_bar_and_no_overlapping_labels(
 ):
     model = AutoModelForImageClassification.from_pretrained(tiny_model_dir).eval()
     processor = AutoImageProcessor.from_pretrained(tiny_model_dir)
-    views = visualizer.attention_views(model, processor, Image.open(sample_image_path()).convert("RGB"))
-    figures = []
-    monkeypatch.setattr(visualizer.plt, "close", figures.append)  # keep the figure to look at
-    visualizer.draw(views, [0, 2, 3], [0, 1, 2], tmp_path / "maps.png")
-    (figure,) = figures
-    figure.canvas.draw()
+    views = visualizer.attention_views(model, processor, Image.open(sample_image_path()).convert("RGB"), label=2)
+    # Layer 3's maps before refinement (softmax maps, spanning less than 0.1) made flat on its row's scale, as in a
+    # trained model: refined maps spanning about 6.
+    views.used[3] = torch.randn(views.used[3].shape, generator=torch.Generator().manual_seed(0))
+    figure = drawn_figure(visualizer, views, [0, 2, 3], [0, 1, 2], tmp_path, monkeypatch)
     bars = [axis for axis in figure.axes if hasattr(axis, "_colorbar")]
     assert len(bars) == 3  # one per layer row
+    marked = 0
     for bar, layer in zip(bars, [0, 2, 3]):
         used = visualizer.class_token_attention(views.used[layer])[:3]
         unrefined = visualizer.class_token_attention(views.unrefined[layer])[:3]
-        # The row's scale spans every map it shows: before and after refinement (plain: the used map only).
-        shown = [used] if views.block_types[layer] == "plain" else [used, unrefined]
-        low, high = min(float(m.min()) for m in shown), max(float(m.max()) for m in shown)
+        # The row's scale spans every map drawn on it: before and after refinement (plain: the used map only) but
+        # those that would look flat on it, drawn on their own scale and marked with their range.
+        panels = visualizer.row_panels(views, layer, [0, 1, 2])
+        shown = [used] if views.block_types[layer] == "plain" else [unrefined, used]
+        assert [when for _, when, *_ in panels] == (["used"] * 3 if len(shown) == 1 else ["before", "after"] * 3)
+        maps = [m[head] for head in range(3) for m in shown]
+        assert all(torch.equal(grid_map, m) for (*_, grid_map, _), m in zip(panels, maps))
+        on_bar = [m for m, (*_, flat) in zip(maps, panels) if not flat]
+        low, high = min(float(m.min()) for m in on_bar), max(float(m.max()) for m in on_bar)
         norm = bar._colorbar.norm
         assert norm.vmin == pytest.approx(low, rel=1e-6) and norm.vmax == pytest.approx(high, rel=1e-6)
+        # Flat: spanning less than a quarter of the row's range, unless all do (maps offset from each other).
+        row_low, row_high = visualizer.row_value_range(maps)
+        narrow = [float(m.max() - m.min()) < visualizer.FLAT_FRACTION * (row_high - row_low) for m in maps]
+        assert [flat for *_, flat in panels] == ([False] * len(maps) if all(narrow) else narrow)
+        marked += sum(flat for *_, flat in panels)
+    notes = [text.get_text() for axis in figure.axes for text in axis.texts if text.get_text().startswith("own")]
+    assert len(notes) == marked >= 3  # at least layer 3's before maps
+    flat_before = visualizer.class_token_attention(views.unrefined[3])[0]
+    assert visualizer.own_scale_note(flat_before) in notes
+    # The title names the true label and says whether the top-1 is right, and explains the marked panels.
+    title = figure._suptitle.get_text().splitlines()
+    assert title[0] == views.truth.verdict(views.top5[0][0]) and title[0].startswith("True label: LABEL_2; the top-1")
+    assert title[1].startswith("Top 5: ") and title[2].startswith("Each row's colours follow its colour bar, except")
     # The similarity plot's layer ticks are the layers, as whole numbers.
     (plot,) = [axis for axis in figure.axes if axis.get_xlabel() == "layer"]
     assert list(plot.get_xticks()) == [0, 1, 2, 3]
@@ -212,8 +231,92 @@ def test_each_row_has_one_colour_scale_a_colour_bar_and_no_overlapping_labels(
     visualizer.plt.close(figure)
 
 
+def drawn_figure(visualizer, views, layers, heads, tmp_path, monkeypatch):
+    figures = []
+    monkeypatch.setattr(visualizer.plt, "close", figures.append)  # keep the figure to look at
+    visualizer.draw(views, layers, heads, tmp_path / "maps.png")
+    (figure,) = figures
+    figure.canvas.draw()
+    return figure
+
+
 def _has_content(artist) -> bool:
     return not hasattr(artist, "get_text") or bool(artist.get_text())
+
+
+def test_a_map_flat_on_its_rows_scale_gets_its_own(visualizer):
+    # As in the trained default model: positive maps before refinement, refined maps far wider.
+    before, after = torch.linspace(0.006, 0.07, 16).reshape(4, 4), torch.linspace(-4.2, 5.3, 16).reshape(4, 4)
+    assert visualizer.flat_on_row_scale([before, after, after.flip(0)]) == [True, False, False]
+    assert visualizer.own_scale_note(before) == "own scale 0.006 to 0.07"
+    # Maps alike in range share the scale, and so do maps that would all be flat (offset from each other).
+    assert visualizer.flat_on_row_scale([after, 0.5 * after]) == [False, False]
+    assert visualizer.flat_on_row_scale([before, before + 10]) == [False, False]
+    # Drawn on its own scale the flat map shows its pattern; on the row's, it is one colour to within a few percent.
+    image = np.zeros((16, 16, 3))
+    own = visualizer.overlay_attention(image, before, alpha=1.0)
+    shared = visualizer.overlay_attention(image, before, alpha=1.0, value_range=visualizer.row_value_range([after]))
+    spread = [np.ptp(picture.reshape(-1, 3), axis=0).max() for picture in (own, shared)]  # per colour channel
+    assert spread[0] > 0.8 and spread[1] < 0.15
+
+
+def test_the_true_label_of_the_default_image_and_of_label(visualizer, tiny_model_dir, tmp_path, capsys, monkeypatch):
+    names = embedded_data.class_names()
+    directory = save_model(
+        tmp_path / "model", image_size=28, patch_size=4, num_labels=10, id2label=dict(enumerate(names)),
+        label2id={name: i for i, name in enumerate(names)},
+    )  # fmt: skip
+    model = AutoModelForImageClassification.from_pretrained(directory).eval()
+    processor = AutoImageProcessor.from_pretrained(directory)
+    image, _, label = visualizer.default_image(model)
+    views = visualizer.attention_views(model, processor, image, label)
+    probabilities = model(**processor(image, return_tensors="pt")).logits[0].softmax(-1)
+    assert views.truth.name == "Ankle boot" and views.truth.probability == pytest.approx(float(probabilities[9]))
+    assert views.truth.rank == 1 + int((probabilities > probabilities[9]).sum())
+    right = visualizer.TrueLabel("Ankle boot", 1, 0.8)
+    assert right.verdict("Ankle boot") == "True label: Ankle boot; the top-1 is right"
+    wrong = visualizer.TrueLabel("Ankle boot", 2, 0.14)
+    assert wrong.verdict("Sneaker") == "True label: Ankle boot; the top-1, Sneaker, is wrong (Ankle boot is 2nd, 14%)"
+    assert [visualizer.ordinal(n) for n in (1, 2, 3, 4, 11, 12, 13, 21, 22)] == [
+        "1st", "2nd", "3rd", "4th", "11th", "12th", "13th", "21st", "22nd"
+    ]  # fmt: skip
+    # The default image's label is printed; --label names another (a name in any case, or an index).
+    capsys.readouterr()
+    visualizer.main(["--model", str(directory), "--out", str(tmp_path / "a.png"), "--dpi", "20"])
+    assert "\nTrue label: Ankle boot; the top-1" in capsys.readouterr().out
+    for given in ("sneaker", "7"):
+        visualizer.main(["--model", str(directory), "--label", given, "--out", str(tmp_path / "b.png"), "--dpi", "20"])
+        assert "\nTrue label: Sneaker; the top-1" in capsys.readouterr().out
+    # A synonym of an ImageNet name is enough when only one class has it.
+    imagenet = {0: "tabby, tabby cat", 1: "tiger cat", 2: "crane", 3: "crane"}
+    names = ("Tabby Cat", "tabby, tabby cat", "tiger cat")
+    assert [visualizer.label_index(name, imagenet) for name in names] == [0, 0, 1]
+    with pytest.raises(UsageError, match=r"several classes have this name: 2 \('crane'\), 3 \('crane'\); give the"):
+        visualizer.label_index("crane", imagenet)
+    # A photo has no known label: no such line.
+    visualizer.main(["--model", str(tiny_model_dir), "--out", str(tmp_path / "c.png"), "--dpi", "20"])
+    assert "True label" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "label, message",
+    [
+        ("Sneakers", "--label 'Sneakers': not a class of the model. Did you mean Sneaker? Give a class name or index"),
+        ("10", "--label 10: out of range; the model has 10 classes (0 to 9)."),
+        ("-1", "--label -1: out of range; the model has 10 classes (0 to 9)."),
+    ],
+)
+def test_a_label_the_model_does_not_have_is_a_usage_error(visualizer, tmp_path, capsys, label, message):
+    names = embedded_data.class_names()
+    directory = save_model(
+        tmp_path / "model", image_size=28, patch_size=4, num_labels=10, id2label=dict(enumerate(names)),
+        label2id={name: i for i, name in enumerate(names)},
+    )  # fmt: skip
+    with pytest.raises(SystemExit) as exit_info:
+        run_command(lambda: visualizer.main(["--model", str(directory), "--label", label]))
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{Path(sys.argv[0]).name}: error: {message}"), lines
 
 
 def test_a_shared_scale_shows_a_larger_map_brighter(visualizer):

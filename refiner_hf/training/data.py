@@ -20,7 +20,7 @@ import PIL.ImageOps
 from ..image_processing_refiner_vit_common import integer_pixels_to_uint8, pil_image_to_8_bits
 from .arguments import DataArguments
 from .embedded_data import SUBSET_FILE
-from .errors import DataError
+from .errors import DataError, is_main_process
 
 
 EMBEDDED_DATA = SUBSET_FILE
@@ -321,6 +321,8 @@ def check_classes_are_trained(
             "trained on these data could never predict them. Add training images of those classes, or leave them "
             "out of the validation data."
         )
+    if not is_main_process():  # every process of `accelerate launch` meets it: said once
+        return
     print(
         f"Note: --max_train_samples {args.max_train_samples} leaves no training image of some classes the validation "
         f"images include ({named(untrained)}); the model cannot learn them in this run.",

@@ -27,6 +27,7 @@ import torch
 from datasets.distributed import split_dataset_by_node
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
+from ..interruption import leave_stopping_to_the_main_process
 from .arguments import Arguments, DataArguments
 from .augmentation import CropRecord, TrainTransform, seeded_rng
 from .data import (
@@ -111,6 +112,22 @@ def with_skip_hint(error: BadImageError) -> BadImageError:
         # a bad image is met by the one process whose share holds it, which says so itself.
         print(f"{Path(sys.argv[0]).name}: error: {bad}", file=sys.stderr, flush=True)
     return bad
+
+
+@dataclass(frozen=True)
+class WorkerInit:
+    """
+    The loaders' `worker_init_fn`: a worker leaves Ctrl-C and SIGTERM to the main process, which stops it (see
+    [`leave_stopping_to_the_main_process`]), then runs `then` (another `worker_init_fn`) if given. Torch seeds the
+    worker from the loader's generator before this runs.
+    """
+
+    then: Callable[[int], None] | None = None
+
+    def __call__(self, worker_id: int) -> None:
+        leave_stopping_to_the_main_process()
+        if self.then is not None:
+            self.then(worker_id)
 
 
 # Training data
@@ -403,6 +420,7 @@ def build_training_loader(
         collate_fn=collate_training_batch,
         num_workers=args.data.dataloader_num_workers,
         generator=torch.Generator().manual_seed(args.training.seed),
+        worker_init_fn=WorkerInit(),
     )
     if isinstance(data.train, datasets.IterableDataset):
         # Shuffled with the run's seed before the split, so every process skips the others' shards of one order.
@@ -445,6 +463,7 @@ def build_evaluation_loader(args: Arguments, data: ImageData, image_processor) -
         collate_fn=EvaluationCollator(image_processor),
         num_workers=args.data.dataloader_num_workers,
         generator=torch.Generator().manual_seed(args.training.seed),
+        worker_init_fn=WorkerInit(),
     )
 
 
@@ -456,6 +475,7 @@ __all__ = [
     "StreamingTrainingSet",
     "TargetBuilder",
     "TrainingSet",
+    "WorkerInit",
     "batches_per_process",
     "check_one_step_fits",
     "build_evaluation_loader",

@@ -38,6 +38,7 @@ from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from ..interruption import interruption_behind
 from ..model_directory import save_model_directory
 from ..modeling_refiner_vit import ModelTooLargeError, RefinerViTForImageClassification, RefinerViTPreTrainedModel
 from ..token_labeling import RelabelError
@@ -813,6 +814,13 @@ def train(args: Arguments) -> dict[str, Any]:
             model_dir = ensure_model_directory(run)
             results = finish(run, model_dir, time.perf_counter() - start)
             run.accelerator.end_training()
+        except RuntimeError as error:
+            # A DataLoader worker that the same Ctrl-C or SIGTERM stopped, reported while the run unwound: the
+            # interruption is what happened.
+            stop = interruption_behind(error)
+            if stop is None:
+                raise
+            raise stop from None
         finally:
             if run.lock is not None:
                 run.lock.release()
