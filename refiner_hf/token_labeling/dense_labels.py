@@ -114,6 +114,7 @@ def crop_soft_labels(
     layout: Layout = "hw",
     geometry: Sequence[Sequence[float]] = (),
     output_size_pixels: tuple[int, int] | None = None,
+    augmented_before_crop: bool = False,
 ) -> CropLabels:
     """
     The teacher's labels of a crop: its class target (the crop pooled to one position) and its tokens' soft labels.
@@ -133,6 +134,9 @@ def crop_soft_labels(
         geometry: the affine transforms augmentation applied after the flip (see [`follow_geometry`]); the token
             labels follow them, the class target (the crop's label) does not.
         output_size_pixels: `(height, width)` of the augmented image, in whose pixels `geometry` is given.
+        augmented_before_crop: the flip and `geometry` were applied to the whole image before the crop was cut (the
+            original token-labeling order), `geometry` in the pixels of `image_size`: the whole map is mirrored and
+            moved first, then the crop's box is pooled from it, for the tokens and for the class target alike.
     """
     if layout not in ("hw", "wh"):
         raise ValueError(f"`layout` must be 'hw' or 'wh', got {layout!r}.")
@@ -152,7 +156,17 @@ def crop_soft_labels(
         ]],
         dtype=relabel.scores.dtype,
     )  # fmt: skip
-    full = scatter_top_k(relabel, num_classes).unsqueeze(0)
+    full = scatter_top_k(relabel, num_classes)
+    if augmented_before_crop:
+        full = full.flip(-1) if flipped else full
+        if geometry:
+            # What moved in from outside the image is the fill colour: scores that normalise to a uniform label
+            # (zero logits; probabilities of 1 / C, the mass of one stored position).
+            uniform = 0.0 if normalization == "softmax" else 1.0 / num_classes
+            fill = full.new_full((num_classes,), uniform)
+            full = follow_geometry(full, geometry, image_size, fill)
+        flipped, geometry = False, ()
+    full = full.unsqueeze(0)
     dense = roi_align(full, box, output_size=(output_size, output_size), spatial_scale=1.0, aligned=True)[0]
     whole = roi_align(full, box, output_size=(1, 1), spatial_scale=1.0, aligned=True)[0, :, 0, 0]
     if flipped:
