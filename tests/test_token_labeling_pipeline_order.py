@@ -16,7 +16,13 @@ from training_utils import RECIPES, read_results, run_in_process, tiny_run_args
 from refiner_hf.token_labeling import RelabelMap, crop_soft_labels
 from refiner_hf.training import trainer
 from refiner_hf.training.arguments import parse_args
-from refiner_hf.training.augmentation import ERASING_STREAM, BatchRandomErasing, TrainTransform, seeded_rng
+from refiner_hf.training.augmentation import (
+    ERASING_STREAM,
+    GEOMETRIC_OPS,
+    BatchRandomErasing,
+    TrainTransform,
+    seeded_rng,
+)
 from refiner_hf.training.data import load_embedded_dataset
 from refiner_hf.training.errors import UsageError
 from refiner_hf.training.loaders import SampleKey, SampleRecipe, TrainingSet, collate_training_batch
@@ -147,6 +153,48 @@ def test_timm_order_crops_first_so_the_same_draws_give_another_image():
     torch.testing.assert_close(first.class_target, second.class_target, atol=1e-6, rtol=0)
 
 
+def test_without_flip_or_geometry_the_pooling_is_roi_align():
+    generator = torch.Generator().manual_seed(0)
+    relabel = RelabelMap(scores=torch.randn(2, 5, 7, generator=generator), indices=torch.randint(0, 9, (2, 5, 7)))
+    relabel.indices[1] = (relabel.indices[0] + 1) % 9  # the top-2 classes of a position differ
+    for box in ((0, 0, 50, 70), (7, 3, 21, 40), (30, 44, 9, 13)):
+        expected = crop_soft_labels(relabel, box, (50, 70), 4, 9, smoothing=0.1)
+        actual = crop_soft_labels(relabel, box, (50, 70), 4, 9, smoothing=0.1, augmented_before_crop=True)
+        torch.testing.assert_close(actual.dense, expected.dense, atol=1e-6, rtol=0)
+        torch.testing.assert_close(actual.class_target, expected.class_target, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("order", ["timm", "token_labeling"])
+def test_the_dense_labels_name_what_the_image_shows_under_geometric_randaugment(order):
+    """RandAugment's rotations, shears and translations, in either order: each token's label is what it shows."""
+    height, width = 96, 144
+    pixels = np.zeros((height, width, 3), dtype=np.uint8)
+    for column in range(CLASSES):
+        pixels[:, column * width // CLASSES : (column + 1) * width // CLASSES] = (RED[column], 90, 200)
+    transform = TrainTransform(
+        56, (0.5,) * 3, (0.5,) * 3, auto_augment="rand-m9-mstd0.5-inc1", interpolation="bilinear", order=order
+    )
+    (augment,) = transform.colour.transforms
+    augment.ops = [op for op in augment.ops if op.name in GEOMETRIC_OPS]  # colour operations would hide the class
+    agree, total, moved = 0, 0, 0
+    for seed in range(24):
+        with seeded_rng(seed):
+            image, crop = transform(PIL.Image.fromarray(pixels))
+        moved += bool(crop.geometry)
+        labels = crop_soft_labels(
+            column_map(), (crop.top, crop.left, crop.height, crop.width), (height, width), 14, CLASSES,
+            flipped=crop.flipped, geometry=crop.geometry, output_size_pixels=crop.geometry_size,
+            augmented_before_crop=crop.augmented_before_crop,
+        ).dense  # fmt: skip
+        red = (image[0, 2::4, 2::4] * 127.5 + 127.5).round()  # the tokens' centres
+        shown = [(value, label) for value, label in zip(red.flatten().tolist(), labels.argmax(0).flatten().tolist())]
+        known = [(RED.index(value), label) for value, label in shown if value in RED]  # not fill, nor a blended edge
+        agree += sum(value == label for value, label in known)
+        total += len(known)
+    assert moved >= 12 and total > 24 * 196 * 0.5
+    assert agree / total > 0.995
+
+
 def embedded_batch(transform: TrainTransform, indices: list[int]) -> dict:
     source = load_embedded_dataset()["train"].select(range(16))
     train_set = TrainingSet(source, SampleRecipe("image", "label", transform, seed=5))
@@ -207,12 +255,15 @@ def test_batch_erasing_modes_and_probability():
         BatchRandomErasing(1.0)(pixels, seeds[:2])
 
 
-def test_the_relabel_recipes_follow_the_original_pipeline_and_the_plain_ones_timm():
+def test_the_relabel_recipes_follow_the_original_pipeline_and_the_plain_ones_timms_order():
     for name in ("s", "m", "l"):
-        for recipe, order, after in ((f"refiner_vit_{name}_relabel.yaml", "token_labeling", True),
-                                     (f"refiner_vit_{name}.yaml", "timm", False)):  # fmt: skip
-            flat = parse_args(["--recipe", recipe, "--dataset_name", "x"], recipe_dirs=[RECIPES]).flat()
-            assert (flat["augmentation_order"], flat["erase_after_mixing"]) == (order, after), recipe
+        flat = parse_args(
+            ["--recipe", f"refiner_vit_{name}_relabel.yaml", "--dataset_name", "x"], recipe_dirs=[RECIPES]
+        )
+        assert (flat.flat()["augmentation_order"], flat.flat()["erase_after_mixing"]) == ("token_labeling", True)
+        plain = parse_args(["--recipe", f"refiner_vit_{name}.yaml", "--dataset_name", "x"], recipe_dirs=[RECIPES])
+        assert plain.flat()["augmentation_order"] == "timm"  # the original's plain training uses timm's transform
+    assert parse_args([]).flat()["augmentation_order"] == "timm" and not parse_args([]).flat()["erase_after_mixing"]
     with pytest.raises(UsageError, match="invalid choice: 'crop_last' \\(choose from 'timm', 'token_labeling'\\)"):
         parse_args(["--augmentation_order", "crop_last"])
 
