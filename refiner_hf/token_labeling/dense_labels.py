@@ -11,6 +11,7 @@ and the token labels are mirrored when the image was flipped.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -94,6 +95,60 @@ def follow_geometry(
     return sampled + (1 - inside) * fill[:, None, None]
 
 
+def pool_through_augmentation(
+    full: torch.Tensor,
+    crop_box: tuple[float, float, float, float],
+    image_size: tuple[int, int],
+    output_size: int,
+    flipped: bool,
+    matrices: Sequence[Sequence[float]],
+    fill: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """
+    Pools a whole image's score map `(num_classes, h, w)` over a crop cut after the image was flipped and moved (the
+    original token-labeling order): each of the `output_size` x `output_size` bins of the crop box averages the map at
+    the points its sample points came from, sampled as `roi_align(aligned=True)` samples a bin (its adaptive number of
+    points per bin, bilinear between map positions, clamped at the border); a point that came from outside the image
+    counts as `fill`. Sampling the unmoved map at the points' origins keeps the map's own resolution (moving the
+    coarse map first, then pooling, would interpolate twice). Without a flip or a transform this is `roi_align`.
+
+    Args:
+        full: the score map, covering the whole original image.
+        crop_box: `(top, left, height, width)` of the crop in the pixels of the augmented whole image.
+        image_size: `(height, width)` of the original image (the flip and `matrices` keep it).
+        output_size: side of the token grid.
+        flipped: whether the whole image was mirrored first.
+        matrices: the affine transforms applied after the flip, as PIL `Image.AFFINE` coefficients (output point to
+            input point) in the image's pixels.
+        fill: `(num_classes,)` the scores of what came from outside the image.
+
+    Returns:
+        The bins' scores `(num_classes, output_size, output_size)` and the whole crop's `(num_classes,)`.
+    """
+
+    def pool(bins: int) -> torch.Tensor:
+        height, width = image_size
+        top, left, box_height, box_width = crop_box
+        map_height, map_width = full.shape[-2:]
+        # roi_align's adaptive sampling: ceil(bin size in map positions) points per bin and direction.
+        rows = max(1, math.ceil(box_height / height * map_height / bins))
+        columns = max(1, math.ceil(box_width / width * map_width / bins))
+        y = top + (torch.arange(bins * rows, dtype=full.dtype) + 0.5) * box_height / (bins * rows)
+        x = left + (torch.arange(bins * columns, dtype=full.dtype) + 0.5) * box_width / (bins * columns)
+        y, x = torch.meshgrid(y, x, indexing="ij")
+        for a, b, c, d, e, f in reversed(matrices):  # the last transform's output back to the first one's input
+            x, y = a * x + b * y + c, d * x + e * y + f
+        if flipped:
+            x = width - x
+        grid = torch.stack([x / width * 2 - 1, y / height * 2 - 1], dim=-1)[None]
+        sampled = F.grid_sample(full[None], grid, mode="bilinear", padding_mode="border", align_corners=False)[0]
+        inside = (x >= 0) & (x <= width) & (y >= 0) & (y <= height)
+        sampled = torch.where(inside, sampled, fill[:, None, None])
+        return F.avg_pool2d(sampled[None], kernel_size=(rows, columns))[0]
+
+    return pool(output_size), pool(1)[:, 0, 0]
+
+
 @dataclass(frozen=True)
 class CropLabels:
     """A crop's teacher labels: `class_target` `(num_classes,)` and `dense` `(num_classes, size, size)`."""
@@ -114,6 +169,7 @@ def crop_soft_labels(
     layout: Layout = "hw",
     geometry: Sequence[Sequence[float]] = (),
     output_size_pixels: tuple[int, int] | None = None,
+    augmented_before_crop: bool = False,
 ) -> CropLabels:
     """
     The teacher's labels of a crop: its class target (the crop pooled to one position) and its tokens' soft labels.
@@ -133,6 +189,10 @@ def crop_soft_labels(
         geometry: the affine transforms augmentation applied after the flip (see [`follow_geometry`]); the token
             labels follow them, the class target (the crop's label) does not.
         output_size_pixels: `(height, width)` of the augmented image, in whose pixels `geometry` is given.
+        augmented_before_crop: the flip and `geometry` were applied to the whole image before the crop was cut (the
+            original token-labeling order), `geometry` in the pixels of `image_size`: the crop's tokens and the crop
+            itself are pooled from the map where their pixels came from ([`pool_through_augmentation`]), so that
+            the class target follows the geometry too, as in the original.
     """
     if layout not in ("hw", "wh"):
         raise ValueError(f"`layout` must be 'hw' or 'wh', got {layout!r}.")
@@ -152,7 +212,19 @@ def crop_soft_labels(
         ]],
         dtype=relabel.scores.dtype,
     )  # fmt: skip
-    full = scatter_top_k(relabel, num_classes).unsqueeze(0)
+    full = scatter_top_k(relabel, num_classes)
+    if augmented_before_crop:
+        # What moved in from outside the image is the fill colour: scores that normalise to a uniform label (zero
+        # logits; probabilities of 1 / C, the mass of one stored position).
+        fill = full.new_full((num_classes,), 0.0 if normalization == "softmax" else 1.0 / num_classes)
+        dense, whole = pool_through_augmentation(
+            full, crop_box, image_size, output_size, flipped=flipped, matrices=geometry, fill=fill
+        )
+        return CropLabels(
+            class_target=smooth_labels(normalize_scores(whole, normalization), smoothing),
+            dense=smooth_labels(normalize_scores(dense, normalization), smoothing),
+        )
+    full = full.unsqueeze(0)
     dense = roi_align(full, box, output_size=(output_size, output_size), spatial_scale=1.0, aligned=True)[0]
     whole = roi_align(full, box, output_size=(1, 1), spatial_scale=1.0, aligned=True)[0, :, 0, 0]
     if flipped:
@@ -202,6 +274,7 @@ __all__ = [
     "follow_geometry",
     "layout_evidence",
     "normalize_scores",
+    "pool_through_augmentation",
     "scatter_top_k",
     "smooth_labels",
 ]

@@ -488,6 +488,17 @@ class TrainingArguments:
     reprob: float = _arg("Random erasing probability.", default=0.25)
     remode: str = _arg("Random erasing fill: pixel, rand or const.", default="pixel")
     recount: int = _arg("Random erasing regions per image.", default=1)
+    augmentation_order: Literal["timm", "token_labeling"] = _arg(
+        "Order of the training augmentation: timm (random resized crop, then flip and RandAugment on the crop) or "
+        "token_labeling (flip and RandAugment on the whole image, the crop last: the original token-labeling "
+        "training's order; relabel maps follow every step).",
+        default="timm",
+    )
+    erase_after_mixing: bool = _arg(
+        "Random erasing on the mixed batch (as the original training's prefetching loader does it) rather than on "
+        "each image before mixing (timm's transform).",
+        default=False,
+    )
     mixup: float = _arg("Mixup alpha (0 disables).", default=0.8)
     cutmix: float = _arg("CutMix alpha (0 disables).", default=1.0)
     cutmix_minmax: list[float] | None = _arg("CutMix box size range; overrides the CutMix alpha.")
@@ -619,7 +630,7 @@ SCHEDULE_KEYWORDS = {
 AUGMENTATION_KEYWORDS = {
     "scale": "scale", "ratio": "ratio", "train_interpolation": "interpolation", "hflip": "hflip",
     "aa": "auto_augment", "color_jitter": "color_jitter", "reprob": "re_prob", "remode": "re_mode",
-    "recount": "re_count",
+    "recount": "re_count", "augmentation_order": "order", "erase_after_mixing": "erase_after_mixing",
 }  # fmt: skip
 MIXING_KEYWORDS = {
     "mixup": "mixup_alpha", "cutmix": "cutmix_alpha", "cutmix_minmax": "cutmix_minmax", "mixup_prob": "prob",

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
 from ..interruption import leave_stopping_to_the_main_process
 from .arguments import Arguments, DataArguments
-from .augmentation import CropRecord, TrainTransform, seeded_rng
+from .augmentation import CropRecord, TrainTransform, sample_seed, seeded_rng
 from .data import (
     SKIP_BAD_IMAGES_HINT,
     BadImageError,
@@ -94,6 +94,8 @@ class SampleRecipe:
             "crop": crop,
             "index": index,
             "bad_images": list(bad_images),
+            # Seeds what is drawn for this sample after collation (random erasing of the mixed batch).
+            "sample_seed": sample_seed(*seed_words),
         }
         for name, build in self.target_builders.items():
             built = build(example, crop)
@@ -277,8 +279,8 @@ class StreamingTrainingSet(IterableDataset):
 def collate_training_batch(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """
     Stacks training samples into `pixel_values` (B, 3, H, W), `labels` (B,), `crop_boxes` (B, 4: x0, y0, x1, y1 as
-    fractions of the original image), `flipped` (B,), `indices` (B,), `bad_images` (a list of the undecodable images
-    replaced) and every extra target.
+    fractions of the original image), `flipped` (B,), `indices` (B,), `sample_seeds` (B,: each sample's own seed for
+    what is drawn after collation), `bad_images` (a list of the undecodable images replaced) and every extra target.
     """
     batch: dict[str, Any] = {
         "pixel_values": torch.stack([s["pixel_values"] for s in samples]),
@@ -286,9 +288,10 @@ def collate_training_batch(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "crop_boxes": torch.tensor([s["crop"].box_xyxy_normalized() for s in samples], dtype=torch.float32),
         "flipped": torch.tensor([s["crop"].flipped for s in samples], dtype=torch.bool),
         "indices": torch.tensor([s["index"] for s in samples], dtype=torch.long),
+        "sample_seeds": torch.tensor([s["sample_seed"] for s in samples], dtype=torch.long),
         "bad_images": [bad for s in samples for bad in s["bad_images"]],
     }
-    for name in samples[0].keys() - {"pixel_values", "labels", "crop", "index", "bad_images"}:
+    for name in samples[0].keys() - {"pixel_values", "labels", "crop", "index", "bad_images", "sample_seed"}:
         batch[name] = torch.stack([s[name] for s in samples])
     return batch
 

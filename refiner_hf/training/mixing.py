@@ -15,6 +15,7 @@ import torch
 from timm.data import Mixup
 from timm.data.mixup import cutmix_bbox_and_lam, mixup_target
 
+from .augmentation import BatchRandomErasing
 from .relabel_targets import DENSE_LABELS, RELABEL_CLASS_TARGETS
 
 
@@ -72,7 +73,9 @@ class BatchMixing:
     Turns a batch's class indices into the training targets: timm's `Mixup` (mixup / CutMix with label smoothing)
     while mixing is on, otherwise label-smoothed one-hot targets (`mixup_target` with λ = 1), or the indices
     themselves when there is neither mixing nor smoothing. `last_mix` tells how the last batch was mixed (None when
-    it was not, or not per batch), for mixing dense labels alike.
+    it was not, or not per batch), for mixing dense labels alike. `erasing`, when given, is the random erasing that
+    [`mix_batch`] applies to the images after mixing them (the original training's order; the training transform
+    then erases nothing).
     """
 
     def __init__(
@@ -86,8 +89,10 @@ class BatchMixing:
         mode: str = "batch",
         label_smoothing: float = 0.0,
         off_epoch: int = 0,
+        erasing: BatchRandomErasing | None = None,
     ) -> None:
         self.num_labels = num_labels
+        self.erasing = erasing
         self.label_smoothing = label_smoothing
         self.off_epoch = off_epoch
         self.mixup = None
@@ -163,10 +168,14 @@ def mix_batch(
     """
     Mixes a training batch: the images and ground-truth class targets with `mixing`, and the teacher's labels (when
     the batch has them) with the same λ and, for CutMix, the same box placed on the token grid (`cutmix_mode="box"`)
-    or λ for every token (`"blend"`, the original's). Returns the pixel values, the class targets (with relabel maps,
-    the teacher's crop labels unless `class_target="ground_truth"`) and the dense labels (None without relabel maps).
+    or λ for every token (`"blend"`, the original's). Then `mixing.erasing`, if any, erases the mixed images, each
+    under its sample's seed (`sample_seeds`); targets are left as they are, as in the original. Returns the pixel
+    values, the class targets (with relabel maps, the teacher's crop labels unless `class_target="ground_truth"`) and
+    the dense labels (None without relabel maps).
     """
     pixel_values, targets = mixing(batch["pixel_values"], batch["labels"], epoch)
+    if mixing.erasing is not None:
+        pixel_values = mixing.erasing(pixel_values, batch["sample_seeds"])
     dense, teacher = batch.get(DENSE_LABELS), batch.get(RELABEL_CLASS_TARGETS)
     record = mixing.last_mix
     if dense is not None and record is not None:

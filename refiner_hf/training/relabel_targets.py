@@ -91,8 +91,9 @@ class DenseLabelBuilder:
     """
     A `target_builders` entry of the training set: a sample's teacher labels from its relabel map
     ([`crop_soft_labels`]): `dense_labels` `(num_classes, size, size)`, the map cut to the sample's crop box on the
-    token grid, flipped with the image and moved with every geometric augmentation (rotation, shear, translation) that
-    followed, and `relabel_class_targets` `(num_classes,)`, the crop's box pooled to one position: the class token's
+    token grid, flipped with the image and moved with every geometric augmentation (rotation, shear, translation), in
+    the order the image had them (on the crop, or on the whole image before the crop with the token-labeling order),
+    and `relabel_class_targets` `(num_classes,)`, the crop's box pooled to one position: the class token's
     target of the original training. Both are label-smoothed like the class targets.
 
     Args:
@@ -157,7 +158,8 @@ class DenseLabelBuilder:
             smoothing=self.smoothing,
             layout=self.layout,
             geometry=crop.geometry,
-            output_size_pixels=crop.output_size,
+            output_size_pixels=crop.geometry_size,
+            augmented_before_crop=crop.augmented_before_crop,
         )
         return {DENSE_LABELS: labels.dense, RELABEL_CLASS_TARGETS: labels.class_target}
 

@@ -214,7 +214,9 @@ def build_run(args: Arguments, accelerator: Accelerator, output_dir: Path, lock:
         target_builders=target_builders,
     )
     eval_loader = build_evaluation_loader(args, data, image_processor)
-    mixing = BatchMixing(model.config.num_labels, **args.training.keywords(MIXING_KEYWORDS))
+    mixing = BatchMixing(
+        model.config.num_labels, **args.training.keywords(MIXING_KEYWORDS), erasing=transform.batch_erasing
+    )
     optimizer = build_optimizer(model, **args.training.keywords(OPTIMIZER_KEYWORDS))
     if args.data.streaming:
         # A streamed training set is already split between processes: accelerate only moves its batches.
