@@ -262,7 +262,8 @@ def test_the_relabel_recipes_follow_the_original_pipeline_and_the_plain_ones_tim
         )
         assert (flat.flat()["augmentation_order"], flat.flat()["erase_after_mixing"]) == ("token_labeling", True)
         plain = parse_args(["--recipe", f"refiner_vit_{name}.yaml", "--dataset_name", "x"], recipe_dirs=[RECIPES])
-        assert plain.flat()["augmentation_order"] == "timm"  # the original's plain training uses timm's transform
+        # The original's plain training uses timm's transform, and erases after mixing too (its prefetcher's erasing).
+        assert (plain.flat()["augmentation_order"], plain.flat()["erase_after_mixing"]) == ("timm", True)
     assert parse_args([]).flat()["augmentation_order"] == "timm" and not parse_args([]).flat()["erase_after_mixing"]
     with pytest.raises(UsageError, match="invalid choice: 'crop_last' \\(choose from 'timm', 'token_labeling'\\)"):
         parse_args(["--augmentation_order", "crop_last"])
