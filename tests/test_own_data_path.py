@@ -12,10 +12,12 @@ import PIL.Image
 import pytest
 import torch
 from safetensors.torch import load_file
-from training_utils import checkpoint_tensors, read_results, run_in_process, tiny_run_args
+from training_utils import RECIPES, checkpoint_tensors, read_results, run_in_process, tiny_run_args
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
 import refiner_hf  # noqa: F401  (registers the model type with the Auto classes)
+from refiner_hf.training import arguments
+from refiner_hf.training.arguments import fit_workers, parse_args
 from refiner_hf.training.checkpointing import check_progress_state
 from refiner_hf.training.evaluation import better_weights
 from refiner_hf.training.tracking import format_epoch_summary
@@ -155,3 +157,60 @@ def test_with_a_fast_ema_the_kept_weights_are_still_the_better_ones(colours, tmp
     assert results["best_weights"] == only["weights"] == expected
     top1, _ = accuracy_of_saved_model(output_dir / "model", colours / "val")
     assert top1 == pytest.approx(results["eval_top1"], abs=1e-6)
+
+
+# Own data on a CPU
+
+
+def cpu_machine(monkeypatch, cpus: int = 2) -> None:
+    monkeypatch.setattr(arguments, "accelerator_available", lambda: False)
+    monkeypatch.setattr(arguments, "available_cpus", lambda: cpus)
+
+
+def test_own_data_without_a_gpu_picks_the_cpu_recipe_and_says_how_to_get_the_papers(monkeypatch, tmp_path, capsys):
+    cpu_machine(monkeypatch)
+    for data in (["--train_dir", str(tmp_path)], ["--dataset_name", "x"]):
+        args = parse_args(data, recipe_dirs=[RECIPES])
+        assert args.training.recipe == str(RECIPES / "own_data_cpu.yaml")
+        assert args.recipe_source == (
+            f"{RECIPES / 'own_data_cpu.yaml'} (your data on a machine without a GPU, no --recipe or model argument: a "
+            "small Refiner-ViT at 64 px; --recipe refiner_vit_s.yaml trains the paper's Refiner-ViT-S at 224 px "
+            "instead, --model_name_or_path fine-tunes a trained model)"
+        )
+        config = args.model.config_overrides_dict()
+        assert (config["image_size"], config["patch_size"], args.model.model) == (64, 8, None)
+        assert set(config["block_types"]) == {"plain", "shared", "refined"}
+        assert (args.training.epochs, args.training.model_ema, args.data.dataloader_num_workers) == (40, True, 1)
+    assert capsys.readouterr().out == ""  # the recipe's one worker fits: no line
+
+
+def test_with_a_gpu_or_a_model_argument_the_choice_stays(monkeypatch, tmp_path):
+    cpu_machine(monkeypatch, cpus=64)
+    data = ["--train_dir", str(tmp_path)]
+    for model in (["--model", "refiner-vit-s"], ["--config_overrides", '{"hidden_size": 64}']):
+        assert parse_args(data + model, recipe_dirs=[RECIPES]).training.recipe is None
+    assert parse_args(data + ["--recipe", "refiner_vit_s.yaml"], recipe_dirs=[RECIPES]).model.model == "refiner-vit-s"
+    assert parse_args([], recipe_dirs=[RECIPES]).training.recipe == str(RECIPES / "embedded_fashion_mnist.yaml")
+    monkeypatch.setattr(arguments, "accelerator_available", lambda: True)
+    args = parse_args(data, recipe_dirs=[RECIPES])
+    assert args.training.recipe is None and args.training.epochs == 300 and args.data.dataloader_num_workers == 8
+
+
+def test_loader_workers_are_never_more_than_the_cpus_with_one_line(monkeypatch, tmp_path, capsys):
+    cpu_machine(monkeypatch, cpus=2)
+    args = parse_args(["--recipe", "refiner_vit_s.yaml", "--train_dir", str(tmp_path)], recipe_dirs=[RECIPES])
+    assert args.data.dataloader_num_workers == 2
+    assert capsys.readouterr().out.splitlines() == [
+        "Note: --dataloader_num_workers 8 is more than the 2 CPUs here: using 2."
+    ]
+    args = parse_args(["--dataloader_num_workers", "3", "--train_dir", str(tmp_path)], recipe_dirs=[RECIPES])
+    assert args.data.dataloader_num_workers == 2
+    assert capsys.readouterr().out.splitlines() == [
+        "Note: --dataloader_num_workers 3 is more than the 2 CPUs here: using 2."
+    ]
+    args = parse_args(["--dataloader_num_workers", "0", "--train_dir", str(tmp_path)], recipe_dirs=[RECIPES])
+    assert args.data.dataloader_num_workers == 0 and capsys.readouterr().out == ""
+    data = parse_args([], recipe_dirs=[RECIPES]).data
+    data.dataloader_num_workers = 4
+    assert fit_workers(data, cpus=1) == "Note: --dataloader_num_workers 4 is more than the 1 CPU here: using 1."
+    assert data.dataloader_num_workers == 1
