@@ -10,6 +10,8 @@ of 3 classes with 30 training and some validation images per class, built here w
 - `digits`: a domain the default model never saw: the digits 2, 5 and 8 drawn with PIL at 64x64 in one of 22 DejaVu
   fonts, at a random size, position and rotation, in a random colour on a random colour background, with noise (the
   colours say nothing about the class); 30 training and 20 validation images per class, drawn independently.
+- `photos`: square crops of three of scikit-image's sample photos (astronaut, coffee, chelsea the cat), one class
+  per photo; 30 training crops from the left 70 % of each photo and 10 validation crops from the right 30 %.
 
 Each data set's fine-tuning runs in a subprocess from a fresh output directory; the script prints, per data set, the
 best validation top-1 (all_results.json), which weights reached it, the optimizer steps and the wall time of the
@@ -102,7 +104,36 @@ def write_digit_folders(root: Path, train_per_class: int = 30, val_per_class: in
                 draw_digit(digit, fonts, rng).save(directory / f"{index}.png")
 
 
-BUILDERS = {"fashion": write_fashion_folders, "digits": write_digit_folders}
+PHOTOS = ("astronaut", "coffee", "chelsea")
+
+
+def write_photo_folders(root: Path, train_per_class: int = 30, val_per_class: int = 10, seed: int = 0) -> None:
+    """`root/train` and `root/val`: square crops (48 to 96 px) of three of scikit-image's sample photos, one class
+    each; the training crops come from the left 70 % of a photo, the validation crops from the rest (no pixel is in
+    both)."""
+    try:
+        import skimage.data
+    except ImportError:
+        sys.exit("finetune_small_folder.py: error: the photos data set needs scikit-image: pip install scikit-image.")
+    rng = np.random.default_rng(seed)
+    for name in PHOTOS:
+        photo = getattr(skimage.data, name)()
+        height, width = photo.shape[:2]
+        split_at = int(0.7 * width)
+        for split, count, (left, right) in (
+            ("train", train_per_class, (0, split_at)),
+            ("val", val_per_class, (split_at, width)),
+        ):
+            directory = root / split / name
+            directory.mkdir(parents=True, exist_ok=True)
+            for index in range(count):
+                size = int(rng.integers(48, min(97, right - left + 1)))
+                x = int(rng.integers(left, right - size + 1))
+                y = int(rng.integers(0, height - size + 1))
+                PIL.Image.fromarray(photo[y : y + size, x : x + size]).save(directory / f"{index}.png")
+
+
+BUILDERS = {"fashion": write_fashion_folders, "digits": write_digit_folders, "photos": write_photo_folders}
 
 
 def run_finetuning(data: Path, output_dir: Path, model: str | None, extra: list[str]) -> dict:
@@ -117,7 +148,9 @@ def run_finetuning(data: Path, output_dir: Path, model: str | None, extra: list[
     finished = subprocess.run(command, capture_output=True, text=True, env=env)
     seconds = time.perf_counter() - start
     if finished.returncode != 0:
-        sys.exit(f"{' '.join(command)} failed ({finished.returncode}):\n{finished.stdout[-3000:]}{finished.stderr[-3000:]}")
+        sys.exit(
+            f"{' '.join(command)} failed ({finished.returncode}):\n{finished.stdout[-3000:]}{finished.stderr[-3000:]}"
+        )
     results = json.loads((output_dir / "all_results.json").read_text())
     recipe = next((line for line in finished.stdout.splitlines() if line.startswith("Recipe: ")), "Recipe: ?")
     return {"seconds": seconds, "results": results, "recipe": recipe, "load": (load_before, os.getloadavg())}
@@ -130,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="outputs/refiner-vit-fashion-mnist/model", help="the model to fine-tune")
     parser.add_argument("--from_scratch", action="store_true", help="no --model_name_or_path (the trainer's choice)")
-    parser.add_argument("--datasets", nargs="+", choices=sorted(BUILDERS), default=["fashion", "digits"])
+    parser.add_argument("--datasets", nargs="+", choices=sorted(BUILDERS), default=["fashion", "digits", "photos"])
     parser.add_argument("--work_dir", type=Path, help="where the folders and runs go (a new temporary folder)")
     args = parser.parse_args(argv)
     model = None if args.from_scratch else args.model

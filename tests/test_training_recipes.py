@@ -208,8 +208,8 @@ def test_a_bare_finetuning_run_uses_the_finetuning_recipe(monkeypatch):
     # A short per-step schedule with a short warmup and no EMA, not the ImageNet pretraining's 300 epochs.
     training = args.training
     assert (training.epochs, training.warmup_epochs, training.lr_schedule_unit, training.model_ema) == (
-        10,
-        1,
+        20,
+        2,
         "step",
         False,
     )
@@ -245,7 +245,7 @@ def test_help_shows_the_defaults_that_apply(capsys):
 
     finetuning = help_text(["--model_name_or_path", "m"], capsys)
     assert "finetune_own_data.yaml (the fine-tuning recipe" in finetuning
-    assert "--lr LR Peak learning rate. (default: 0.0001)" in finetuning
+    assert "--lr LR Peak learning rate. (default: 0.001)" in finetuning
 
     imagenet = help_text(["--recipe", "refiner_vit_s.yaml"], capsys)
     assert (
