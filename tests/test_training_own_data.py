@@ -107,7 +107,7 @@ def test_finetuning_on_other_classes_keeps_the_processor_replaces_the_head_and_s
     printed = capsys.readouterr().out
     # The recipe in force is the fine-tuning one, named in the log: a per-step schedule without EMA.
     assert re.search(r"^Recipe: .*finetune_own_data.yaml \(the fine-tuning recipe: --model_name_or_path", printed, re.M)
-    assert "lr 0.0001 updated per step, no EMA" in printed
+    assert "lr 0.001 updated per step, no EMA" in printed
     assert "24 training / 9 validation images, 3 classes" in printed
     assert (
         "Classifier head: NEW, randomly initialised: the data set's classes 3 (Pullover, T-shirt-top, Trouser) differ "

@@ -8,6 +8,7 @@ import pytest
 import yaml
 from training_utils import RECIPES
 
+from refiner_hf.training import arguments
 from refiner_hf.training.arguments import RecipeError, UsageError, load_recipe, parse_args, recipe_keys
 
 
@@ -29,7 +30,8 @@ def test_the_shipped_recipes_are_there():
 
 
 @pytest.mark.parametrize("path", RECIPE_FILES, ids=lambda p: p.name)
-def test_every_recipe_key_maps_to_an_argument_and_the_recipe_parses(path):
+def test_every_recipe_key_maps_to_an_argument_and_the_recipe_parses(path, monkeypatch):
+    monkeypatch.setattr(arguments, "available_cpus", lambda: 64)  # the recipes' loader workers, not this machine's
     raw = yaml.safe_load(path.read_text())
     assert set(raw) <= set(recipe_keys())
     values = load_recipe(path)
@@ -116,12 +118,13 @@ def test_command_line_overrides_the_recipe():
     assert args.training.weight_decay == 0.05 and args.model.model == "refiner-vit-s"
 
 
-def test_without_data_arguments_the_embedded_recipe_is_used():
+def test_without_data_arguments_the_embedded_recipe_is_used(monkeypatch):
     args = parse_args([], recipe_dirs=[RECIPES])
     assert args.data.uses_embedded_data
     assert args.training.recipe.endswith("embedded_fashion_mnist.yaml")
     assert args.model.config_overrides_dict()["image_size"] == 28
-    # With a data argument, the defaults are the paper's S recipe values, not the embedded ones.
+    # With a data argument (and a GPU), the defaults are the paper's S recipe values, not the embedded ones.
+    monkeypatch.setattr(arguments, "accelerator_available", lambda: True)
     assert parse_args(["--dataset_name", "x"], recipe_dirs=[RECIPES]).training.lr == 5e-4
 
 
@@ -195,7 +198,7 @@ def test_recipe_values_round_trip_through_a_recipe_file(tmp_path):
 # The recipe in force
 
 
-def test_a_bare_finetuning_run_uses_the_finetuning_recipe():
+def test_a_bare_finetuning_run_uses_the_finetuning_recipe(monkeypatch):
     finetuning = load_recipe(RECIPES / "finetune_own_data.yaml")
     for data in ([], ["--dataset_name", "x"]):  # on the embedded data as on one's own
         args = parse_args(["--model_name_or_path", "some/model", *data], recipe_dirs=[RECIPES])
@@ -205,14 +208,16 @@ def test_a_bare_finetuning_run_uses_the_finetuning_recipe():
     # A short per-step schedule with a short warmup and no EMA, not the ImageNet pretraining's 300 epochs.
     training = args.training
     assert (training.epochs, training.warmup_epochs, training.lr_schedule_unit, training.model_ema) == (
-        10,
-        1,
+        20,
+        2,
         "step",
         False,
     )
     # The model's own resolution, architecture and image processor.
     assert args.model.image_size is None and args.model.config_overrides is None and args.model.crop_pct is None
-    # A named recipe is the one used; a from-scratch run on one's data uses the argument defaults, and says so.
+    # A named recipe is the one used; a from-scratch run on one's data with a GPU uses the argument defaults, and
+    # says so.
+    monkeypatch.setattr(arguments, "accelerator_available", lambda: True)
     named = ["--model_name_or_path", "m", "--recipe", "refiner_vit_s_384_finetune.yaml", "--dataset_name", "x"]
     assert parse_args(named, recipe_dirs=[RECIPES]).training.lr == 5e-6
     scratch = parse_args(["--dataset_name", "x"], recipe_dirs=[RECIPES])
@@ -240,7 +245,7 @@ def test_help_shows_the_defaults_that_apply(capsys):
 
     finetuning = help_text(["--model_name_or_path", "m"], capsys)
     assert "finetune_own_data.yaml (the fine-tuning recipe" in finetuning
-    assert "--lr LR Peak learning rate. (default: 0.0001)" in finetuning
+    assert "--lr LR Peak learning rate. (default: 0.001)" in finetuning
 
     imagenet = help_text(["--recipe", "refiner_vit_s.yaml"], capsys)
     assert (

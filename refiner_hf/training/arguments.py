@@ -11,9 +11,11 @@ not a field, or a value of the wrong type, is an error that names the file and t
 
 Without `--recipe`, the run's arguments choose it ([`default_recipe`]): no data, model or recipe argument is the
 embedded Fashion-MNIST run (`embedded_fashion_mnist.yaml`), `--model_name_or_path` is fine-tuning
-(`finetune_own_data.yaml`), and anything else uses the argument defaults, the paper's Refiner-ViT-S ImageNet
-pretraining recipe. The recipe in force is recorded in `Arguments.recipe_source`, printed by the trainer and
-shown by `--help`, whose defaults are the ones the other arguments given select.
+(`finetune_own_data.yaml`), data without a model argument on a machine without a GPU is a small model at 64 px
+(`own_data_cpu.yaml`), and anything else uses the argument defaults, the paper's Refiner-ViT-S ImageNet pretraining
+recipe. The recipe in force is recorded in `Arguments.recipe_source`, printed by the trainer and shown by `--help`,
+whose defaults are the ones the other arguments given select. Loader workers are never more than the CPUs
+([`fit_workers`]).
 
 Usage errors (an unknown argument, with a suggestion; a value outside its range, see [`ARGUMENT_RANGES`], on the
 command line or in a recipe; a path that is missing or not what it should be; inconsistent arguments) are
@@ -28,6 +30,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import sys
 import textwrap
 from collections.abc import Iterable, Sequence
@@ -35,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 import yaml
 from transformers import HfArgumentParser
 from transformers.hf_argparser import string_to_bool
@@ -61,8 +65,12 @@ RUN_CONTROL_FIELDS = frozenset({"resume_from_checkpoint", "overwrite_output_dir"
 # Arguments that select a data source; with none of them the embedded Fashion-MNIST subset is used.
 DATA_SOURCE_FIELDS = ("dataset_name", "train_dir", "validation_dir")
 MODEL_SOURCE_FIELDS = ("model", "model_name_or_path", "config_name")
+# Arguments that say which model to train: with any of them, no CPU recipe replaces the model they describe.
+MODEL_CHOICE_FIELDS = MODEL_SOURCE_FIELDS + ("config_overrides",)
 EMBEDDED_RECIPE = "embedded_fashion_mnist.yaml"
 FINETUNE_RECIPE = "finetune_own_data.yaml"
+CPU_RECIPE = "own_data_cpu.yaml"
+PAPER_RECIPE = "refiner_vit_s.yaml"
 DEFAULTS_DESCRIPTION = "the argument defaults: the paper's Refiner-ViT-S ImageNet pretraining recipe"
 
 # Names other trainers give these arguments (transformers' TrainingArguments and image-classification example, timm's
@@ -839,8 +847,9 @@ DESCRIPTION = (
     "Train or fine-tune Refiner-ViT on an image classification data set with accelerate.",
     "Values come from the argument defaults, then a recipe (--recipe FILE), then the command line. Without --recipe, "
     f"a run with no data, model or recipe argument (a bare run) uses {EMBEDDED_RECIPE} (the embedded Fashion-MNIST "
-    f"run); a run with --model_name_or_path uses {FINETUNE_RECIPE} (fine-tuning on your data); any other run uses "
-    f"{DEFAULTS_DESCRIPTION}. The ImageNet recipes (refiner_vit_s.yaml, ...) apply only when named.",
+    f"run); a run with --model_name_or_path uses {FINETUNE_RECIPE} (fine-tuning on your data); a run on your data "
+    f"without a model argument, on a machine without a GPU, uses {CPU_RECIPE} (a small Refiner-ViT at 64 px); any "
+    f"other run uses {DEFAULTS_DESCRIPTION}. The ImageNet recipes (refiner_vit_s.yaml, ...) apply only when named.",
 )
 
 
@@ -852,15 +861,28 @@ def build_parser(add_help: bool = True) -> ArgumentParser:
     return ArgumentParser(GROUPS, aliases=ARGUMENT_ALIASES, description=_paragraphs(*DESCRIPTION), add_help=add_help)
 
 
+def accelerator_available() -> bool:
+    """Whether this machine has a GPU (or another accelerator torch can train on)."""
+    return torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
+
+
 def default_recipe(args: argparse.Namespace) -> tuple[str | None, str]:
     """
     The recipe a run without `--recipe` uses, and why: `finetune_own_data.yaml` with `--model_name_or_path`, the
-    embedded run's without any data or model argument, else none (the argument defaults).
+    embedded run's without any data or model argument, `own_data_cpu.yaml` for data without a model argument (nor
+    `--config_overrides`) on a machine without a GPU (the paper's recipe would train Refiner-ViT-S at 224 px for 310
+    epochs there), else none (the argument defaults).
     """
     if args.model_name_or_path is not None:
         return FINETUNE_RECIPE, "the fine-tuning recipe: --model_name_or_path without --recipe"
     if all(getattr(args, name) is None for name in DATA_SOURCE_FIELDS + MODEL_SOURCE_FIELDS):
         return EMBEDDED_RECIPE, "the embedded default run: no data, model or recipe argument"
+    if all(getattr(args, name) is None for name in MODEL_CHOICE_FIELDS) and not accelerator_available():
+        return CPU_RECIPE, (
+            "your data on a machine without a GPU, no --recipe or model argument: a small Refiner-ViT at 64 px; "
+            f"--recipe {PAPER_RECIPE} trains the paper's Refiner-ViT-S at 224 px instead, --model_name_or_path "
+            "fine-tunes a trained model"
+        )
     return None, f"none: {DEFAULTS_DESCRIPTION} (--recipe names another)"
 
 
@@ -896,6 +918,9 @@ def parse_args(argv: Sequence[str] | None = None, recipe_dirs: Iterable[str | Pa
     note = fit_warmup(training, explicit=any(item.split("=", 1)[0] == "--warmup_epochs" for item in given))
     if note and is_main_process():
         print(note, flush=True)
+    note = fit_workers(data)
+    if note and is_main_process():
+        print(note, flush=True)
     args = Arguments(model=model, data=data, training=training, recipe_source=source)
     args.validate()
     return args
@@ -924,6 +949,29 @@ def fit_warmup(training: TrainingArguments, explicit: bool) -> str | None:
     )
 
 
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity, which a container or `taskset` may narrow), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def fit_workers(data: DataArguments, cpus: int | None = None) -> str | None:
+    """
+    Lowers `dataloader_num_workers` to the CPUs there are when it asks for more (the defaults' 8 on a 2-core laptop:
+    the workers then only compete with training), and returns the line that says so.
+    """
+    cpus = available_cpus() if cpus is None else cpus
+    if data.dataloader_num_workers <= cpus:
+        return None
+    asked, data.dataloader_num_workers = data.dataloader_num_workers, cpus
+    return (
+        f"Note: --dataloader_num_workers {asked} is more than the {cpus} CPU{'' if cpus == 1 else 's'} here: using "
+        f"{cpus}."
+    )
+
+
 __all__ = [
     "ARGUMENT_RANGES",
     "Arguments",
@@ -938,8 +986,11 @@ __all__ = [
     "check_config_overrides",
     "check_input_directory",
     "check_ranges",
+    "accelerator_available",
+    "available_cpus",
     "default_recipe",
     "fit_warmup",
+    "fit_workers",
     "load_recipe",
     "parse_args",
     "recipe_keys",

@@ -85,9 +85,10 @@ class TrainingProgress:
         evaluated_step: the optimizer step the last evaluation measured (None before the first): an evaluation is
             still due when the training has reached its end at another step, e.g. when a run was killed during its
             final evaluation.
-        best_metric: the best validation top-1 so far (of the EMA weights when the EMA is on).
+        best_metric: the best validation top-1 so far, of the better of the raw and the EMA weights at each
+            evaluation.
         best_epoch: the epoch that reached it.
-        best_weights: "ema" or "model", which weights reached it.
+        best_weights: "raw" or "ema", which weights reached it (the ones written to OUTPUT_DIR/model).
         best_step: the optimizer step of those weights, the name of the checkpoint that holds them.
         bad_training_images: the training images found undecodable so far (with `--skip_bad_images`), each named
             once: its index in the training split, or its name in a streamed one.
@@ -189,8 +190,10 @@ def check_progress_state(
     is_number = isinstance(metric, (int, float)) and not isinstance(metric, bool)
     if metric is not None and (not is_number or not 0 <= metric <= 1):
         raise refuse("best_metric", f"is {metric!r}, not an accuracy between 0 and 1")
-    if state["best_weights"] not in (None, "ema", "model"):
-        raise refuse("best_weights", f"is {state['best_weights']!r}, not 'ema' or 'model'")
+    if state["best_weights"] == "model":  # the name of the raw weights in checkpoints of earlier versions
+        state["best_weights"] = "raw"
+    if state["best_weights"] not in (None, "raw", "ema"):
+        raise refuse("best_weights", f"is {state['best_weights']!r}, not 'raw' or 'ema'")
     for name in ("bad_training_images", "epoch_bad_images"):
         images = state[name]
         if not isinstance(images, list) or not all(_is_int(i) or isinstance(i, str) for i in images):

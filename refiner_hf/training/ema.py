@@ -1,7 +1,8 @@
 """
 Model EMA: an exponential moving average of the weights, evaluated beside the model (the published accuracies of
-the original training are the EMA model's). It is timm's `ModelEmaV3`, an `nn.Module` whose `state_dict` holds the
-averaged parameters and buffers, so accelerate checkpoints it as a registered object.
+the original training are the EMA model's); each evaluation keeps the better of the two (`evaluation.better_weights`),
+since over a short run the average lags behind the weights. It is timm's `ModelEmaV3`, an `nn.Module` whose
+`state_dict` holds the averaged parameters and buffers, so accelerate checkpoints it as a registered object.
 """
 
 from __future__ import annotations

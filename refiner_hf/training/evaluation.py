@@ -1,7 +1,8 @@
 """
 Validation top-1 / top-5. Predictions are gathered across processes with `accelerator.gather_for_metrics`, which drops
 the samples accelerate repeats to give every process equally many batches, so each validation sample is counted
-exactly once; the counts are then plain sums (no metric library needed).
+exactly once; the counts are then plain sums (no metric library needed). With the model EMA on, each evaluation
+measures both the trained (raw) weights and their average, and [`better_weights`] says which to keep.
 """
 
 from __future__ import annotations
@@ -44,4 +45,29 @@ def evaluate_classifier(
     return results
 
 
-__all__ = ["evaluate_classifier", "top_k_hits"]
+RAW_WEIGHTS, EMA_WEIGHTS = "raw", "ema"
+
+
+def better_weights(
+    raw: dict[str, float | int], ema: dict[str, float | int] | None
+) -> tuple[str, dict[str, float | int]]:
+    """
+    Which of the raw and the EMA weights an evaluation keeps, and their results: the higher top-1, then the higher
+    top-5; on equal top-1 and top-5 the EMA (the published accuracies of the original are the EMA's). Over a short
+    run, or with a high decay, the average lags behind the trained weights, which are then kept.
+
+    Args:
+        raw: the results of [`evaluate_classifier`] for the trained weights.
+        ema: those of their EMA, or None when the EMA is off.
+
+    Returns:
+        `("raw", raw)` or `("ema", ema)`.
+    """
+    if ema is None:
+        return RAW_WEIGHTS, raw
+    if (raw["top1"], raw.get("top5", 0.0)) > (ema["top1"], ema.get("top5", 0.0)):
+        return RAW_WEIGHTS, raw
+    return EMA_WEIGHTS, ema
+
+
+__all__ = ["EMA_WEIGHTS", "RAW_WEIGHTS", "better_weights", "evaluate_classifier", "top_k_hits"]

@@ -63,7 +63,7 @@ from .distributed import (
 )
 from .ema import build_model_ema
 from .errors import DataError, UsageError
-from .evaluation import evaluate_classifier
+from .evaluation import EMA_WEIGHTS, better_weights, evaluate_classifier
 from .loaders import build_evaluation_loader, build_training_loader
 from .mixing import BatchMixing, mix_batch
 from .model_setup import build_model, convert_sync_batchnorm
@@ -623,11 +623,14 @@ def evaluate_epoch(run: Run, epoch: int, stats: dict[str, Any]) -> bool:
     summary = {"epoch": epoch, "step": progress.global_step, **stats}
     summary.update(eval_top1=results["top1"], eval_top5=results["top5"])
     summary.update(eval_samples=results["num_samples"], bad_images=stats["bad_images"] + results["bad_images"])
-    weights, best = "model", results
+    ema_results = None
     if run.ema is not None:
-        # With the EMA on, the EMA weights are the ones kept (the published accuracies of the original are the EMA's).
-        weights, best = "ema", evaluate_classifier(accelerator, run.ema.module, run.eval_loader)
-        summary.update(ema_top1=best["top1"], ema_top5=best["top5"])
+        ema_results = evaluate_classifier(accelerator, run.ema.module, run.eval_loader)
+        summary.update(ema_top1=ema_results["top1"], ema_top5=ema_results["top5"])
+    # The better of the raw and the EMA weights is this evaluation's candidate (an EMA lagging behind a short run's
+    # weights is not kept); it replaces the best so far only when its top-1 is higher (ties keep the earlier one).
+    weights, best = better_weights(results, ema_results)
+    summary["weights"] = weights
     improved = progress.best_metric is None or best["top1"] > progress.best_metric
     if improved:
         progress.best_metric, progress.best_epoch, progress.best_weights = best["top1"], epoch, weights
@@ -651,7 +654,7 @@ def best_metrics(progress: TrainingProgress) -> dict[str, Any] | None:
     summary = best_summary(progress)
     if summary is None:
         return None
-    prefix = "ema" if progress.best_weights == "ema" else "eval"
+    prefix = "ema" if progress.best_weights == EMA_WEIGHTS else "eval"
     return {
         "top1": summary[f"{prefix}_top1"],
         "top5": summary[f"{prefix}_top5"],
@@ -662,8 +665,9 @@ def best_metrics(progress: TrainingProgress) -> dict[str, Any] | None:
 def save_best_model(run: Run) -> None:
     """Writes the run's current weights (the best so far), its image processor and a model card to output_dir/model."""
     accelerator, args, progress = run.accelerator, run.args, run.progress
-    model = run.ema.module if run.ema is not None else accelerator.unwrap_model(run.model)
-    state_dict = full_state_dict(accelerator, run.model) if run.ema is None else None
+    keep_ema = run.ema is not None and progress.best_weights == EMA_WEIGHTS  # the weights evaluate_epoch chose
+    model = run.ema.module if keep_ema else accelerator.unwrap_model(run.model)
+    state_dict = full_state_dict(accelerator, run.model) if not keep_ema else None
     if accelerator.is_main_process:
         if state_dict is not None:  # FSDP: a plain copy of the model holding the gathered weights
             model = RefinerViTForImageClassification(model.config)
@@ -675,7 +679,7 @@ def save_best_model(run: Run) -> None:
             card_model_name(args.training.hub_model_id, run.output_dir),
             data_description=card_data_description(args.data, run.data),
             recipe=args.model_card_recipe(),
-            metrics={**metrics, "weights": progress.best_weights},
+            metrics={**metrics, "weights": progress.best_weights, "model_ema": run.ema is not None},
             num_parameters=sum(p.numel() for p in model.parameters()),
             settings_changes=progress.settings_changes,
             hub_dataset=card_hub_dataset(args.data),
