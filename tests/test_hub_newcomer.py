@@ -288,8 +288,8 @@ def test_the_converter_checks_the_hub_before_converting(tmp_path, monkeypatch, c
 # Model cards
 
 
-def tiny_card(tmp_path: Path, recipe: dict, base_model: str | None) -> ModelCard:
-    metrics = {"top1": 0.9, "top5": 1.0, "num_samples": 30, "epoch": 2, "epochs": 3, "weights": "ema"}
+def tiny_card(tmp_path: Path, recipe: dict, base_model: str | None, **weights) -> ModelCard:
+    metrics = {"top1": 0.9, "top5": 1.0, "num_samples": 30, "epoch": 2, "epochs": 3, "weights": "ema", **weights}
     data_args = DataArguments(train_dir=str(tmp_path / "photos"))
     data = ImageData(train=list(range(90)), validation=[], class_names=["a", "b", "c"], num_labels=3, description="")
     text = training_model_card(
@@ -310,6 +310,21 @@ def test_card_of_a_model_trained_from_scratch(tmp_path):
     card = tiny_card(tmp_path, {"model": "refiner-vit-s"}, base_model=None)
     assert card.data.base_model is None and "base_model_relation" not in card.data.to_dict()
     assert "trained from scratch on an image folder" in card.text
+
+
+@pytest.mark.parametrize(
+    "weights, model_ema, line",
+    [
+        ("ema", True, "| Weights | exponential moving average (EMA), which measured better than the raw weights |"),
+        ("raw", True, "| Weights | raw trained weights, which measured better than their exponential moving average"),
+        ("raw", False, "| Weights | trained weights (no EMA) |"),
+    ],
+)
+def test_the_card_says_which_weights_were_kept(tmp_path, weights, model_ema, line):
+    card = tiny_card(tmp_path, {}, base_model=None, weights=weights, model_ema=model_ema)
+    assert line in card.text
+    kept = ", of the raw and the EMA weights at each," if model_ema else ""
+    assert f"after epoch 3 of 3 (the best evaluation by validation top-1{kept} so far)" in card.text
 
 
 def test_card_of_a_model_fine_tuned_from_a_hub_id(tmp_path):

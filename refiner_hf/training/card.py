@@ -103,7 +103,7 @@ def training_model_card(
         data_description: what it was trained on ([`card_data_description`]).
         recipe: the training arguments (as `Arguments.model_card_recipe()`), recorded in full, local paths replaced.
         metrics: the measured validation metrics of the saved weights (`top1`, `top5`, `num_samples`, `epoch`,
-            `weights`, `epochs`).
+            `weights`: "raw" or "ema", `model_ema`: whether an EMA was kept, `epochs`).
         num_parameters: the model's parameter count.
         hub_dataset: the Hub id of the training data, for the card's metadata.
         settings_changes: the settings resumes changed (`TrainingProgress.settings_changes`): the recipe shown is the
@@ -112,7 +112,12 @@ def training_model_card(
             (`base_model`, `base_model_relation: finetune`).
     """
     architecture = config.matching_preset() or "custom architecture"
-    weights = "exponential moving average (EMA)" if metrics["weights"] == "ema" else "trained weights (no EMA)"
+    if metrics["weights"] == "ema":
+        weights = "exponential moving average (EMA), which measured better than the raw weights"
+    elif metrics.get("model_ema"):
+        weights = "raw trained weights, which measured better than their exponential moving average (EMA)"
+    else:
+        weights = "trained weights (no EMA)"
     details = {
         "Architecture": f"{architecture}, {config.num_hidden_layers} blocks, hidden size {config.hidden_size}",
         "Parameters": f"{num_parameters:,}",
@@ -128,8 +133,8 @@ def training_model_card(
         details = {"Fine-tuned from": base_model or "a local model directory", **details}
     evaluation = (
         f"Measured by the trainer on {metrics['num_samples']} validation images with this directory's image processor, "
-        f"after epoch {metrics['epoch'] + 1} of {metrics['epochs']} (the best epoch by validation top-1 of the "
-        f"{'EMA' if metrics['weights'] == 'ema' else 'model'} weights so far).\n\n"
+        f"after epoch {metrics['epoch'] + 1} of {metrics['epochs']} (the best evaluation by validation top-1"
+        f"{', of the raw and the EMA weights at each,' if metrics.get('model_ema') else ''} so far).\n\n"
         f"| metric | value |\n|---|---|\n| top-1 | {100 * metrics['top1']:.2f} % |\n"
         f"| top-5 | {100 * metrics['top5']:.2f} % |"
     )
