@@ -15,7 +15,16 @@ import time
 import pytest
 from accelerate import Accelerator
 from torch.utils.data import DataLoader, Dataset
-from training_utils import RECIPES, ROOT, SCRIPT, read_results, run_in_process, subprocess_env, tiny_run_args
+from training_utils import (
+    RECIPES,
+    ROOT,
+    SCRIPT,
+    read_results,
+    run_in_process,
+    run_resume_command,
+    subprocess_env,
+    tiny_run_args,
+)
 
 from refiner_hf.cli import command_status
 from refiner_hf.interruption import Terminated, interruption_behind
@@ -120,10 +129,7 @@ def test_a_run_whose_process_group_is_stopped_says_so_in_one_line_and_resumes(tm
     with pytest.raises(ProcessLookupError):  # no worker is left behind
         os.killpg(process.pid, 0)
     if stop == signal.SIGTERM:  # the printed command finishes the run: 8 steps, as an uninterrupted one
-        resumed = subprocess.run(
-            [sys.executable, *shlex.split(command)[1:]], capture_output=True, text=True, env=subprocess_env(), cwd=ROOT
-        )
-        assert resumed.returncode == 0, resumed.stderr[-2000:]
+        resumed = run_resume_command(command)
         assert f"Resumed from {latest}" in resumed.stdout and read_results(output_dir)["global_step"] == 8
 
 

@@ -22,6 +22,7 @@ from training_utils import (
     SCRIPT,
     read_results,
     run_in_process,
+    run_resume_command,
     subprocess_env,
     tiny_run_args,
     two_process_launcher,
@@ -439,10 +440,7 @@ def test_a_stopped_run_says_where_it_stopped_and_how_to_resume_in_one_line(tmp_p
     command = f"python {shlex.join([str(SCRIPT), *argv, '--resume_from_checkpoint', 'latest'])}"
     assert rest == f"resuming starts from {latest}: {command}"
     # The command resumes and finishes the run.
-    resumed = subprocess.run(
-        [sys.executable, *shlex.split(command)[1:]], capture_output=True, text=True, env=subprocess_env(), cwd=ROOT
-    )
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    resumed = run_resume_command(command)
     assert f"Resumed from {latest}" in resumed.stdout and read_results(output_dir)["global_step"] == 8
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -104,6 +105,15 @@ def run_script(argv: list[str], launcher: list[str] | None = None, timeout: floa
     if result.returncode != 0:
         raise AssertionError(f"{' '.join(command)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
     return result
+
+
+def run_resume_command(command: str) -> subprocess.CompletedProcess:
+    """Runs the resume command a stopped run printed (`python SCRIPT ARGS`) with this interpreter; fails if it fails."""
+    resumed = subprocess.run(
+        [sys.executable, *shlex.split(command)[1:]], capture_output=True, text=True, env=subprocess_env(), cwd=ROOT
+    )
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    return resumed
 
 
 def kill_script_at(argv: list[str], line_is_the_moment: Callable[[str], bool], timeout: float = 300) -> None:
