@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -55,6 +56,22 @@ def leave_stopping_to_the_main_process() -> None:
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _exit_quietly)
+    sys.excepthook = _quiet_about_abandoned_transfers(sys.excepthook)
+
+
+def _quiet_about_abandoned_transfers(previous):
+    """
+    An excepthook that says nothing of errors in multiprocessing's resource sharer: a worker's thread that hands its
+    batches' shared memory to the main process reports through `sys.excepthook` when the main process, stopping,
+    drops the connection mid-transfer; the main process's one line already says what happened.
+    """
+
+    def hook(kind, value, tb):
+        if tb is not None and tb.tb_frame.f_code.co_filename.endswith("resource_sharer.py"):
+            return
+        previous(kind, value, tb)
+
+    return hook
 
 
 def interruption_behind(error: BaseException) -> BaseException | None:

@@ -42,6 +42,8 @@ CODE_FILES = {
     "image_processing_refiner_vit.py",
     "image_processing_pil_refiner_vit.py",
     "image_processing_refiner_vit_common.py",
+    "cli.py",  # the configuration's preset-name refusal is a UsageError
+    "interruption.py",  # imported by cli.py
 }
 EXPORT_FILES = {"config.json", "preprocessor_config.json", "model.onnx", *CODE_FILES}
 # int8 linear layers against float32, on these random-weight models: measured up to 2 % of the logits' scale on the

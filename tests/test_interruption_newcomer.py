@@ -244,3 +244,20 @@ def test_the_notes_of_a_short_run_are_said_by_the_main_process_only(monkeypatch,
     assert len(notes) == said and args.training.warmup_epochs == 0.5
     if said:
         assert "warmup of 1 epoch is not shorter than --epochs 1" in notes[0] and "leaves no training image" in notes[1]
+
+
+def test_a_worker_says_nothing_of_a_transfer_its_stopping_main_process_abandoned():
+    # multiprocessing's resource sharer thread reports a dropped connection through sys.excepthook.
+    from refiner_hf.interruption import _quiet_about_abandoned_transfers
+
+    reported = []
+    hook = _quiet_about_abandoned_transfers(lambda *info: reported.append(info[1]))
+    for filename in ("/usr/lib/python3/multiprocessing/resource_sharer.py", "/work/elsewhere.py"):
+        namespace: dict = {}
+        code = (
+            "import sys\ndef serve(hook):\n    try:\n        raise ConnectionResetError('dropped')\n"
+            "    except:\n        hook(*sys.exc_info())\n"
+        )
+        exec(compile(code, filename, "exec"), namespace)
+        namespace["serve"](hook)
+    assert [str(error) for error in reported] == ["dropped"]  # only the error from elsewhere
