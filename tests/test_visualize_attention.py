@@ -270,7 +270,8 @@ def test_the_true_label_of_the_default_image_and_of_label(visualizer, tiny_model
     processor = AutoImageProcessor.from_pretrained(directory)
     image, _, label = visualizer.default_image(model)
     views = visualizer.attention_views(model, processor, image, label)
-    probabilities = model(**processor(image, return_tensors="pt")).logits[0].softmax(-1)
+    with torch.no_grad():
+        probabilities = model(**processor(image, return_tensors="pt")).logits[0].softmax(-1)
     assert views.truth.name == "Ankle boot" and views.truth.probability == pytest.approx(float(probabilities[9]))
     assert views.truth.rank == 1 + int((probabilities > probabilities[9]).sum())
     right = visualizer.TrueLabel("Ankle boot", 1, 0.8)
