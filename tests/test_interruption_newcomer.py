@@ -252,7 +252,7 @@ def test_a_worker_says_nothing_of_a_transfer_its_stopping_main_process_abandoned
 
     reported = []
     hook = _quiet_about_abandoned_transfers(lambda *info: reported.append(info[1]))
-    for filename in ("/usr/lib/python3/multiprocessing/resource_sharer.py", "/work/elsewhere.py"):
+    for filename in ("multiprocessing/resource_sharer.py", "elsewhere.py"):
         namespace: dict = {}
         code = (
             "import sys\ndef serve(hook):\n    try:\n        raise ConnectionResetError('dropped')\n"

@@ -132,10 +132,7 @@ def save_model(directory: Path, **config_fields) -> Path:
 def test_a_fashion_mnist_model_is_shown_its_own_data(visualizer, tmp_path, capsys, monkeypatch):
     # A model of the embedded data's classes, where the trainer's default run writes its model.
     names = embedded_data.class_names()
-    directory = save_model(
-        tmp_path / "default-run" / "model", image_size=28, patch_size=4, num_labels=10,
-        id2label=dict(enumerate(names)), label2id={name: i for i, name in enumerate(names)},
-    )  # fmt: skip
+    directory = fashion_mnist_model(tmp_path / "default-run" / "model")
     monkeypatch.setattr(visualizer, "TRAINED_DEFAULT", directory)
     visualizer.main(["--out", str(tmp_path / "maps.png"), "--dpi", "20"])
     assert f"Attention of model {directory} on embedded Fashion-MNIST validation image 0 (Ankle boot)" in (
@@ -260,12 +257,17 @@ def test_a_map_flat_on_its_rows_scale_gets_its_own(visualizer):
     assert spread[0] > 0.8 and spread[1] < 0.15
 
 
-def test_the_true_label_of_the_default_image_and_of_label(visualizer, tiny_model_dir, tmp_path, capsys, monkeypatch):
+def fashion_mnist_model(directory):
+    """A tiny model directory with the Fashion-MNIST classes, as the trainer's default run saves."""
     names = embedded_data.class_names()
-    directory = save_model(
-        tmp_path / "model", image_size=28, patch_size=4, num_labels=10, id2label=dict(enumerate(names)),
+    return save_model(
+        directory, image_size=28, patch_size=4, num_labels=10, id2label=dict(enumerate(names)),
         label2id={name: i for i, name in enumerate(names)},
     )  # fmt: skip
+
+
+def test_the_true_label_of_the_default_image_and_of_label(visualizer, tiny_model_dir, tmp_path, capsys, monkeypatch):
+    directory = fashion_mnist_model(tmp_path / "model")
     model = AutoModelForImageClassification.from_pretrained(directory).eval()
     processor = AutoImageProcessor.from_pretrained(directory)
     image, _, label = visualizer.default_image(model)
@@ -308,11 +310,7 @@ def test_the_true_label_of_the_default_image_and_of_label(visualizer, tiny_model
     ],
 )
 def test_a_label_the_model_does_not_have_is_a_usage_error(visualizer, tmp_path, capsys, label, message):
-    names = embedded_data.class_names()
-    directory = save_model(
-        tmp_path / "model", image_size=28, patch_size=4, num_labels=10, id2label=dict(enumerate(names)),
-        label2id={name: i for i, name in enumerate(names)},
-    )  # fmt: skip
+    directory = fashion_mnist_model(tmp_path / "model")
     with pytest.raises(SystemExit) as exit_info:
         run_command(lambda: visualizer.main(["--model", str(directory), "--label", label]))
     assert exit_info.value.code == 2
