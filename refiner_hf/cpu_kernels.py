@@ -70,9 +70,16 @@ def _build() -> bool:
 
         capability, isa = _isa_flags()
         digest = hashlib.sha256(b"".join(path.read_bytes() for path in files) + torch.__version__.encode())
-        logger.info("Building the fused Refiner-ViT kernels (once; cached by torch.utils.cpp_extension).")
+        name = f"refiner_hf_kernels_{capability.lower().replace(' ', '_')}_{digest.hexdigest()[:12]}"
+        if not _is_cached(cpp_extension, name):
+            # A visible note: the first model run on a machine would otherwise pause for a minute unexplained.
+            logger.warning(
+                "Building the fused Refiner-ViT CPU kernels (about a minute, once per machine and PyTorch version; "
+                "%s=1 skips them and runs the same computation in PyTorch).",
+                DISABLE_ENV_VAR,
+            )
         cpp_extension.load(
-            name=f"refiner_hf_kernels_{capability.lower().replace(' ', '_')}_{digest.hexdigest()[:12]}",
+            name=name,
             sources=[str(_SOURCE_DIR / name) for name in _SOURCES],
             extra_cflags=["-O3", "-fopenmp", *isa],
             extra_ldflags=["-fopenmp"],
@@ -87,6 +94,14 @@ def _build() -> bool:
         )
         return False
     return _ops_registered() and _register_python_parts()
+
+
+def _is_cached(cpp_extension, name: str) -> bool:
+    """Whether `torch.utils.cpp_extension` has this library built already (False when that cannot be told)."""
+    try:
+        return (Path(cpp_extension._get_build_directory(name, verbose=False)) / f"{name}.so").is_file()
+    except Exception:
+        return False
 
 
 def kernels_available() -> bool:

@@ -654,22 +654,44 @@ class RefinerViTPreTrainedModel(PreTrainedModel):
         return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     def get_correct_attn_implementation(self, requested_attention: str | None, is_init_check: bool = False) -> str:
-        """Refiner-ViT has one attention implementation, the explicit one; other requests get an error saying why."""
-        if requested_attention not in (None, "eager"):
+        """
+        Refiner-ViT's two computations, chosen as transformers models choose their attention: `"fused"` (the default)
+        runs the fast inference path in evaluation mode and memory-lean refinement in training
+        ([`set_fast_inference`], [`set_memory_lean_training`]); `"eager"` runs the reference computation, operation
+        by operation as in the original code. Both give the same outputs and gradients up to float rounding (within
+        1e-4 of the logits' scale). Other requests get an error saying why.
+        """
+        if requested_attention is None:
+            return "fused"
+        if requested_attention not in ("fused", "eager"):
             raise ValueError(
                 f"Refiner-ViT cannot use attn_implementation={requested_attention!r}: its blocks need every attention "
                 "map as a tensor (the refinement convolves it and shared blocks reuse it), which fused attention "
-                "kernels such as SDPA, flash or flex attention never form. Leave `attn_implementation` unset (or "
-                '"eager"); for fast inference call `model.set_fast_inference()`, for lean training memory '
-                "`model.set_memory_lean_training()`."
+                "kernels such as SDPA, flash or flex attention never form. Use \"fused\" (the default: fused "
+                'Refiner-ViT kernels, with the attention maps formed) or "eager" (the reference computation).'
             )
-        return "eager"
+        return requested_attention
 
     @classmethod
     def _can_set_attn_implementation(cls) -> bool:
         # So that `set_attn_implementation` asks `get_correct_attn_implementation` too (and says why it refuses)
         # instead of warning that the request is ignored.
         return True
+
+    def post_init(self) -> None:
+        super().post_init()
+        self._apply_attn_implementation()
+
+    def set_attn_implementation(self, attn_implementation: str | dict, *args, **kwargs) -> None:
+        """[`~PreTrainedModel.set_attn_implementation`]: `"fused"` or `"eager"`, switched in place (see
+        [`get_correct_attn_implementation`])."""
+        super().set_attn_implementation(attn_implementation, *args, **kwargs)
+        self._apply_attn_implementation()
+
+    def _apply_attn_implementation(self) -> None:
+        fused = self.config._attn_implementation != "eager"
+        self.set_fast_inference(fused)
+        self.set_memory_lean_training(fused)
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs):
         """
@@ -684,14 +706,14 @@ class RefinerViTPreTrainedModel(PreTrainedModel):
 
     def set_fast_inference(self, enabled: bool = True) -> "RefinerViTPreTrainedModel":
         """
-        Chooses the evaluation-mode computation. With `enabled`, BatchNorms and constant scales are folded into the
-        adjacent layers, and the attention and the attention-map refinement run as fused kernels (C++ on CPU, built on
-        first use; Triton on CUDA; PyTorch fallbacks elsewhere): the modules' `forward_folded` methods, with the
-        helpers of `fast_inference`. Folding is redone from the parameters on every forward, so saved weights,
-        `from_pretrained` and training mode are unaffected. By default (and with `enabled=False`) the reference
-        computation runs, operation by operation as in the original code. Both agree to float rounding (within 1e-4
-        of the logits' scale). Returns the
-        model, so that it chains like `.eval()`: `model.eval().set_fast_inference()`.
+        Chooses the evaluation-mode computation. With `enabled` (the default of `attn_implementation="fused"`),
+        BatchNorms and constant scales are folded into the adjacent layers, and the attention and the attention-map
+        refinement run as fused kernels (C++ on CPU, built on first use; Triton on CUDA; PyTorch fallbacks elsewhere):
+        the modules' `forward_folded` methods, with the helpers of `fast_inference`. Folding is redone from the
+        parameters on every forward, so saved weights, `from_pretrained` and training mode are unaffected. With
+        `enabled=False` (the default of `attn_implementation="eager"`) the reference computation runs, operation by
+        operation as in the original code. Both agree to float rounding (within 1e-4 of the logits' scale). Returns
+        the model, so that it chains like `.eval()`: `model.eval().set_fast_inference()`.
         """
         for module in self.modules():
             if isinstance(module, (RefinerViTConvStem, RefinerViTAttention, RefinerViTLayer)):
@@ -702,8 +724,9 @@ class RefinerViTPreTrainedModel(PreTrainedModel):
         """
         Has training-mode refinements keep only their input map for the backward pass and recompute the rest
         (`RefinerViTRefiner.forward_memory_lean`): the activation memory per image drops by more than half, with the
-        same gradients and BatchNorm statistics up to float rounding, and on CPU a faster step (fused kernels). Off
-        by default; combines with activation checkpointing (`activation_checkpointing_enable`). Returns the model.
+        same gradients and BatchNorm statistics up to float rounding, and on CPU a faster step (fused kernels). On by
+        default (`attn_implementation="fused"`), off with `attn_implementation="eager"` or `enabled=False`; combines
+        with activation checkpointing (`activation_checkpointing_enable`). Returns the model.
         """
         for module in self.modules():
             if isinstance(module, RefinerViTAttention):

@@ -102,6 +102,13 @@ def original_outputs(name: str) -> dict:
     return torch.load(FIXTURES / f"{name}_expected.pt", weights_only=True)
 
 
+def eager(model: torch.nn.Module) -> torch.nn.Module:
+    """The model switched to the reference computation (`attn_implementation="eager"`), for tests comparing a fast or
+    memory-lean path with it."""
+    model.set_attn_implementation("eager")
+    return model
+
+
 def assert_matches_original(
     model: torch.nn.Module, pixel_values: torch.Tensor, expected: dict, tolerance: float = 1e-5
 ) -> None:
@@ -142,9 +149,9 @@ config = RefinerViTConfig(image_size=32, patch_size=8, hidden_size=24, num_hidde
 model = RefinerViTForImageClassification(config).eval()
 inputs = torch.randn(1, 3, 32, 32)
 with torch.no_grad():
-    reference = model(inputs).logits
-    model.set_fast_inference()
-    assert (model(inputs).logits - reference).abs().max() < 1e-5
-model.train().set_memory_lean_training()
+    fast = model(inputs).logits  # the default: the fast path
+    model.set_attn_implementation("eager")
+    assert (model(inputs).logits - fast).abs().max() < 1e-5
+model.train().set_attn_implementation("fused")  # memory-lean training
 model(inputs, labels=torch.tensor([1])).loss.backward()
 """

@@ -246,7 +246,7 @@ def test_performance_switches_chain_and_return_the_model(model, pixel_values):
 
 @pytest.mark.parametrize("implementation", ["sdpa", "flash_attention_2", "flex_attention"])
 def test_fused_attention_implementations_are_refused_with_the_reason(model, tmp_path, implementation):
-    message = rf"cannot use attn_implementation='{implementation}'.*convolves it.*model.set_fast_inference\(\)"
+    message = rf"cannot use attn_implementation='{implementation}'.*convolves it.*Use \"fused\" \(the default.*\"eager\""
     model.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match=message):
         RefinerViTForImageClassification.from_pretrained(tmp_path, attn_implementation=implementation)
@@ -254,6 +254,43 @@ def test_fused_attention_implementations_are_refused_with_the_reason(model, tmp_
         model.set_attn_implementation(implementation)
     loaded = AutoModelForImageClassification.from_pretrained(tmp_path, attn_implementation="eager")
     assert loaded.config._attn_implementation == "eager"
+
+
+def test_the_fused_computation_is_the_default_and_eager_the_reference(model, pixel_values, tmp_path):
+    """
+    Built, loaded and in a pipeline, a model runs the fast path in evaluation mode and memory-lean refinement in
+    training (`attn_implementation="fused"`); `"eager"` (at loading or later) switches both to the reference
+    computation, and back. The maps before and after refinement are returned either way, equal to float rounding.
+    """
+
+    def switches(m):
+        attention = [layer.attention for layer in m.refiner_vit.layers]
+        return {(layer.fast_inference, a.fast_inference, a.memory_lean_training)
+                for layer, a in zip(m.refiner_vit.layers, attention)}  # fmt: skip
+
+    assert model.config._attn_implementation == "fused" and switches(model) == {(True, True, True)}
+    model.save_pretrained(tmp_path)
+    RefinerViTImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(tmp_path)
+    assert "attn_implementation" not in (tmp_path / "config.json").read_text()
+    loaded = AutoModelForImageClassification.from_pretrained(tmp_path).eval()
+    assert loaded.config._attn_implementation == "fused" and switches(loaded) == {(True, True, True)}
+    classifier = pipeline("image-classification", model=str(tmp_path))
+    assert switches(classifier.model) == {(True, True, True)} and not classifier.model.training
+    eager_model = AutoModelForImageClassification.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    assert switches(eager_model) == {(False, False, False)}
+
+    requested = {"output_attentions": True, "output_unrefined_attentions": True, "output_hidden_states": True}
+    with torch.no_grad():
+        fused, reference = loaded(pixel_values, **requested), eager_model(pixel_values, **requested)
+    for name in ("logits", "attentions", "unrefined_attentions", "hidden_states"):
+        expected, actual = getattr(reference, name), getattr(fused, name)
+        expected, actual = (expected, actual) if name == "logits" else (torch.stack(expected), torch.stack(actual))
+        assert actual.shape == expected.shape
+        torch.testing.assert_close(actual, expected, atol=1e-4 * max(1.0, expected.abs().max().item()), rtol=0)
+    eager_model.set_attn_implementation("fused")
+    assert switches(eager_model) == {(True, True, True)}
+    loaded.set_attn_implementation("eager")
+    assert loaded.config._attn_implementation == "eager" and switches(loaded) == {(False, False, False)}
 
 
 def passed_on_maps(model, pixel_values) -> list[torch.Tensor]:

@@ -12,6 +12,7 @@ from helpers import (
     FIXTURES,
     SWITCHES_RUN,
     assert_matches_original,
+    eager,
     loss_gradients_and_statistics,
     original_outputs,
     randomize_,
@@ -34,6 +35,11 @@ def backend(request):
     previous = set_kernels_enabled(request.param == "kernels")
     yield request.param
     set_kernels_enabled(previous)
+
+
+def reference_model(config: RefinerViTConfig) -> RefinerViTForImageClassification:
+    """A model with random weights and BatchNorm statistics on the reference computation."""
+    return eager(randomize_(RefinerViTForImageClassification(config)))
 
 
 def pixel_values(batch_size: int = 2, size: int = 32, seed: int = 1) -> torch.Tensor:
@@ -74,7 +80,7 @@ def test_fast_path_reproduces_the_original_fixtures(backend, name):
 def test_fast_path_matches_reference_on_a_preset_shaped_model(backend):
     """Refiner-ViT-S at 224 px with random weights and BatchNorm statistics, maps and hidden states included."""
     torch.manual_seed(0)
-    model = RefinerViTForImageClassification(RefinerViTConfig.from_preset("refiner-vit-s"))
+    model = eager(RefinerViTForImageClassification(RefinerViTConfig.from_preset("refiner-vit-s")))
     generator = torch.Generator().manual_seed(0)
 
     def noise(tensor: torch.Tensor) -> torch.Tensor:
@@ -103,7 +109,7 @@ def test_fast_path_matches_reference_on_a_preset_shaped_model(backend):
     ids=["tiny", "expansion-1", "kernel-4", "kernel-5-patch-stem", "no-aux-no-qkv-bias"],
 )
 def test_fast_path_matches_reference_on_other_architectures(backend, overrides):
-    model = randomize_(RefinerViTForImageClassification(tiny_config(**overrides))).eval()
+    model = reference_model(tiny_config(**overrides)).eval()
     fast = fast_copy(model)
     inputs = pixel_values()
     with torch.no_grad():
@@ -117,7 +123,7 @@ def test_fast_path_matches_reference_on_other_architectures(backend, overrides):
 
 
 def test_fast_path_leaves_training_and_saved_weights_alone(tmp_path):
-    model = randomize_(RefinerViTForImageClassification(tiny_config(drop_path_rate=0.2))).eval()
+    model = reference_model(tiny_config(drop_path_rate=0.2)).eval()
     reference = copy.deepcopy(model)
     state_before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
     model.set_fast_inference()
@@ -127,17 +133,20 @@ def test_fast_path_leaves_training_and_saved_weights_alone(tmp_path):
     for name, tensor in model.state_dict().items():
         torch.testing.assert_close(tensor, state_before[name], atol=0, rtol=0, msg=name)
 
-    # Saved after using the fast path: the original weights, reloaded into the reference path.
+    # Saved after using the fast path: the original weights; reloaded, the fast path by default, the reference
+    # computation bit for bit with attn_implementation="eager".
     model.save_pretrained(tmp_path)
     loaded = RefinerViTForImageClassification.from_pretrained(tmp_path).eval()
-    assert not any(getattr(module, "fast_inference", False) for module in loaded.modules())
+    assert loaded.config._attn_implementation == "fused"
+    assert all(module.fast_inference for module in loaded.modules() if hasattr(module, "fast_inference"))
     assert loaded.state_dict().keys() == state_before.keys()
     for name, tensor in loaded.state_dict().items():
         torch.testing.assert_close(tensor, state_before[name], atol=0, rtol=0, msg=name)
+    assert_same_outputs(loaded, reference, inputs)
+    loaded = RefinerViTForImageClassification.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    assert not any(getattr(module, "fast_inference", False) for module in loaded.modules())
     with torch.no_grad():
         torch.testing.assert_close(loaded(inputs).logits, reference(inputs).logits, atol=0, rtol=0)
-    loaded.set_fast_inference()
-    assert_same_outputs(loaded, reference, inputs)
 
     # Training mode runs the reference computation, bit for bit (same drop-path draws, same statistics updates).
     model.train()
@@ -152,7 +161,7 @@ def test_fast_path_leaves_training_and_saved_weights_alone(tmp_path):
 
 
 def test_fast_path_is_differentiable_in_evaluation_mode(backend):
-    model = randomize_(RefinerViTForImageClassification(tiny_config())).eval()
+    model = reference_model(tiny_config()).eval()
     fast = fast_copy(model)
     grads = []
     for m in (model, fast):
@@ -191,7 +200,7 @@ def test_folded_refinement_matches_the_module(backend):
 )
 def test_memory_lean_training_matches_reference_gradients(backend, checkpointing, overrides):
     config = tiny_config(drop_path_rate=0.3, **overrides)
-    reference = randomize_(RefinerViTForImageClassification(config)).train()
+    reference = reference_model(config).train()
     lean = copy.deepcopy(reference)
     lean.set_memory_lean_training()
     if checkpointing:
@@ -227,7 +236,7 @@ def saved_bytes(model, inputs) -> int:
 def test_memory_lean_training_keeps_less_for_the_backward(backend):
     """On a model whose maps dominate the activations (as at 224 px), less than half of the reference is kept."""
     config = tiny_config(image_size=96, patch_size=8, hidden_size=48, num_attention_heads=4, refine_expansion=3)
-    model = randomize_(RefinerViTForImageClassification(config)).train()
+    model = reference_model(config).train()
     inputs = pixel_values(2, 96)
     reference = saved_bytes(model, inputs)
     model.set_memory_lean_training()
@@ -261,7 +270,7 @@ def test_memory_lean_refinement_alone(backend):
 
 
 def test_bfloat16_autocast_stays_close_to_float32(backend):
-    model = convert_original_checkpoint(FIXTURES / "released_tiny.pth").eval()
+    model = eager(convert_original_checkpoint(FIXTURES / "released_tiny.pth")).eval()
     fixture = original_outputs("released_tiny")
     inputs, expected = fixture["input"], fixture["expected_ema"]["logits"]
     for fast in (False, True):
@@ -280,7 +289,7 @@ def test_bfloat16_autocast_stays_close_to_float32(backend):
 
 @pytest.mark.parametrize("fast", [False, True], ids=["reference", "fast"])
 def test_torch_compile_fullgraph_matches_eager(backend, fast):
-    model = randomize_(RefinerViTForImageClassification(tiny_config())).eval()
+    model = reference_model(tiny_config()).eval()
     model.set_fast_inference(fast)
     inputs = pixel_values()
     torch._dynamo.reset()

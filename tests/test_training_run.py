@@ -158,7 +158,9 @@ def test_bf16_autocast_gives_finite_losses(tmp_path, monkeypatch):
     lean = []
     set_lean = RefinerViTPreTrainedModel.set_memory_lean_training
     monkeypatch.setattr(
-        RefinerViTPreTrainedModel, "set_memory_lean_training", lambda model: lean.append(model) or set_lean(model)
+        RefinerViTPreTrainedModel,
+        "set_memory_lean_training",
+        lambda model, enabled=True: (lean.append(model) if enabled else None) or set_lean(model, enabled),
     )
     argv = tiny_run_args(tmp_path, mixed_precision="bf16", max_train_steps=4, epochs=1, clip_grad=1.0)
     results = run_in_process(argv + ["--gradient_checkpointing", "--memory_lean_training"])

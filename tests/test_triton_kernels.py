@@ -24,7 +24,7 @@ import textwrap
 
 import pytest
 import torch
-from helpers import SWITCHES_RUN, loss_gradients_and_statistics, randomize_, tiny_config
+from helpers import SWITCHES_RUN, eager, loss_gradients_and_statistics, randomize_, tiny_config
 
 from refiner_hf import RefinerViTForImageClassification, triton_attention, triton_refinement, triton_support
 from refiner_hf.modeling_refiner_vit import RefinerViTRefiner
@@ -274,7 +274,7 @@ def test_model_switches_run_the_triton_kernels(monkeypatch):
     every buffer (running statistics) within float tolerance; the fast inference path gives its logits, hidden states
     and maps. The reference computation (no switch) never calls a Triton kernel, even where it could.
     """
-    model = randomize_(RefinerViTForImageClassification(tiny_config(drop_path_rate=0.3))).to(DEVICE)
+    model = eager(randomize_(RefinerViTForImageClassification(tiny_config(drop_path_rate=0.3)))).to(DEVICE)
     inputs = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)).to(DEVICE)
     labels = torch.tensor([2, 0], device=DEVICE)
     reference = copy.deepcopy(model).train()

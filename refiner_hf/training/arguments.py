@@ -310,8 +310,9 @@ class ModelArguments:
     memory_lean_training: bool = _arg(
         "Keep only each refinement's input map for the backward pass and recompute the rest "
         "(model.set_memory_lean_training(): the same gradients and BatchNorm statistics with under half the activation "
-        "memory; fused kernels on CPU, Triton kernels on CUDA).",
-        default=False,
+        "memory; fused kernels on CPU, Triton kernels on CUDA). On by default; false (--no_memory_lean_training) "
+        "trains with the reference computation.",
+        default=True,
     )
     allow_large_model: bool = _arg(
         "Build a model of more than 2 billion parameters (refused otherwise: the largest Refiner-ViT has 81 million, "

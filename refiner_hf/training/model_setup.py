@@ -323,8 +323,7 @@ def build_model(
     if args.gradient_checkpointing:
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         enable()
-    if args.memory_lean_training:
-        model.set_memory_lean_training()
+    model.set_memory_lean_training(args.memory_lean_training)
     return BuiltModel(model, image_processor, notes)
 
 
