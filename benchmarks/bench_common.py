@@ -4,7 +4,6 @@ import importlib.util
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 import warnings
@@ -20,6 +19,19 @@ from refiner_hf.triton_support import triton_enabled
 
 
 MODELS = ("refiner-vit-s", "refiner-vit-m", "refiner-vit-l")
+# A 4-block model with every block type, for the benchmarks' own tests (not a preset, not offered by --model).
+TINY_MODEL = "tiny"
+TINY_FIELDS = {
+    "patch_size": 8,
+    "hidden_size": 24,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "mlp_ratio": 2.0,
+    "block_types": ["refined", "shared", "plain", "shared"],
+    "refine_expansion": 2,
+    "stem_hidden_sizes": [4, 8, 8],
+    "num_labels": 5,
+}
 
 
 def add_common_arguments(parser) -> None:
@@ -48,10 +60,14 @@ def with_trained_batch_norm_statistics(model: torch.nn.Module) -> torch.nn.Modul
 
 
 def refiner(name: str, image_size: int, seed: int = 0) -> RefinerViTForImageClassification:
-    """A Refiner-ViT preset with random weights (and random BatchNorm statistics, as after training)."""
+    """A Refiner-ViT preset (or [`TINY_MODEL`]) with random weights (and random BatchNorm statistics, as after
+    training): the same weights for the same seed, in any process."""
     torch.manual_seed(seed)
-    model = RefinerViTForImageClassification(RefinerViTConfig.from_preset(name, image_size=image_size))
-    return with_trained_batch_norm_statistics(model)
+    if name == TINY_MODEL:
+        config = RefinerViTConfig(image_size=image_size, **TINY_FIELDS)
+    else:
+        config = RefinerViTConfig.from_preset(name, image_size=image_size)
+    return with_trained_batch_norm_statistics(RefinerViTForImageClassification(config))
 
 
 def deit_small_vit(image_size: int, seed: int = 0, attention: str = "sdpa") -> ViTForImageClassification:
@@ -70,6 +86,15 @@ def deit_small_vit(image_size: int, seed: int = 0, attention: str = "sdpa") -> V
     )
     config._attn_implementation = attention
     return ViTForImageClassification(config)
+
+
+def timm_deit_small(image_size: int, seed: int = 0) -> torch.nn.Module:
+    """timm's `deit_small_patch16_224` at `image_size` with random weights: DeiT-S as its authors' library runs it
+    (needs timm, which the `train` and `test` extras install)."""
+    import timm
+
+    torch.manual_seed(seed)
+    return timm.create_model("deit_small_patch16_224", pretrained=False, img_size=image_size)
 
 
 ORIGINAL_CONSTRUCTORS = {
@@ -178,20 +203,70 @@ def time_call(fn: Callable[[], object], device: torch.device, repeats: int) -> f
     return (time.perf_counter() - start) / repeats
 
 
-def interleaved_medians(
+def interleaved_samples(
     candidates: dict[str, Callable[[], object]], device: torch.device, rounds: int, seconds_per_round: float
-) -> dict[str, float]:
+) -> dict[str, list[float]]:
     """
-    Median seconds per call of each candidate, measured in alternation (round 1: A, B, C; round 2: A, B, C; ...), so
-    that a slow phase of a shared machine hits them all alike.
+    Seconds per call of each candidate in each round, measured in alternation (round 1: A, B, C; round 2: A, B, C;
+    ...), each round about `seconds_per_round` of calls, after a warm-up call (which compiles kernels, Triton's per
+    dtype and shape, and fills caches) and a call that sizes the rounds.
     """
     repeats = {}
     for name, fn in candidates.items():
-        fn()  # warm-up: a first call compiles kernels (Triton's per dtype and shape) and fills caches
+        fn()
         once = time_call(fn, device, 1)
         repeats[name] = max(1, int(seconds_per_round / max(once, 1e-6)))
     samples: dict[str, list[float]] = {name: [] for name in candidates}
     for _ in range(rounds):
         for name, fn in candidates.items():
             samples[name].append(time_call(fn, device, repeats[name]))
-    return {name: statistics.median(values) for name, values in samples.items()}
+    return samples
+
+
+# How busy the machine is: CPU time from /proc/stat (Linux) less this process's and its finished children's.
+
+
+def cpu_times() -> tuple[int, int, int] | None:
+    """Clock ticks the machine's CPUs spent busy (steal included) and in all since boot, and the number of CPUs, from
+    /proc/stat; None where there is none."""
+    try:
+        with open("/proc/stat") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    user, nice, system, idle, iowait, irq, softirq, steal = ([int(v) for v in lines[0].split()[1:9]] + [0] * 8)[:8]
+    busy = user + nice + system + irq + softirq + steal  # guest time is inside user time already
+    cpus = sum(1 for line in lines if line.startswith("cpu") and line[3:4].isdigit())
+    return busy, busy + idle + iowait, max(cpus, 1)
+
+
+def own_cpu_seconds() -> float:
+    """CPU time of this process and of the children it has waited for."""
+    import resource
+
+    usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    return sum(u.ru_utime + u.ru_stime for u in usage)
+
+
+def other_cpus(
+    before: tuple[int, int, int], after: tuple[int, int, int], own_seconds: float, ticks_per_second: int | None = None
+) -> float:
+    """CPUs (on average) kept busy by other processes between two [`cpu_times`] readings, in which this process and
+    its children used `own_seconds` of CPU time."""
+    ticks_per_second = ticks_per_second or os.sysconf("SC_CLK_TCK")
+    busy, total, cpus = after[0] - before[0], after[1] - before[1], after[2]
+    if total <= 0:
+        return 0.0
+    elapsed = total / cpus / ticks_per_second
+    return max(0.0, (busy / ticks_per_second - own_seconds) / elapsed)
+
+
+def sample_other_load(seconds: float = 0.5) -> float | None:
+    """CPUs kept busy by other processes over the next `seconds`, for which this process sleeps (None without
+    /proc/stat). Call it while no child is running."""
+    before, own = cpu_times(), own_cpu_seconds()
+    time.sleep(seconds)
+    after = cpu_times()
+    if before is None or after is None:
+        return None
+    return other_cpus(before, after, own_cpu_seconds() - own)
