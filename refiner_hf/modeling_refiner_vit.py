@@ -667,7 +667,7 @@ class RefinerViTPreTrainedModel(PreTrainedModel):
             raise ValueError(
                 f"Refiner-ViT cannot use attn_implementation={requested_attention!r}: its blocks need every attention "
                 "map as a tensor (the refinement convolves it and shared blocks reuse it), which fused attention "
-                "kernels such as SDPA, flash or flex attention never form. Use \"fused\" (the default: fused "
+                'kernels such as SDPA, flash or flex attention never form. Use "fused" (the default: fused '
                 'Refiner-ViT kernels, with the attention maps formed) or "eager" (the reference computation).'
             )
         return requested_attention

@@ -246,7 +246,9 @@ def test_performance_switches_chain_and_return_the_model(model, pixel_values):
 
 @pytest.mark.parametrize("implementation", ["sdpa", "flash_attention_2", "flex_attention"])
 def test_fused_attention_implementations_are_refused_with_the_reason(model, tmp_path, implementation):
-    message = rf"cannot use attn_implementation='{implementation}'.*convolves it.*Use \"fused\" \(the default.*\"eager\""
+    message = (
+        rf"cannot use attn_implementation='{implementation}'.*convolves it.*Use \"fused\" \(the default.*\"eager\""
+    )
     model.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match=message):
         RefinerViTForImageClassification.from_pretrained(tmp_path, attn_implementation=implementation)
@@ -270,7 +272,8 @@ def test_the_fused_computation_is_the_default_and_eager_the_reference(model, pix
 
     assert model.config._attn_implementation == "fused" and switches(model) == {(True, True, True)}
     model.save_pretrained(tmp_path)
-    RefinerViTImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(tmp_path)
+    processor = RefinerViTImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    processor.save_pretrained(tmp_path)
     assert "attn_implementation" not in (tmp_path / "config.json").read_text()
     loaded = AutoModelForImageClassification.from_pretrained(tmp_path).eval()
     assert loaded.config._attn_implementation == "fused" and switches(loaded) == {(True, True, True)}
