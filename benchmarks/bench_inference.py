@@ -74,6 +74,10 @@ from refiner_hf.triton_support import set_triton_enabled
 
 # The goal for inference on a GPU: the fast path within 0.8x of the DeiT-S-size ViT's throughput per multiply-add.
 GOAL_PER_MULTIPLY_ADD = 0.8
+# The targets of the default path (the fast path) in fp32 eager rows: (engine, other engine, least ratio of their
+# images per second). At least 0.9x timm's DeiT-S (Refiner-ViT-S at 224 px), at least 10x the original code
+# (Refiner-ViT-L at 448 px), and ONNX Runtime fp32 at least as fast as the default path.
+TARGETS = (("fast", "timm-deit-s", 0.9), ("fast", "original", 10.0), ("onnx-fp32", "fast", 1.0))
 NAMES = {
     "reference": "reference",
     "fast": "fast (fused kernels)",
@@ -476,12 +480,18 @@ def main(argv: list[str] | None = None) -> dict | None:
         print(f"Goal (bf16 fast path vs DeiT-S-size ViT, throughput per multiply-add >= {GOAL_PER_MULTIPLY_ADD}x): "
               + ", ".join(f"batch {row['batch_size']} {row['mode']} {row['fast_vs_deit_per_multiply_add']:.2f}x "
                           f"({'met' if row['goal_met'] else 'not met'})" for row in goal_rows))  # fmt: skip
+    targets = target_results(rows)
+    if targets:
+        print()
+        print("Targets (fp32, eager): " + "; ".join(
+            f"{NAMES[t['engine']]} / {NAMES[t['other']]} at batch {t['batch_size']} {t['ratio']:.2f}x, target >= "
+            f"{t['target']:g}x ({'met' if t['met'] else 'not met'})" for t in targets))  # fmt: skip
     figures = {"benchmark": "inference", "machine": machine, "model": args.model, "image_size": args.image_size,
                "threads": threads, "method": "each engine in a process of its own, one at a time; best of rounds",
                "rounds": args.rounds, "seconds": args.seconds, "engines": list(plan), "multiply_adds": macs,
                "fast_vs_reference_difference": difference, "onnx_vs_reference_difference": onnx_differences,
                "rows": rows, "goal_per_multiply_add": GOAL_PER_MULTIPLY_ADD, "other_load": other_load,
-               "self_check": self_check, "failures": failures}  # fmt: skip
+               "self_check": self_check, "targets": targets, "failures": failures}  # fmt: skip
     write_json(args.json, figures)
     work_dir.cleanup()
     if failures:
@@ -551,6 +561,21 @@ def export_and_check_onnx(model, directory: Path, check: torch.Tensor, expected:
         differences[name] = float(abs(logits - expected.cpu().numpy()).max())
         print(f"# {name} vs reference, logits: max abs difference {differences[name]:.2e}")
     return differences
+
+
+def target_results(rows: list[dict]) -> list[dict]:
+    """[`TARGETS`] checked on every fp32 eager row that has both engines."""
+    results = []
+    for row in rows:
+        if (row["dtype"], row["mode"]) != ("fp32", "eager"):
+            continue
+        images = row["images_per_s"]
+        for engine, other, target in TARGETS:
+            if engine in images and other in images:
+                ratio = images[engine] / images[other]
+                results.append({"engine": engine, "other": other, "batch_size": row["batch_size"], "ratio": ratio,
+                                "target": target, "met": ratio >= target})  # fmt: skip
+    return results
 
 
 def table(rows: list[dict]) -> str:

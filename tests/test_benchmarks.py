@@ -121,3 +121,20 @@ def test_other_processes_load_and_the_busy_machine(benchmark):
     summary = benchmark.load_summary([0.5, None, 0.2])
     assert summary["busy"] is True and summary["mean_cpus"] == pytest.approx(0.35) and summary["max_cpus"] == 0.5
     assert benchmark.load_summary([None])["busy"] is None
+
+
+def test_the_targets_are_checked_on_fp32_eager_rows(benchmark):
+    rows = [
+        {"batch_size": 1, "dtype": "fp32", "mode": "eager",
+         "images_per_s": {"fast": 9.0, "timm-deit-s": 10.0, "onnx-fp32": 8.0, "original": 0.8}},
+        {"batch_size": 8, "dtype": "fp32", "mode": "eager", "images_per_s": {"fast": 8.0, "timm-deit-s": 10.0}},
+        {"batch_size": 1, "dtype": "bf16", "mode": "eager", "images_per_s": {"fast": 1.0, "timm-deit-s": 10.0}},
+    ]  # fmt: skip
+    checked = benchmark.target_results(rows)
+    results = {(t["engine"], t["other"], t["batch_size"]): (t["ratio"], t["met"]) for t in checked}
+    assert results == {
+        ("fast", "timm-deit-s", 1): (pytest.approx(0.9), True),
+        ("fast", "original", 1): (pytest.approx(11.25), True),
+        ("onnx-fp32", "fast", 1): (pytest.approx(8 / 9), False),
+        ("fast", "timm-deit-s", 8): (pytest.approx(0.8), False),
+    }
