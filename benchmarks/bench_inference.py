@@ -116,8 +116,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--reference-max-batch",
         type=int,
-        help="Measure the reference path only up to this batch size: it materialises every expanded attention map "
-        "(Refiner-ViT-L at 448 px and batch 8 needs about 18 GB).",
+        help="Measure the reference path and the original code only up to this batch size: they materialise every "
+        "expanded attention map (Refiner-ViT-L at 448 px and batch 8 needs about 18 GB).",
     )
     parser.add_argument(
         "--rounds", type=int, default=5, help="Rounds, each running every engine's process once (best kept)."
@@ -284,8 +284,8 @@ def choose_engines(args: argparse.Namespace, device: torch.device) -> list[str]:
 
 def engine_configurations(name: str, configurations: list[dict], args: argparse.Namespace) -> list[dict]:
     """The configurations an engine is timed in: ONNX Runtime in fp32 eager only, the fast path's PyTorch
-    implementation eager only (a compiled graph keeps the kernels it was traced with), the reference up to
-    --reference-max-batch."""
+    implementation eager only (a compiled graph keeps the kernels it was traced with), the reference and the original
+    code up to --reference-max-batch."""
     chosen = []
     for configuration in configurations:
         if name in ONNX_FILES and (configuration["mode"], configuration["dtype"]) != ("eager", "fp32"):
@@ -293,7 +293,7 @@ def engine_configurations(name: str, configurations: list[dict], args: argparse.
         if name == "fast-pytorch" and configuration["mode"] != "eager":
             continue
         limit = args.reference_max_batch
-        if name == "reference" and limit is not None and configuration["batch_size"] > limit:
+        if name in ("reference", "original") and limit is not None and configuration["batch_size"] > limit:
             continue
         chosen.append(configuration)
     return chosen
