@@ -114,8 +114,8 @@ def build(args: argparse.Namespace, device: torch.device):
         model = deit_small_vit(args.image_size, args.seed)
         return model, lambda pixel_values, labels: model(pixel_values, labels=labels).loss
     model = refiner(args.model, args.image_size, args.seed)
-    if mode in ("lean", "lean-pytorch", "lean+checkpointing"):
-        model.set_memory_lean_training()
+    # Set either way: memory-lean training is the model's default.
+    model.set_memory_lean_training(mode in ("lean", "lean-pytorch", "lean+checkpointing"))
     if mode == "lean-pytorch":  # the implementation used where no fused kernel applies
         set_kernels_enabled(False)
         set_triton_enabled(False)
