@@ -406,3 +406,18 @@ def test_the_trainer_refuses_to_fine_tune_a_model_whose_config_does_not_describe
         run_in_process(argv)
     assert not (tmp_path / "run" / "model").exists()
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").glob("checkpoint*"))
+
+
+@pytest.mark.parametrize("flag, lean", [([], True), (["--memory_lean_training", "false"], False),
+                                         (["--no_memory_lean_training"], False)])  # fmt: skip
+def test_the_trainer_trains_memory_lean_unless_told_not_to(flag, lean):
+    from refiner_hf.training.arguments import parse_args
+    from refiner_hf.training.model_setup import build_model
+
+    overrides = json.dumps({**{k: v for k, v in tiny_config().to_diff_dict().items() if k in TINY_KEYS}})
+    argv = ["--dataset_name", "x", "--config_overrides", overrides, "--image_size", "32", *flag]
+    model = build_model(parse_args(argv, recipe_dirs=[RECIPES]).model, 3, ["a", "b", "c"]).model
+    attention = [layer.attention for layer in model.refiner_vit.layers]
+    assert {a.memory_lean_training for a in attention} == {lean}
+    # Evaluation runs the fast path either way (the model's default).
+    assert all(layer.fast_inference for layer in model.refiner_vit.layers)

@@ -155,16 +155,17 @@ def test_the_default_run_uses_the_embedded_recipe(tmp_path, capsys):
 
 def test_bf16_autocast_gives_finite_losses(tmp_path, monkeypatch):
     # With activation checkpointing, memory-lean training and clipping as well, which must not change that.
-    lean = []
+    calls = []
     set_lean = RefinerViTPreTrainedModel.set_memory_lean_training
     monkeypatch.setattr(
         RefinerViTPreTrainedModel,
         "set_memory_lean_training",
-        lambda model, enabled=True: (lean.append(model) if enabled else None) or set_lean(model, enabled),
+        lambda model, enabled=True: calls.append((model, enabled)) or set_lean(model, enabled),
     )
     argv = tiny_run_args(tmp_path, mixed_precision="bf16", max_train_steps=4, epochs=1, clip_grad=1.0)
     results = run_in_process(argv + ["--gradient_checkpointing", "--memory_lean_training"])
-    assert len(lean) == 1 and all(m.memory_lean_training for m in lean[0].modules() if hasattr(m, "refiner"))
+    trained, enabled = calls[-1]  # the trainer's own call comes after the model's construction
+    assert enabled and all(m.memory_lean_training for m in trained.modules() if hasattr(m, "refiner"))
     losses = [r["train/loss"] for r in read_metrics(tmp_path / "logs") if "train/loss" in r]
     assert len(losses) == 4 and all(math.isfinite(loss) for loss in losses)
     assert results["eval_samples"] == 37 and 0 <= results["eval_top1"] <= 1
