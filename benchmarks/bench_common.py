@@ -270,3 +270,26 @@ def sample_other_load(seconds: float = 0.5) -> float | None:
     if before is None or after is None:
         return None
     return other_cpus(before, after, own_cpu_seconds() - own)
+
+
+# Other processes keeping more CPUs than this busy on average make a benchmark's figures unreliable.
+BUSY_CPUS = 0.25
+
+
+def load_summary(samples: list[float | None]) -> dict:
+    """Other processes' load over the samples: mean and maximum CPUs, and whether the machine counts as busy."""
+    known = [value for value in samples if value is not None]
+    if not known:
+        return {"samples": samples, "mean_cpus": None, "max_cpus": None, "busy": None, "threshold_cpus": BUSY_CPUS}
+    mean = sum(known) / len(known)
+    return {"samples": samples, "mean_cpus": mean, "max_cpus": max(known), "busy": mean > BUSY_CPUS,
+            "threshold_cpus": BUSY_CPUS}  # fmt: skip
+
+
+def busy_warning(summary: dict) -> str | None:
+    """The warning line for a busy machine ([`load_summary`]), or None."""
+    if not summary["busy"]:
+        return None
+    return (f"# WARNING: the machine is busy (other processes kept {summary['mean_cpus']:.2f} CPUs busy on average, up "
+            f"to {summary['max_cpus']:.2f}, above {BUSY_CPUS}): these figures are not reliable; measure again on an "
+            "idle machine.")  # fmt: skip

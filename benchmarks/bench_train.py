@@ -3,7 +3,9 @@ Training-step time and activation memory of Refiner-ViT with the reference compu
 (`model.set_memory_lean_training()`: its fused kernels, C++ on CPU and Triton on CUDA, and its PyTorch
 implementation), activation checkpointing, the original code's `Refiner_ViT` (with `--original-checkout`, under AMP:
 float16 autocast and a gradient scaler on CUDA, as its training script's `--amp`), and a DeiT-S-size ViT with SDPA.
-Each mode runs in its own child process, so that one mode's allocations cannot affect another's figures. Prints a
+Each mode runs in its own child process, so that one mode's allocations cannot affect another's figures. Before each
+mode's process and after the last, other processes' load is sampled from /proc/stat (printed, in the JSON, and a
+warning above 0.25 CPUs on average). Prints a
 table with the ratios to the reference and to the original; it is a benchmark, not a test.
 
 Memory is the peak of live tensor bytes during forward + backward above what was live when the step started
@@ -29,10 +31,13 @@ import torch.nn.functional as F
 from bench_common import (
     add_common_arguments,
     amp_dtype,
+    busy_warning,
     deit_small_vit,
+    load_summary,
     machine_description,
     original_refiner,
     refiner,
+    sample_other_load,
     synchronize,
     write_json,
 )
@@ -214,8 +219,9 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device)
     machine = machine_description(device)
     print(f"# {args.model} at {args.image_size} px, batch {args.batch_size}, {args.dtype}, on {machine}")
-    results, failures = {}, {}
+    results, failures, loads = {}, {}, []
     for mode in args.modes:
+        loads.append(sample_other_load())  # while no mode runs: other processes' load
         completed = subprocess.run(child_command(args, mode), capture_output=True, text=True)
         if completed.returncode != 0:  # one mode failing (e.g. out of memory) leaves the others' figures
             failures[mode] = (completed.stderr.strip().splitlines() or ["exit status %d" % completed.returncode])[-1]
@@ -224,6 +230,13 @@ def main(argv: list[str] | None = None) -> None:
         results[mode] = r = json.loads(completed.stdout.strip().splitlines()[-1])
         print(f"# {MODES[mode]}: {r['step_s']:.3f} s/step, peak {r['peak_mib_per_image']:.0f} MiB/image, "
               f"saved {r['saved_mib_per_image']:.0f} MiB/image, autocast {r['autocast']}")  # fmt: skip
+    loads.append(sample_other_load())
+    other_load = load_summary(loads)
+    if other_load["mean_cpus"] is not None:
+        print(f"# other processes' load between the modes' processes: mean {other_load['mean_cpus']:.2f} CPUs, at "
+              f"most {other_load['max_cpus']:.2f}")  # fmt: skip
+    if busy_warning(other_load):
+        print(busy_warning(other_load))
 
     print()
     print(table(results, args.batch_size))
@@ -236,7 +249,7 @@ def main(argv: list[str] | None = None) -> None:
               f"{'met' if outcome['memory_goal_met'] else 'not met'})")  # fmt: skip
     write_json(args.json, {"benchmark": "train", "machine": machine, "model": args.model, "image_size": args.image_size,
                            "batch_size": args.batch_size, "dtype": args.dtype, "results": results,
-                           "failures": failures, "goals": outcome})  # fmt: skip
+                           "failures": failures, "goals": outcome, "other_load": other_load})  # fmt: skip
     if failures:
         sys.exit(1)
 

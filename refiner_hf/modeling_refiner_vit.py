@@ -441,9 +441,10 @@ class RefinerViTAttention(nn.Module):
       is passed on unchanged.
     """
 
-    # When set (by the `set_*` methods of `RefinerViTPreTrainedModel`), evaluation mode folds constants into the
-    # weights and runs fused kernels (`fast_inference`), and training refines keeping only the input map
-    # (`RefinerViTRefiner.forward_memory_lean`) and, on CUDA, computes the maps with `triton_attention`.
+    # When set (by the `set_*` methods of `RefinerViTPreTrainedModel`, both on with the default
+    # `attn_implementation="fused"`), evaluation mode folds constants into the weights and runs fused kernels
+    # (`fast_inference`), and training refines keeping only the input map (`RefinerViTRefiner.forward_memory_lean`)
+    # and, on CUDA, computes the maps with `triton_attention`.
     fast_inference: bool = False
     memory_lean_training: bool = False
 

@@ -11,8 +11,9 @@ quantization. [`save_onnx_directory`] writes an export directory (`model.onnx`, 
 reproduces the model's outputs on a real photo through the image processor; [`OnnxImageClassifier`] classifies
 images with such a directory and no PyTorch model.
 
-Exports always trace the reference computation (operation by operation, as in the original code), whether or not
-`set_fast_inference()` was called: the fast path's fused C++ kernels are not operators an exporter knows.
+Exports always trace the reference computation (operation by operation, as in the original code), also from a model
+on the fast path (the default, `attn_implementation="fused"`): its fused C++ kernels are not operators an exporter
+knows.
 """
 
 from __future__ import annotations
