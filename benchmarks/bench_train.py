@@ -5,8 +5,8 @@ implementation), activation checkpointing, the original code's `Refiner_ViT` (wi
 float16 autocast and a gradient scaler on CUDA, as its training script's `--amp`), and a DeiT-S-size ViT with SDPA.
 Each mode runs in its own child process, so that one mode's allocations cannot affect another's figures. Before each
 mode's process and after the last, other processes' load is sampled from /proc/stat (printed, in the JSON, and a
-warning above 0.25 CPUs on average). Prints a
-table with the ratios to the reference and to the original; it is a benchmark, not a test.
+warning above 0.25 CPUs on average). Prints a table with the ratios to the reference and to the original; it is a
+benchmark, not a test.
 
 Memory is the peak of live tensor bytes during forward + backward above what was live when the step started
 (parameters, their already allocated gradients, optimizer state and the batch), divided by the batch size: on CUDA
