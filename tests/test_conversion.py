@@ -18,10 +18,14 @@ RELEASED = FIXTURES / "released_tiny.pth"
 PAPER = FIXTURES / "paper_tiny.pth"
 
 
+@pytest.mark.parametrize("implementation", ["fused", "eager"])
 @pytest.mark.parametrize("weights, key", [("raw", "expected"), ("ema", "expected_ema")])
-def test_released_format_reproduces_original_outputs(weights, key):
+def test_released_format_reproduces_original_outputs(weights, key, implementation):
+    # Both computations: the default ("fused": the fast path in evaluation) and the reference ("eager").
     fixture = original_outputs("released_tiny")
     model = convert_original_checkpoint(RELEASED, weights=weights)
+    assert model.config._attn_implementation == "fused"
+    model.set_attn_implementation(implementation)
     assert_matches_original(model, fixture["input"], fixture[key])
 
 
@@ -32,9 +36,11 @@ def test_timm_checkpoint_defaults_to_ema_weights():
     assert_matches_original(convert_original_checkpoint(RELEASED), fixture["input"], fixture["expected_ema"])
 
 
-def test_ddp_state_dict_reproduces_original_outputs():
+@pytest.mark.parametrize("implementation", ["fused", "eager"])
+def test_ddp_state_dict_reproduces_original_outputs(implementation):
     fixture = original_outputs("paper_tiny")
     model = convert_original_checkpoint(PAPER)
+    model.set_attn_implementation(implementation)
     assert_matches_original(model, fixture["input"], fixture["expected"])
 
 
