@@ -53,10 +53,10 @@ from pathlib import Path
 
 import torch
 from bench_common import (
-    BUSY_CPUS,
     TINY_MODEL,
     add_common_arguments,
     amp_dtype,
+    busy_warning,
     deit_small_vit,
     interleaved_samples,
     load_summary,
@@ -460,9 +460,7 @@ def main(argv: list[str] | None = None) -> dict | None:
               f"{other_load['max_cpus']:.2f} ({len(other_load['samples'])} samples of {BUSY_SAMPLE_SECONDS:g} s "
               "each)")  # fmt: skip
         if other_load["busy"]:
-            print(f"# WARNING: the machine is busy (other processes kept {other_load['mean_cpus']:.2f} CPUs busy on "
-                  f"average, up to {other_load['max_cpus']:.2f}, above {BUSY_CPUS}): these figures are not reliable; "
-                  "measure again on an idle machine.")  # fmt: skip
+            print(busy_warning(other_load))
 
     print()
     print(table(rows))

@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -197,6 +198,15 @@ BUILDERS = {
 SAME_DISTRIBUTION = ["fashion", "handwritten", "photos"]
 
 
+def build_atomically(builder, data: Path, seed: int) -> None:
+    """Builds a data set beside `data` and moves it into place only once complete, so that an interrupted build is
+    never taken for a finished one by a later run into the same --work_dir."""
+    partial = data.with_name(f".{data.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    builder(partial, seed=seed)
+    partial.rename(data)
+
+
 def run_finetuning(data: Path, output_dir: Path, model: str | None, extra: list[str]) -> dict:
     """Runs the trainer's command line on `data` and returns its wall time, results and load averages."""
     command = [sys.executable, str(SCRIPT), "--train_dir", str(data / "train"), "--validation_dir", str(data / "val")]
@@ -247,8 +257,8 @@ def main(argv: list[str] | None = None) -> None:
         best = []
         for seed in range(1, args.seeds + 1):
             data = work_dir / f"{name}-seed{seed}"
-            if not (data / "train").is_dir():
-                BUILDERS[name](data, seed=seed)
+            if not data.is_dir():
+                build_atomically(BUILDERS[name], data, seed)
             counts = {split: len(list((data / split).rglob("*.png"))) for split in ("train", "val")}
             trainer_seed = ["--seed", str(41 + seed)] if "--seed" not in extra else []
             output_dir = work_dir / f"run-{name}-seed{seed}-{time.strftime('%H%M%S')}"

@@ -141,3 +141,21 @@ def test_the_targets_are_checked_on_fp32_eager_rows(benchmark):
     checked = benchmark.target_results(rows, ("refiner-vit-l", 448))
     results = {(t["engine"], t["other"], t["batch_size"]): (t["ratio"], t["met"]) for t in checked}
     assert results == {("fast", "original", 1): (pytest.approx(11.25), True), ("onnx-fp32", "fast", 1): (8 / 9, False)}
+
+
+def test_the_training_benchmark_reports_other_processes_load(tmp_path, monkeypatch, capsys):
+    # The modes' child processes are stood in for (their figures are not what is tested here).
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    train = load_script(BENCHMARKS / "bench_train.py")
+    figures = {"step_s": 2.0, "images_per_s": 4.0, "peak_mib_per_image": 100.0, "saved_mib_per_image": 90.0,
+               "autocast": "none"}  # fmt: skip
+    completed = type("Completed", (), {"returncode": 0, "stdout": json.dumps(figures) + "\n", "stderr": ""})
+    monkeypatch.setattr(train.subprocess, "run", lambda *args, **kwargs: completed)
+    loads = iter([0.1, 0.9, 0.8])  # before each of the two modes, and after the last
+    monkeypatch.setattr(train, "sample_other_load", lambda *args: next(loads))
+    train.main(["--modes", "reference", "lean", "--json", str(tmp_path / "train.json")])
+    other_load = json.loads((tmp_path / "train.json").read_text())["other_load"]
+    assert other_load["samples"] == [0.1, 0.9, 0.8] and other_load["busy"] is True
+    assert other_load["mean_cpus"] == pytest.approx(0.6) and other_load["max_cpus"] == pytest.approx(0.9)
+    printed = capsys.readouterr().out
+    assert "mean 0.60 CPUs, at most 0.90" in printed and "# WARNING: the machine is busy" in printed

@@ -270,3 +270,27 @@ def test_the_finetuning_recipe_learns_a_small_folder(fashion_folder, tmp_path, m
     results = run_in_process(argv)
     assert results["eval_samples"] == 90 and results["global_step"] == 100
     assert results["eval_top1"] >= 0.55
+
+
+def test_an_interrupted_folder_build_is_never_taken_for_a_finished_one(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from finetune_small_folder import build_atomically
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+    def interrupted(root, seed):
+        (root / "train").mkdir(parents=True)
+        raise KeyboardInterrupt
+
+    def complete(root, seed):
+        (root / "train").mkdir(parents=True)
+        (root / "train" / "seed.txt").write_text(str(seed))
+
+    data = tmp_path / "photos-seed2"
+    with pytest.raises(KeyboardInterrupt):
+        build_atomically(interrupted, data, 2)
+    assert not data.exists()
+    build_atomically(complete, data, 2)  # the next run starts over, past the partial folder
+    assert (data / "train" / "seed.txt").read_text() == "2"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["photos-seed2"]
